@@ -1,0 +1,314 @@
+"""The CorInfoMax objective and its moving-estimate state, in pure jax.numpy.
+
+CorInfoMax (Ozsoy et al., NeurIPS 2022) maximises the correlative information between two
+views' projector outputs z1, z2: a Euclidean attraction term keeps the views together and
+the log-determinant of each view's feature covariance ("big-bang" term) keeps the features
+spread over all dimensions. The covariance is an exponential moving estimate, so the loss
+carries state from step to step: `CorInfoMaxState`, an explicit pytree.
+
+The paper's symbols, as they enter here:
+  alpha   weight of the attraction (mean squared error) term;
+  la_R    forgetting factor of the moving covariance R: the weight of the *old* estimate
+          (la_R = 0.01 keeps 1% of it and takes 99% from the current batch);
+  la_mu   the same for the moving mean mu;
+  eps     the diagonal load in logdet(R + eps I);
+  R_ini   the initial covariance, R_ini * I (`r_init` here).
+
+No Flax, no TensorFlow, no I/O: this module is importable anywhere jax is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The statistics are the numerically delicate part: keep every matmul at full float32
+# precision, even on TPUs and on GPUs whose default float32 matmul is bf16 or tf32.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class CorInfoMaxState(NamedTuple):
+  """Moving estimates of each branch's mean and covariance.
+
+  mu1, mu2: (D,) float32; cov1, cov2: (D, D) float32. A NamedTuple is a pytree, so the
+  state can live inside a train state, be sharded, donated and checkpointed as is.
+  """
+  mu1: jax.Array
+  mu2: jax.Array
+  cov1: jax.Array
+  cov2: jax.Array
+
+
+def init_state(dim: int, r_init: float = 1.0) -> CorInfoMaxState:
+  """The state before the first step: zero means and covariances r_init * I (R_ini)."""
+  if int(dim) != dim or dim < 1:
+    raise ValueError(f"init_state: dim must be a positive integer, got {dim!r}")
+  if not np.isfinite(r_init) or r_init <= 0:
+    raise ValueError(
+        f"init_state: r_init must be a positive finite number, got {r_init!r}")
+  zeros = jnp.zeros((dim,), jnp.float32)
+  cov = r_init * jnp.eye(dim, dtype=jnp.float32)
+  return CorInfoMaxState(mu1=zeros, mu2=zeros, cov1=cov, cov2=cov)
+
+
+# ---------------------------------------------------------------------------------
+# A log-determinant for symmetric positive definite matrices that cannot return NaN.
+# ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def psd_logdet(a: jax.Array, floor: float) -> jax.Array:
+  """log det(a) for a symmetric matrix that is positive definite in exact arithmetic.
+
+  The fast path is a Cholesky factorisation. In float32 a matrix whose smallest
+  eigenvalues sit near `floor` (a collapsed representation, eps = 1e-8) can lose its
+  positive definiteness to rounding, and Cholesky then returns NaN; in that case the
+  determinant is taken from the symmetric eigenvalues clipped at `floor`, which is
+  where the exact eigenvalues lie (a = R + floor * I with R positive semi-definite).
+  The gradient is a^-1 (of the clipped matrix on the fallback path), symmetric.
+  """
+  return _psd_logdet_fwd(a, floor)[0]
+
+
+def _psd_logdet_fwd(a, floor):
+  a = 0.5 * (a + a.T)
+  chol = jnp.linalg.cholesky(a)
+  chol_ok = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.diagonal(chol) > 0)
+
+  def from_cholesky(_):
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))), inv
+
+  def from_eigenvalues(_):
+    w, v = jnp.linalg.eigh(a)
+    w = jnp.maximum(w, jnp.asarray(floor, a.dtype))
+    inv = jnp.matmul(v / w, v.T, precision=_HIGHEST)
+    return jnp.sum(jnp.log(w)), inv
+
+  logdet, inv = jax.lax.cond(chol_ok, from_cholesky, from_eigenvalues, None)
+  return logdet, 0.5 * (inv + inv.T)
+
+
+def _psd_logdet_bwd(floor, inv, g):
+  del floor
+  return (g * inv,)
+
+
+psd_logdet.defvjp(_psd_logdet_fwd, _psd_logdet_bwd)
+
+
+# ---------------------------------------------------------------------------------
+# The loss.
+# ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _psum_of_replicated_loss(x, axis_name):
+  """psum whose backward pass hands each device the cotangent unchanged.
+
+  Under pmap, vmap or shard_map(check_vma=False) every device holds the same copy of
+  the loss, and plain psum's transpose would add up those copies' cotangents, making
+  each device's gradient axis_size times too large. The gradient of one global loss
+  with respect to a device's shard is the cotangent of the sum itself.
+  """
+  return jax.lax.psum(x, axis_name)
+
+
+def _psum_fwd(x, axis_name):
+  return jax.lax.psum(x, axis_name), None
+
+
+def _psum_bwd(axis_name, _, g):
+  del axis_name
+  return (g,)
+
+
+_psum_of_replicated_loss.defvjp(_psum_fwd, _psum_bwd)
+
+
+def _varying_axes(x) -> frozenset:
+  """The mesh axes over which shard_map's type system knows x to vary, if it tracks it."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)  # older jax
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return frozenset(vma or ())
+
+
+def _global_sum(x: jax.Array, axis_name) -> jax.Array:
+  """Sum over the batch axis 0; over all devices of `axis_name` when it is given."""
+  s = jnp.sum(x, axis=0)
+  if axis_name is None:
+    return s
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if set(names) <= _varying_axes(x):
+    # shard_map tracks replication: psum's own transpose is already the right gradient.
+    return jax.lax.psum(s, axis_name)
+  return _psum_of_replicated_loss(s, axis_name)
+
+
+def _global_count(n: int, axis_name) -> int | jax.Array:
+  return n if axis_name is None else n * jax.lax.axis_size(axis_name)
+
+
+def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows divided by their L2 norm, floored at eps (torch.nn.functional.normalize)."""
+  # Flooring the squared norm keeps the gradient finite for an all-zero row.
+  sq_norm = jnp.sum(z * z, axis=-1, keepdims=True)
+  return z * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
+
+
+def _branch_update(z, mu, cov, la_R, la_mu, axis_name):
+  """One branch's moving mean and covariance after seeing the batch z (N, D)."""
+  n = _global_count(z.shape[0], axis_name)
+  batch_mean = _global_sum(z, axis_name) / n
+  mu_new = la_mu * mu + (1.0 - la_mu) * batch_mean
+  # The batch covariance is centred on the *updated* moving mean and divided by N, as
+  # the reference does. It is written with a constant shift c = mu_new (value only):
+  #   sum_n (z_n - m)(z_n - m)^T = sum_n (z_n - c)(z_n - c)^T
+  #                                - N (b - c)(m - c)^T - N (m - c)(b - c)^T
+  #                                + N (m - c)(m - c)^T,   b = batch mean, m = mu_new,
+  # an identity for any constant c. With c = m its value is the centred sum, accurate
+  # in float32, while the gradient through m enters only through global sums. So no
+  # all-reduced value is consumed by per-device work, which keeps the gradient right
+  # under pmap and vmap too, where psum's transpose cannot tell a replicated cotangent
+  # from a per-device one.
+  c = jax.lax.stop_gradient(mu_new)
+  zc = z - c
+  local_scatter = jnp.matmul(zc.T, zc, precision=_HIGHEST)
+  scatter = local_scatter if axis_name is None else _global_sum(local_scatter[None], axis_name)
+  db, dm = batch_mean - c, mu_new - c
+  batch_cov = scatter / n - jnp.outer(db, dm) - jnp.outer(dm, db) + jnp.outer(dm, dm)
+  cov_new = la_R * cov + (1.0 - la_R) * batch_cov
+  return mu_new, cov_new
+
+
+def corinfomax_loss(z1: jax.Array,
+                    z2: jax.Array,
+                    state: CorInfoMaxState,
+                    alpha: float = 250.0,
+                    la_R: float = 0.01,
+                    la_mu: float = 0.01,
+                    eps: float = 1e-8,
+                    normalize: bool = True,
+                    axis_name=None):
+  """The CorInfoMax loss of a batch of view pairs, and the updated moving estimates.
+
+  For each branch b with z_b of shape (N, D):
+    z_b   <- z_b / ||z_b||                           (rows, if `normalize`)
+    mu_b' = la_mu * mu_b + (1 - la_mu) * mean_N(z_b)
+    R_b'  = la_R * R_b + (1 - la_R) * (z_b - mu_b')^T (z_b - mu_b') / N
+  and
+    cov_loss = -(logdet(R_1' + eps I) + logdet(R_2' + eps I)) / D
+    sim_loss = mean over N and D of (z_1 - z_2)^2
+    loss     = alpha * sim_loss + cov_loss.
+
+  la_R and la_mu weight the OLD estimate, as in the paper's code: 0.01 keeps 1% of the
+  previous state. Gradients flow through the current batch's mean and covariance, not
+  through the previous state; the returned state has its gradient stopped.
+
+  N is the global batch. Under `jax.jit` with z sharded over devices, the sums above
+  cover all devices (the compiler inserts the reductions). Inside `shard_map` or `pmap`
+  pass the mapped `axis_name`: per-device partial sums are then combined with `psum`,
+  so value and gradient equal the global computation.
+
+  Statistics are computed in float32 whatever the dtype of z (e.g. bfloat16).
+
+  Args:
+    z1, z2: (N, D) projector outputs of the two views (the local shard under
+      `axis_name`).
+    state: the moving estimates from the previous step (`init_state` at the start).
+    alpha: weight of the attraction term.
+    la_R, la_mu: forgetting factors, the weights of the old covariance and mean.
+    eps: diagonal load added before the log-determinant.
+    normalize: L2-normalise the rows of z1 and z2 first.
+    axis_name: the mapped axis (or tuple of axes) over which the batch is split, or
+      None when z holds the whole batch (also when it is a sharded global array).
+
+  Returns:
+    (loss, new_state, metrics) with metrics a dict of float32 scalars: "loss",
+    "cov_loss", "sim_loss", "logdet1", "logdet2".
+  """
+  if z1.ndim != 2 or z1.shape != z2.shape:
+    raise ValueError(
+        f"corinfomax_loss: z1 and z2 must both be (N, D), got {z1.shape} and {z2.shape}")
+  dim = z1.shape[1]
+  if state.cov1.shape != (dim, dim):
+    raise ValueError(
+        f"corinfomax_loss: state is for dimension {state.cov1.shape[0]} but z has "
+        f"D={dim}; create it with init_state({dim})")
+  z1 = z1.astype(jnp.float32)
+  z2 = z2.astype(jnp.float32)
+  if normalize:
+    z1 = l2_normalize(z1)
+    z2 = l2_normalize(z2)
+  state = jax.tree.map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), state)
+
+  mu1, cov1 = _branch_update(z1, state.mu1, state.cov1, la_R, la_mu, axis_name)
+  mu2, cov2 = _branch_update(z2, state.mu2, state.cov2, la_R, la_mu, axis_name)
+
+  eye = jnp.eye(dim, dtype=jnp.float32)
+  floor = float(max(eps, np.finfo(np.float32).tiny))
+  logdet1 = psd_logdet(cov1 + eps * eye, floor)
+  logdet2 = psd_logdet(cov2 + eps * eye, floor)
+  cov_loss = -(logdet1 + logdet2) / dim
+
+  n = _global_count(z1.shape[0], axis_name)
+  sim_loss = jnp.sum(_global_sum((z1 - z2)**2, axis_name)) / (n * dim)
+  loss = alpha * sim_loss + cov_loss
+
+  new_state = jax.lax.stop_gradient(CorInfoMaxState(mu1, mu2, cov1, cov2))
+  metrics = {
+      "loss": loss,
+      "cov_loss": cov_loss,
+      "sim_loss": sim_loss,
+      "logdet1": logdet1,
+      "logdet2": logdet2,
+  }
+  return loss, new_state, metrics
+
+
+# ---------------------------------------------------------------------------------
+# The spectrum of a moving covariance: dimensional collapse at a glance.
+# ---------------------------------------------------------------------------------
+
+
+class Spectrum(NamedTuple):
+  """Eigenvalues of a covariance (descending) and summaries of them."""
+  eigenvalues: jax.Array
+  effective_rank: jax.Array
+  max_eigenvalue: jax.Array
+  min_eigenvalue: jax.Array
+  num_below: jax.Array
+  num_above: jax.Array
+
+
+def covariance_spectrum(cov: jax.Array,
+                        low: float = 1e-8,
+                        high: float = 1e-1) -> Spectrum:
+  """The eigenvalues of a symmetric covariance and how collapsed they are.
+
+  effective_rank is exp(entropy) of the eigenvalues normalised to sum to one (Roy and
+  Vetterli, 2007): D for an isotropic covariance, 1 for a rank-one one. num_below and
+  num_above count eigenvalues under `low` and over `high` (the reference logs both,
+  with 1e-8 and 1e-1).
+  """
+  cov = jnp.asarray(cov, jnp.float32)
+  cov = 0.5 * (cov + cov.T)
+  w = jnp.linalg.eigvalsh(cov)[::-1]
+  p = jnp.maximum(w, 0.0)
+  p = p / jnp.maximum(jnp.sum(p), np.finfo(np.float32).tiny)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return Spectrum(
+      eigenvalues=w,
+      effective_rank=jnp.exp(entropy),
+      max_eigenvalue=w[0],
+      min_eigenvalue=w[-1],
+      num_below=jnp.sum(w < low),
+      num_above=jnp.sum(w > high),
+  )

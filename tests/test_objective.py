@@ -1,0 +1,321 @@
+"""The CorInfoMax objective against an independent float64 computation, and its
+behaviour under sharding, collectives, degenerate inputs and in real training loops."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import corinfomax_jax as cim
+
+
+# ---------------------------------------------------------------------------------
+# An independent float64 reference, written from the paper's equations.
+# ---------------------------------------------------------------------------------
+def ref_step(z1, z2, state, alpha, la_R, la_mu, eps, normalize):
+  """One step in float64 NumPy: returns (loss, cov_loss, sim_loss, new_state)."""
+  z = [np.asarray(z1, np.float64), np.asarray(z2, np.float64)]
+  if normalize:
+    z = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in z]
+  n, d = z[0].shape
+  mus, covs, logdets = [], [], []
+  for x, mu, cov in zip(z, (state[0], state[1]), (state[2], state[3])):
+    mu_new = la_mu * np.asarray(mu, np.float64) + (1 - la_mu) * x.mean(0)
+    xc = x - mu_new
+    cov_new = la_R * np.asarray(cov, np.float64) + (1 - la_R) * (xc.T @ xc) / n
+    sign, logdet = np.linalg.slogdet(cov_new + eps * np.eye(d))
+    assert sign > 0
+    mus.append(mu_new)
+    covs.append(cov_new)
+    logdets.append(logdet)
+  cov_loss = -(logdets[0] + logdets[1]) / d
+  sim_loss = np.mean((z[0] - z[1])**2)
+  return alpha * sim_loss + cov_loss, cov_loss, sim_loss, (mus[0], mus[1], covs[0],
+                                                          covs[1])
+
+
+def ref_init(d, r_init=1.0):
+  return (np.zeros(d), np.zeros(d), r_init * np.eye(d), r_init * np.eye(d))
+
+
+def views(rng, n, d, noise=0.3, dtype=np.float32):
+  """Two correlated views with a non-trivial mean and anisotropic spectrum."""
+  scales = np.linspace(0.2, 2.0, d)
+  base = rng.normal(size=(n, d)) * scales + 0.5
+  z1 = base + noise * rng.normal(size=(n, d))
+  z2 = base + noise * rng.normal(size=(n, d))
+  return z1.astype(dtype), z2.astype(dtype)
+
+
+def assert_state_close(state, ref_state, rtol):
+  for got, want in zip(state, ref_state):
+    got = np.asarray(got, np.float64)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+SETTINGS = [
+    # alpha, la_R, la_mu, eps, normalize, N, D
+    (250.0, 0.01, 0.01, 1e-8, True, 128, 64),
+    (1000.0, 0.01, 0.01, 1e-8, True, 256, 128),
+    (500.0, 0.1, 0.1, 1e-8, True, 64, 32),
+    (2000.0, 0.1, 0.1, 1e-8, True, 1024, 512),
+    (1.0, 0.5, 0.9, 1e-4, False, 96, 48),
+    (250.0, 0.01, 0.01, 1e-8, True, 48, 96),  # N < D
+    (10.0, 0.0, 0.0, 1e-6, False, 200, 16),  # no memory: plain batch statistics
+]
+
+
+@pytest.mark.parametrize("alpha,la_R,la_mu,eps,normalize,n,d", SETTINGS)
+def test_matches_float64_reference_over_steps(alpha, la_R, la_mu, eps, normalize, n, d):
+  rng = np.random.default_rng(d * 7 + n)
+  loss_fn = jax.jit(
+      functools.partial(cim.corinfomax_loss, alpha=alpha, la_R=la_R, la_mu=la_mu, eps=eps,
+                        normalize=normalize))
+  state, ref_state = cim.init_state(d, r_init=1.0), ref_init(d)
+  for _ in range(4):
+    z1, z2 = views(rng, n, d)
+    loss, state, metrics = loss_fn(z1, z2, state)
+    ref_loss, ref_cov, ref_sim, ref_state = ref_step(z1, z2, ref_state, alpha, la_R,
+                                                     la_mu, eps, normalize)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["cov_loss"]), ref_cov, rtol=1e-4,
+                               atol=1e-4 * abs(ref_loss))
+    np.testing.assert_allclose(float(metrics["sim_loss"]), ref_sim, rtol=1e-4)
+    assert_state_close(state, ref_state, rtol=1e-4)
+    assert all(x.dtype == jnp.float32 for x in state)
+
+
+def test_r_init_enters_the_first_step():
+  rng = np.random.default_rng(1)
+  z1, z2 = views(rng, 32, 8)
+  for r_init in (0.5, 3.0):
+    loss, _, _ = cim.corinfomax_loss(z1, z2, cim.init_state(8, r_init=r_init), la_R=0.3)
+    ref_loss = ref_step(z1, z2, ref_init(8, r_init), 250.0, 0.3, 0.01, 1e-8, True)[0]
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+
+
+def test_state_contract():
+  state = cim.init_state(5, r_init=2.0)
+  assert state._fields == ("mu1", "mu2", "cov1", "cov2")
+  np.testing.assert_array_equal(state.cov1, 2.0 * np.eye(5))
+  np.testing.assert_array_equal(state.mu2, np.zeros(5))
+  with pytest.raises(ValueError, match="r_init"):
+    cim.init_state(5, r_init=0.0)
+  with pytest.raises(ValueError, match="dimension 5"):
+    cim.corinfomax_loss(jnp.ones((4, 6)), jnp.ones((4, 6)), state)
+
+
+# ---------------------------------------------------------------------------------
+# Gradients.
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("normalize,n,d,la", [(True, 64, 16, 0.01), (False, 40, 24, 0.3),
+                                              (True, 512, 512, 0.1)])
+def test_gradient_matches_finite_differences_of_float64_reference(normalize, n, d, la):
+  rng = np.random.default_rng(n + d)
+  # A carried, non-trivial state: the gradient must not depend on it through anything
+  # but the forgetting factors.
+  state, ref_state = cim.init_state(d), ref_init(d)
+  for _ in range(2):
+    z1, z2 = views(rng, n, d)
+    _, state, _ = cim.corinfomax_loss(z1, z2, state, la_R=la, la_mu=la, normalize=normalize)
+    ref_state = ref_step(z1, z2, ref_state, 250.0, la, la, 1e-8, normalize)[3]
+  z1, z2 = views(rng, n, d)
+  kw = dict(alpha=250.0, la_R=la, la_mu=la, eps=1e-8)
+  g1, g2 = jax.grad(lambda a, b: cim.corinfomax_loss(a, b, state, normalize=normalize, **kw)[0],
+                    argnums=(0, 1))(z1, z2)
+
+  def ref_loss(a, b):
+    return ref_step(a, b, ref_state, normalize=normalize, **kw)[0]
+
+  # Central differences of the float64 loss along random directions.
+  h = 1e-5
+  for _ in range(3):
+    v1, v2 = rng.normal(size=(2, n, d))
+    fd = (ref_loss(z1 + h * v1, z2 + h * v2) - ref_loss(z1 - h * v1, z2 - h * v2)) / (2 * h)
+    ad = np.sum(np.asarray(g1, np.float64) * v1) + np.sum(np.asarray(g2, np.float64) * v2)
+    np.testing.assert_allclose(ad, fd, rtol=1e-3)
+
+
+def test_no_gradient_through_previous_state():
+  rng = np.random.default_rng(3)
+  z1, z2 = views(rng, 32, 8)
+  state = cim.init_state(8)
+  g_state = jax.grad(lambda s: cim.corinfomax_loss(z1, z2, s, la_R=0.5, la_mu=0.5)[0])(state)
+  for leaf in g_state:
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_psd_logdet_value_and_gradient():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(20, 20))
+  a = (a @ a.T / 20 + 0.1 * np.eye(20)).astype(np.float32)
+  val, grad = jax.value_and_grad(cim.psd_logdet)(jnp.asarray(a), 1e-8)
+  np.testing.assert_allclose(float(val), np.linalg.slogdet(a.astype(np.float64))[1], rtol=1e-5)
+  np.testing.assert_allclose(grad, np.linalg.inv(a.astype(np.float64)), rtol=1e-3, atol=1e-3)
+
+
+def test_psd_logdet_falls_back_when_float32_cholesky_fails():
+  # A rank-2 covariance of scale 1 plus 1e-8 I: exactly positive definite, but float32
+  # rounding (~1e-7) swamps the 1e-8 eigenvalues and Cholesky breaks down.
+  rng = np.random.default_rng(5)
+  u = rng.normal(size=(64, 2))
+  cov = (u @ u.T).astype(np.float32)
+  a = jnp.asarray(cov) + 1e-8 * jnp.eye(64)
+  assert not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(a))))  # the case exists
+  val, grad = jax.value_and_grad(cim.psd_logdet)(a, 1e-8)
+  assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_allclose(grad, np.asarray(grad).T, rtol=1e-6, atol=1e-6)
+  # Exactly: two large eigenvalues and 62 at 1e-8. In float32 the 62 small ones are
+  # rounding noise of size ~1e-7 * |a|; clipping keeps each at or above the floor, so
+  # the value lies between the exact one and the one with every small eigenvalue at the
+  # noise level.
+  w = np.linalg.eigvalsh(u.T @ u)
+  exact = np.sum(np.log(w)) + 62 * np.log(1e-8)
+  noise = 1e-6 * np.abs(cov).sum(1).max()
+  assert exact - 1e-2 <= float(val) <= np.sum(np.log(w)) + 62 * np.log(noise)
+
+
+# ---------------------------------------------------------------------------------
+# Sharded and mapped computations equal the global one.
+# ---------------------------------------------------------------------------------
+def _loss_and_grads(loss_fn, z1, z2, state):
+  (loss, (new_state, metrics)), grads = jax.value_and_grad(
+      lambda a, b: (lambda out: (out[0], out[1:]))(loss_fn(a, b, state)),
+      argnums=(0, 1), has_aux=True)(z1, z2)
+  return loss, new_state, metrics, grads
+
+
+def _carried_state(rng, n, d):
+  state = cim.init_state(d)
+  for _ in range(2):
+    _, state, _ = cim.corinfomax_loss(*views(rng, n, d), state)
+  return state
+
+
+def test_sharded_over_8_devices_equals_unsharded():
+  assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+  rng = np.random.default_rng(6)
+  n, d = 64, 32
+  state = _carried_state(rng, n, d)
+  z1, z2 = views(rng, n, d)
+  f = jax.jit(functools.partial(_loss_and_grads, cim.corinfomax_loss))
+  want = f(z1, z2, state)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  batch = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  got = f(jax.device_put(z1, batch), jax.device_put(z2, batch),
+          jax.device_put(state, replicated))
+  assert got[3][0].sharding.is_equivalent_to(batch, 2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("mapping", ["shard_map", "shard_map_unchecked", "pmap", "vmap"])
+def test_axis_name_collectives_equal_unsharded(mapping):
+  rng = np.random.default_rng(7)
+  n, d = 64, 32
+  state = _carried_state(rng, n, d)
+  z1, z2 = views(rng, n, d)
+  want = jax.jit(functools.partial(_loss_and_grads, cim.corinfomax_loss))(z1, z2, state)
+  local = functools.partial(_loss_and_grads,
+                            functools.partial(cim.corinfomax_loss, axis_name="data"))
+
+  if mapping.startswith("shard_map"):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    f = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P()),
+                      out_specs=(P(), P(), P(), (P("data"), P("data"))),
+                      check_vma=mapping == "shard_map"))
+    got = f(jax.device_put(z1, batch), jax.device_put(z2, batch), state)
+  else:  # 8 devices (pmap) or a vmapped axis of size 8, each with 8 rows
+    split = lambda z: z.reshape(8, n // 8, d)
+    mapped = (jax.pmap(local, in_axes=(0, 0, None), axis_name="data") if mapping == "pmap"
+              else jax.jit(jax.vmap(local, in_axes=(0, 0, None), axis_name="data")))
+    out = mapped(split(z1), split(z2), state)
+    loss, new_state, metrics, grads = out
+    got = (loss[0], jax.tree.map(lambda x: x[0], new_state),
+           jax.tree.map(lambda x: x[0], metrics), tuple(g.reshape(n, d) for g in grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
+
+
+# ---------------------------------------------------------------------------------
+# Degenerate inputs that happen in training stay finite.
+# ---------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("eps", "normalize"))
+def _step_with_grads(z1, z2, state, eps=1e-8, normalize=True):
+  return _loss_and_grads(functools.partial(cim.corinfomax_loss, eps=eps, normalize=normalize),
+                         z1, z2, state)
+
+
+def _finite_step(z1, z2, state, **kw):
+  loss, state, _, grads = _step_with_grads(z1, z2, state, **kw)
+  assert np.isfinite(float(loss)), loss
+  for leaf in (*grads, *state):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  return float(loss), state
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_long_run_of_collapsed_batches_stays_finite(normalize):
+  d = 64
+  state = cim.init_state(d)
+  z = jnp.tile(jnp.linspace(-1.0, 1.0, d)[None], (32, 1))  # every row identical
+  losses = []
+  for _ in range(60):
+    loss, state = _finite_step(z, z, state, eps=1e-8, normalize=normalize)
+    losses.append(loss)
+  # Collapse is what the covariance term punishes: the loss approaches -2 log(eps)
+  # minus what the one surviving direction contributes.
+  assert losses[-1] > losses[0]
+  assert losses[-1] <= -2 * np.log(1e-8) + 1e-3
+
+
+def test_collapsed_rows_n_smaller_than_d_and_zero_rows_stay_finite():
+  rng = np.random.default_rng(8)
+  state = cim.init_state(256)
+  for _ in range(5):  # N < D, carried
+    z1, z2 = views(rng, 16, 256)
+    _, state = _finite_step(z1, z2, state)
+  _finite_step(jnp.zeros((16, 256)), jnp.zeros((16, 256)), state)  # all-zero rows
+  _finite_step(jnp.ones((1, 256)), jnp.ones((1, 256)), state)  # a batch of one
+
+
+def test_bfloat16_inputs_use_float32_statistics():
+  rng = np.random.default_rng(9)
+  z1, z2 = views(rng, 64, 32)
+  z1b, z2b = jnp.asarray(z1, jnp.bfloat16), jnp.asarray(z2, jnp.bfloat16)
+  state = cim.init_state(32)
+  loss_b, state_b, _ = cim.corinfomax_loss(z1b, z2b, state)
+  loss_f, state_f, _ = cim.corinfomax_loss(z1b.astype(jnp.float32), z2b.astype(jnp.float32),
+                                           state)
+  assert loss_b.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in state_b)
+  np.testing.assert_array_equal(loss_b, loss_f)
+  jax.tree.map(np.testing.assert_array_equal, state_b, state_f)
+
+
+# ---------------------------------------------------------------------------------
+# The spectrum helper.
+# ---------------------------------------------------------------------------------
+def test_covariance_spectrum_of_known_covariances():
+  rng = np.random.default_rng(10)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  w = np.array([0.5, 0.2, 0.1, 1e-3, 1e-9, 0.0])
+  spec = cim.covariance_spectrum(jnp.asarray(q @ np.diag(w) @ q.T, jnp.float32))
+  np.testing.assert_allclose(spec.eigenvalues, w, atol=1e-6)
+  assert int(spec.num_above) == 2  # 0.5, 0.2 > 0.1
+  assert int(spec.num_below) == 2  # 1e-9 and 0 < 1e-8 (up to float32 rounding)
+  np.testing.assert_allclose(float(spec.max_eigenvalue), 0.5, rtol=1e-5)
+  p = w / w.sum()
+  p = p[p > 0]
+  np.testing.assert_allclose(float(spec.effective_rank), np.exp(-np.sum(p * np.log(p))),
+                             rtol=1e-3)
+  np.testing.assert_allclose(float(cim.covariance_spectrum(jnp.eye(7)).effective_rank), 7,
+                             rtol=1e-5)
+  rank1 = np.outer(np.arange(1.0, 5.0), np.arange(1.0, 5.0))
+  np.testing.assert_allclose(float(cim.covariance_spectrum(rank1).effective_rank), 1.0,
+                             rtol=1e-3)
