@@ -1,0 +1,217 @@
+"""Tests for corinfomax_jax.evaluate: kNN monitor, linear probe, spectrum plot."""
+import jax
+import matplotlib.image
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from corinfomax_jax import evaluate
+
+
+def _unit(degrees):
+  rad = np.deg2rad(np.asarray(degrees, np.float64))
+  return np.stack([np.cos(rad), np.sin(rad)], axis=-1).astype(np.float32)
+
+
+def _knn_reference(bank, bank_labels, queries, num_classes, k, temperature):
+  """Brute force in float64 numpy: the full similarity matrix, sorted."""
+  bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+  queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+  sim = queries.astype(np.float64) @ bank.T.astype(np.float64)
+  scores = np.zeros((len(queries), num_classes))
+  for i, row in enumerate(sim):
+    for j in np.argsort(-row)[:k]:
+      scores[i, bank_labels[j]] += np.exp(row[j] / temperature)
+  return scores
+
+
+def _random_case(seed=0, n_bank=300, n_query=77, dim=32, num_classes=10):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n_bank, dim)).astype(np.float32),
+          rng.integers(0, num_classes, n_bank),
+          rng.normal(size=(n_query, dim)).astype(np.float32),
+          rng.integers(0, num_classes, n_query))
+
+
+def test_knn_scores_by_hand():
+  # One class-0 point at 0 degrees (cos 1) and three class-1 points at 60 degrees
+  # (cos 0.5); scale doesn't matter (features are normalised).
+  bank = np.concatenate([_unit([0]), 3.0 * _unit([60, 60, 60])])
+  labels = np.array([0, 1, 1, 1])
+  scores = evaluate.knn_classify(bank, labels, 2.0 * _unit([0]), num_classes=3, k=4)
+  expected = [np.exp(1 / 0.07), 3 * np.exp(0.5 / 0.07), 0.0]
+  np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
+
+
+def test_knn_weighting_beats_majority_vote():
+  # Same bank: majority of the 4 neighbours is class 1, but the single much closer
+  # class-0 point outweighs them at T = 0.07. At a huge temperature the weights are
+  # nearly equal and the vote becomes a majority vote.
+  bank = np.concatenate([_unit([0]), _unit([60, 60, 60])])
+  labels = np.array([0, 1, 1, 1])
+  query = _unit([0])
+  assert evaluate.knn_classify(bank, labels, query, 2, k=4).argmax() == 0
+  assert evaluate.knn_classify(bank, labels, query, 2, k=4,
+                               temperature=100.0).argmax() == 1
+  acc = evaluate.knn_accuracy(bank, labels, query, np.array([0]), 2, k=4)
+  assert acc["top1"] == 100.0
+
+
+def test_knn_top1_top5_by_hand():
+  # Class c sits at 10*c degrees from the query direction, so with k=7 the class
+  # ranking for the query is 0, 1, ..., 6. Labels 0, 3, 4, 5, 6 have ranks
+  # 1, 4, 5, 6, 7: one top-1 hit, three top-5 hits out of five.
+  bank = _unit(10 * np.arange(7))
+  labels = np.arange(7)
+  queries = np.repeat(_unit([0]), 5, axis=0)
+  acc = evaluate.knn_accuracy(bank, labels, queries, np.array([0, 3, 4, 5, 6]), 7, k=7)
+  assert acc == {"top1": 20.0, "top5": 60.0}
+
+
+def test_knn_query_equal_to_bank_point_k1_returns_its_label():
+  bank, labels, _, _ = _random_case()
+  idx = np.array([0, 5, 17, 123, 299])
+  scores = evaluate.knn_classify(bank, labels, bank[idx], 10, k=1)
+  np.testing.assert_array_equal(scores.argmax(axis=1), labels[idx])
+  # Exactly one neighbour with similarity 1: its weight is exp(1 / T).
+  np.testing.assert_allclose(scores.max(axis=1), np.exp(1 / 0.07), rtol=1e-5)
+  assert (np.count_nonzero(scores, axis=1) == 1).all()
+
+
+def test_knn_matches_brute_force():
+  bank, labels, queries, _ = _random_case()
+  for k in (1, 20, 300):
+    scores = evaluate.knn_classify(bank, labels, queries, 10, k=k, temperature=0.1)
+    np.testing.assert_allclose(
+        scores, _knn_reference(bank, labels, queries, 10, k, 0.1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 76, 77, 100, 512])
+def test_knn_chunked_equals_unchunked(chunk_size):
+  bank, labels, queries, query_labels = _random_case()
+  whole = evaluate.knn_classify(bank, labels, queries, 10, k=20,
+                                chunk_size=len(queries))
+  chunked = evaluate.knn_classify(bank, labels, queries, 10, k=20,
+                                  chunk_size=chunk_size)
+  assert chunked.shape == (77, 10)
+  # Predictions and accuracies agree exactly; scores to the last float32 bits only,
+  # since a matmul's summation order may depend on its row count (M=1 is a matvec).
+  np.testing.assert_array_equal(np.argsort(-chunked, axis=1, kind="stable"),
+                                np.argsort(-whole, axis=1, kind="stable"))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  assert (evaluate.knn_accuracy(bank, labels, queries, query_labels, 10, k=20,
+                                chunk_size=chunk_size)
+          == evaluate.knn_accuracy(bank, labels, queries, query_labels, 10, k=20,
+                                   chunk_size=len(queries)))
+
+
+def test_knn_accuracy_agrees_with_scores():
+  bank, labels, queries, query_labels = _random_case(seed=1, num_classes=6)
+  scores = evaluate.knn_classify(bank, labels, queries, 6, k=50)
+  top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+  acc = evaluate.knn_accuracy(bank, labels, queries, query_labels, 6, k=50,
+                              chunk_size=10)
+  assert acc["top1"] == pytest.approx(100 * np.mean(scores.argmax(1) == query_labels))
+  assert acc["top5"] == pytest.approx(
+      100 * np.mean((top5 == query_labels[:, None]).any(1)))
+  assert 0 < acc["top1"] < acc["top5"] < 100
+
+
+def test_knn_k_is_clipped_to_bank_size():
+  bank, labels, queries, _ = _random_case(n_bank=5)
+  np.testing.assert_array_equal(evaluate.knn_classify(bank, labels, queries, 10, k=200),
+                                evaluate.knn_classify(bank, labels, queries, 10, k=5))
+
+
+def test_knn_with_sharded_bank_equals_unsharded():
+  bank, labels, queries, _ = _random_case(n_bank=64)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = jax.device_put(bank, NamedSharding(mesh, P("data")))
+  sharded_labels = jax.device_put(labels, NamedSharding(mesh, P("data")))
+  np.testing.assert_allclose(
+      evaluate.knn_classify(sharded, sharded_labels, queries, 10, k=20, chunk_size=32),
+      evaluate.knn_classify(bank, labels, queries, 10, k=20, chunk_size=32), rtol=1e-5)
+
+
+def test_knn_bad_inputs_raise():
+  bank, labels, queries, _ = _random_case()
+  with pytest.raises(ValueError, match="feature dim"):
+    evaluate.knn_classify(bank, labels, queries[:, :5], 10)
+  with pytest.raises(ValueError, match="bank_labels"):
+    evaluate.knn_classify(bank, labels[:-1], queries, 10)
+  with pytest.raises(ValueError, match="chunk_size"):
+    evaluate.knn_classify(bank, labels, queries, 10, chunk_size=0)
+
+
+def _separable_clusters(seed, n, dim=16, num_classes=4):
+  rng = np.random.default_rng(seed)
+  means = 4.0 * np.random.default_rng(123).normal(size=(num_classes, dim))
+  labels = rng.integers(0, num_classes, n)
+  feats = means[labels] + 0.5 * rng.normal(size=(n, dim))
+  return feats.astype(np.float32), labels
+
+
+def test_linear_probe_separates_separable_features():
+  train_feats, train_labels = _separable_clusters(0, 500)  # 500 = 7 full batches + 52
+  test_feats, test_labels = _separable_clusters(1, 300)
+  params = evaluate.train_linear_probe_on_features(
+      train_feats, train_labels, 4, epochs=10, batch_size=64, lr=0.1, min_lr=0.001,
+      weight_decay=1e-4, seed=0)
+  assert params["kernel"].shape == (16, 4) and params["bias"].shape == (4,)
+  train_acc = evaluate.linear_probe_accuracy(params, train_feats, train_labels)
+  assert train_acc["top1"] == 100.0
+  acc = evaluate.linear_probe_accuracy(params, test_feats, test_labels, chunk_size=128)
+  assert acc["top1"] >= 99.0 and acc["top5"] == 100.0
+
+
+def test_linear_probe_is_seeded_and_learns_from_the_features():
+  feats, labels = _separable_clusters(0, 128)
+  kwargs = dict(epochs=2, batch_size=32, lr=0.05, schedule="constant")
+  a = evaluate.train_linear_probe_on_features(feats, labels, 4, seed=3, **kwargs)
+  b = evaluate.train_linear_probe_on_features(feats, labels, 4, seed=3, **kwargs)
+  c = evaluate.train_linear_probe_on_features(feats, labels, 4, seed=4, **kwargs)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a["kernel"], c["kernel"])
+  # Shuffled labels can't be learned to 100%: the probe isn't ignoring its input.
+  shuffled = np.random.default_rng(0).permutation(labels)
+  d = evaluate.train_linear_probe_on_features(feats, shuffled, 4, seed=3, **kwargs)
+  assert evaluate.linear_probe_accuracy(d, feats, shuffled)["top1"] < 60.0
+
+
+def test_linear_probe_bad_schedule_raises():
+  feats, labels = _separable_clusters(0, 8)
+  with pytest.raises(ValueError, match="'step'.*cosine"):
+    evaluate.train_linear_probe_on_features(feats, labels, 4, epochs=1, batch_size=4,
+                                            lr=0.1, schedule="step")
+
+
+def test_linear_probe_accuracy_matches_numpy():
+  rng = np.random.default_rng(0)
+  params = {"kernel": rng.normal(size=(8, 10)).astype(np.float32),
+            "bias": rng.normal(size=(10,)).astype(np.float32)}
+  feats = rng.normal(size=(203, 8)).astype(np.float32)
+  labels = rng.integers(0, 10, 203)
+  logits = feats @ params["kernel"] + params["bias"]
+  top5 = np.argsort(-logits, axis=1)[:, :5]
+  acc = evaluate.linear_probe_accuracy(params, feats, labels, chunk_size=50)
+  assert acc["top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == labels))
+  assert acc["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
+
+
+def test_plot_spectra_writes_png(tmp_path):
+  rng = np.random.default_rng(0)
+  spectra = [(0, rng.uniform(0.5, 2.0, 64)),
+             (100, np.concatenate([np.logspace(0, -10, 60), [0.0, -1e-9, 0.0, 0.0]])),
+             (200, rng.permutation(np.logspace(1, -6, 64)))]
+  path = tmp_path / "plots" / "spectra.png"
+  written = evaluate.plot_spectra(spectra, path, title="test", figsize=(5, 3), dpi=80)
+  assert written == path
+  assert path.stat().st_size > 1000
+  image = matplotlib.image.imread(path)
+  assert image.shape == (240, 400, 4)
+  assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_spectra_needs_data(tmp_path):
+  with pytest.raises(ValueError, match="at least one"):
+    evaluate.plot_spectra([], tmp_path / "x.png")
