@@ -11,3 +11,61 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (input pipeline only) should not spam the test log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache():
+  """Tests compile the same tiny networks many times: reuse XLA's compilations."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as d:
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+
+
+def make_image_folder(root, splits=("train", "test"), classes=("cat", "dog"), per_class=12,
+                      size=16):
+  """A tiny image folder root/<split>/<class>/<i>.png whose classes differ in colour."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split in splits:
+    for c, name in enumerate(classes):
+      d = root / split / name
+      d.mkdir(parents=True)
+      for i in range(per_class):
+        base = np.zeros((size, size, 3)) + 200 * (np.arange(3) == c % 3)
+        img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"{i}.png")
+  return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+  return make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def tiny_config(dataset, **overrides):
+  """The default config shrunk to a model and data that train in seconds on a CPU."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  c.dataset = dataset
+  c.image_size = 16
+  c.width = 4
+  c.projector = "32-16"
+  c.batch_size = 16
+  c.base_batch_size = 16
+  c.num_epochs = 4
+  c.warmup_epochs = 1
+  c.learning_rate = 0.1
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.spectrum_every_steps = 2
+  c.eval.batch_size = 16
+  c.update(overrides)
+  return c

@@ -1,0 +1,82 @@
+"""Defaults shared by every configuration: the paper's CIFAR-10 ResNet-18 setting.
+
+Each file in configs/ imports this and changes a few keys. Every key is read in one
+place (corinfomax_jax/train.py unless noted). Override any key on the command line:
+  python main.py --config=configs/cifar10.py --config.batch_size=256 --workdir=DIR
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # --- Data --------------------------------------------------------------------------
+  # A TFDS name (cifar10, cifar100, imagenet2012, ...), "imagenet100", or
+  # "folder:<root>" for an image folder root/<split>/<class>/<image>.
+  c.dataset = "cifar10"
+  c.data_dir = None  # TFDS data_dir; ignored for folder datasets
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.image_size = 32
+  c.skip_bad_images = False  # True: log and count unreadable images instead of failing
+  c.aug = ml_collections.ConfigDict()  # overrides of the paper's two-view recipe
+
+  # --- Model -------------------------------------------------------------------------
+  c.model = "resnet18"  # resnet18 | resnet50
+  c.cifar_stem = True  # 3x3 stride-1 first convolution, no max-pool (32 px images)
+  c.width = 64  # channels of the first stage; 64 is torchvision's ResNet
+  c.projector = "2048-2048-64"  # hidden sizes then output dimension D
+  c.projector_bn = False  # BatchNorm after hidden projector layers (ImageNet-1K)
+  c.dtype = "float32"  # float32 | bfloat16: the network's compute dtype
+
+  # --- CorInfoMax objective (the paper's symbols) --------------------------------------
+  c.alpha = 250.0  # weight of the attraction term
+  c.la_R = 0.01  # weight of the OLD covariance estimate in the moving average
+  c.la_mu = 0.01  # weight of the OLD mean estimate
+  c.eps = 1e-8  # diagonal load in logdet(R + eps I)
+  c.r_init = 1.0  # R_ini: initial covariance R_ini * I
+  c.normalize = True  # L2-normalise projector outputs
+
+  # --- Optimisation ------------------------------------------------------------------
+  c.batch_size = 512  # GLOBAL batch, over all devices and processes
+  c.num_epochs = 1000
+  c.max_steps = -1  # stop after this many steps; -1: num_epochs decides
+  c.optimizer = "sgd"  # sgd (SGD momentum, the paper's) | lars
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  # The paper's peak learning rate for its batch size `base_batch_size`; the trainer
+  # scales it linearly to the configured global batch: lr * batch_size / base_batch_size.
+  c.learning_rate = 0.5
+  c.base_batch_size = 512
+  c.min_learning_rate = 1e-6  # end of the cosine decay
+  c.warmup_epochs = 10  # linear warmup from warmup_start_lr to the peak
+  c.warmup_start_lr = 3e-3
+  c.lars_eta = 0.02  # LARS trust coefficient (optimizer = "lars")
+
+  # --- Bookkeeping -------------------------------------------------------------------
+  c.seed = 0
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.spectrum_every_steps = 1000  # covariance spectrum to TensorBoard; PNG at the end
+
+  # --- Evaluation --------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 512
+  c.eval.knn_every_epochs = 0  # kNN monitor during pretraining; 0: off
+  c.eval.knn_k = 200
+  c.eval.knn_temperature = 0.07
+  c.eval.max_train_examples = -1  # kNN memory bank size limit; -1: whole split
+  c.eval.random_init = False  # knn_eval: evaluate the seeded random initialisation
+  c.eval.linear_epochs = 100
+  c.eval.linear_batch_size = 256
+  c.eval.linear_lr = 0.2
+  c.eval.linear_min_lr = 2e-3
+  c.eval.linear_schedule = "cosine"  # cosine | step (x0.1 every linear_step_epochs)
+  c.eval.linear_step_epochs = 20
+  c.eval.linear_weight_decay = 0.0
+  c.eval.linear_momentum = 0.9
+  c.eval.linear_precomputed = False  # faster variant: train on centre-crop features
+  c.eval.linear_max_steps = -1  # stop the probe after this many steps; -1: linear_epochs
+  return c

@@ -1,0 +1,10 @@
+"""ImageNet-100, ResNet-50 (paper: 82.64 linear top-1)."""
+from configs import imagenet100
+
+
+def get_config():
+  c = imagenet100.get_config()
+  c.model = "resnet50"
+  c.num_epochs = 200
+  c.warmup_epochs = 5
+  return c

@@ -1,0 +1,25 @@
+"""ImageNet-1K, ResNet-50 with BatchNorm in the projector (paper: 69.08 linear top-1)."""
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.dataset = "imagenet2012"
+  c.eval_split = "validation"
+  c.image_size = 224
+  c.model = "resnet50"
+  c.cifar_stem = False
+  c.projector = "8192-8192-512"
+  c.projector_bn = True
+  c.batch_size = c.base_batch_size = 1536
+  c.num_epochs = 100
+  c.learning_rate = 0.2
+  c.min_learning_rate = 1e-6
+  c.alpha = 2000.0
+  c.la_R = c.la_mu = 0.1
+  c.eval.batch_size = 1024
+  # The reference's linear protocol for ImageNet-1K: lr 25, x0.1 every 20 epochs.
+  c.eval.linear_lr = 25.0
+  c.eval.linear_schedule = "step"
+  c.eval.linear_step_epochs = 20
+  return c

@@ -1,0 +1,64 @@
+"""CorInfoMax pretraining and evaluation.
+
+  python main.py --config=configs/cifar10.py --workdir=DIR [--mode=pretrain]
+  python main.py --config=configs/cifar10.py --workdir=DIR --config.batch_size=256
+
+On TPU pods and GPU clusters run the same command on every host; JAX discovers the
+topology. Elsewhere pass --coordinator_address, --num_processes and --process_id.
+"""
+
+import logging as logging_std
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from corinfomax_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, plots and results.")
+flags.DEFINE_enum("mode", "pretrain", ["pretrain"], "What to run.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs JAX cannot discover.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info("JAX process %d of %d, %d local of %d devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    if FLAGS.mode == "pretrain":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, train.NonFiniteLossError) as e:
+    logging.error("%s", e)
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)
