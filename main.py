@@ -15,13 +15,16 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from corinfomax_jax import evaluate
 from corinfomax_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, plots and results.")
-flags.DEFINE_enum("mode", "pretrain", ["pretrain"], "What to run.")
+flags.DEFINE_enum("mode", "pretrain", ["pretrain", "knn_eval", "linear_eval"],
+                  "pretrain (resumes from the workdir); knn_eval or linear_eval of the "
+                  "workdir's latest pretraining checkpoint.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs JAX cannot discover.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -54,6 +57,10 @@ def main(argv):
   try:
     if FLAGS.mode == "pretrain":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "knn_eval":
+      evaluate.knn_eval(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "linear_eval":
+      evaluate.linear_eval(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, train.NonFiniteLossError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None

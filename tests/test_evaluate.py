@@ -180,9 +180,33 @@ def test_linear_probe_is_seeded_and_learns_from_the_features():
 
 def test_linear_probe_bad_schedule_raises():
   feats, labels = _separable_clusters(0, 8)
-  with pytest.raises(ValueError, match="'step'.*cosine"):
+  with pytest.raises(ValueError, match="'linear'.*'cosine', 'step', 'constant'"):
     evaluate.train_linear_probe_on_features(feats, labels, 4, epochs=1, batch_size=4,
-                                            lr=0.1, schedule="step")
+                                            lr=0.1, schedule="linear")
+
+
+def test_linear_probe_schedules_by_hand():
+  # 10 steps per epoch, 50 epochs. step: x0.1 at epochs 20 and 40 (ImageNet-1K's
+  # protocol); cosine: lr at the start, the midpoint of (lr, min_lr) halfway, min_lr
+  # at the end.
+  step = evaluate.linear_probe_schedule(25.0, "step", steps_per_epoch=10, epochs=50,
+                                        step_epochs=20)
+  np.testing.assert_allclose([step(s) for s in (0, 199, 200, 399, 400, 499)],
+                             [25.0, 25.0, 2.5, 2.5, 0.25, 0.25], rtol=1e-6)
+  cosine = evaluate.linear_probe_schedule(0.2, "cosine", steps_per_epoch=10, epochs=50,
+                                          min_lr=2e-3)
+  np.testing.assert_allclose([cosine(0), cosine(250), cosine(500)],
+                             [0.2, (0.2 + 2e-3) / 2, 2e-3], rtol=1e-5)
+  constant = evaluate.linear_probe_schedule(0.1, "constant", steps_per_epoch=10,
+                                            epochs=50)
+  assert float(constant(0)) == float(constant(499)) == pytest.approx(0.1)
+
+
+def test_linear_probe_step_schedule_trains():
+  feats, labels = _separable_clusters(0, 128)
+  params = evaluate.train_linear_probe_on_features(
+      feats, labels, 4, epochs=4, batch_size=32, lr=0.1, schedule="step", step_epochs=2)
+  assert evaluate.linear_probe_accuracy(params, feats, labels)["top1"] == 100.0
 
 
 def test_linear_probe_accuracy_matches_numpy():

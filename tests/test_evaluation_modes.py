@@ -1,0 +1,252 @@
+"""End-to-end tests of the evaluation modes: kNN monitor, knn_eval, linear_eval.
+
+A tiny ResNet-18 (width 4) is pretrained for 3 steps once per module on a folder of
+16 px PNGs whose 3 classes differ in colour (so a probe can learn them); each test
+works on a copy of that workdir.
+"""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from conftest import make_image_folder
+from conftest import tiny_config
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from corinfomax_jax import evaluate
+from corinfomax_jax import train
+
+_NUM_CLASSES = 3
+_PER_CLASS = 12  # in each split: 36 train and 36 test images, sorted by class
+_PRETRAIN_STEPS = 3
+_FEATURE_DIM = 32  # ResNet-18 of width 4: 4 * 8
+
+
+def _config(root):
+  c = tiny_config(f"folder:{root}", max_steps=_PRETRAIN_STEPS,
+                  checkpoint_every_steps=_PRETRAIN_STEPS, spectrum_every_steps=100)
+  c.eval.batch_size = 16  # 36 images: 3 batches, the last with 12 padding rows
+  c.eval.linear_batch_size = 16  # 2 steps per epoch
+  c.eval.linear_epochs = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+  return str(make_image_folder(tmp_path_factory.mktemp("images"),
+                               classes=("red", "green", "blue"), per_class=_PER_CLASS))
+
+
+@pytest.fixture(scope="module")
+def pretrained(image_root, tmp_path_factory):
+  """(config, workdir, state) after _PRETRAIN_STEPS pretraining steps."""
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  config = _config(image_root)
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == _PRETRAIN_STEPS
+  return config, workdir, state
+
+
+def _copy(workdir, tmp_path, name="workdir"):
+  return shutil.copytree(workdir, tmp_path / name, ignore=shutil.ignore_patterns(
+      "linear_eval*", "knn_eval*"))
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _probe_params(workdir, step):
+  manager = evaluate._probe_checkpoint_manager(workdir)  # pylint: disable=protected-access
+  probe = manager.restore(step, args=ocp.args.Composite(
+      probe=ocp.args.StandardRestore()))["probe"]
+  manager.close()
+  return probe["params"]
+
+
+def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
+  config, pretrain_dir, _ = pretrained
+  workdir = str(_copy(pretrain_dir, tmp_path, "a"))
+  result = evaluate.linear_eval(config, workdir)
+  written = _read_json(os.path.join(workdir, "linear_eval.json"))
+  assert written == result
+  assert result["variant"] == evaluate.LINEAR_VARIANT
+  assert result["pretrain_step"] == _PRETRAIN_STEPS
+  assert result["step"] == result["trained_steps"] == 4
+  assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
+  assert 0 <= result["top1"] <= result["top5"] <= 100
+  assert result["top1"] > 50  # chance: 33; the classes differ in colour
+  assert result["top5"] == 100.0  # 3 classes
+  probe_dir = os.path.join(workdir, "linear_eval")
+  assert os.path.isdir(os.path.join(probe_dir, "checkpoints", "4"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(probe_dir))
+
+  # Done: a second call restores the finished probe, trains nothing, same numbers.
+  again = evaluate.linear_eval(config, workdir)
+  assert again["trained_steps"] == 0 and again["step"] == 4
+  assert (again["top1"], again["top5"]) == (result["top1"], result["top5"])
+
+  # Interrupted after 1 step, then resumed: the same probe as the uninterrupted run
+  # (the data position is the probe's step).
+  other = str(_copy(pretrain_dir, tmp_path, "b"))
+  first = config.copy_and_resolve_references()
+  first.eval.linear_max_steps = 1
+  assert evaluate.linear_eval(first, other)["step"] == 1
+  resumed = evaluate.linear_eval(config, other)
+  assert resumed["trained_steps"] == 3 and resumed["step"] == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _probe_params(other, 4), _probe_params(workdir, 4))
+  assert (resumed["top1"], resumed["top5"]) == (result["top1"], result["top5"])
+
+  # A probe of another protocol is not resumed silently.
+  changed = config.copy_and_resolve_references()
+  changed.eval.linear_lr = 0.5
+  with pytest.raises(train.ConfigError, match="linear_lr"):
+    evaluate.linear_eval(changed, other)
+
+
+def test_probe_step_leaves_the_backbone_alone(pretrained):
+  config, _, state = pretrained
+  mesh = train.make_mesh()
+  model = train.create_model(config)
+  tx = optax.sgd(0.5, momentum=0.9)
+  probe = evaluate.create_probe_state(_FEATURE_DIM, _NUM_CLASSES, tx, mesh, seed=0)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  before = jax.device_get(variables)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, _NUM_CLASSES, 16).astype(np.int32)}
+  step = jax.jit(lambda p, v, b: evaluate.probe_train_step(
+      p, v, b, model=model, tx=tx, learning_rate_fn=lambda s: 0.5),
+                 in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P()),
+                               NamedSharding(mesh, P("data"))))
+  probe0 = jax.device_get(probe.params)
+  new_probe, metrics = step(probe, variables, batch)
+  new_probe, _ = step(new_probe, variables, batch)
+  # The backbone's parameters and BatchNorm statistics are unchanged.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), before)
+  # The loss is that of the inference-mode features (running statistics, not the
+  # batch's), and the probe moved.
+  features = model.apply(before, batch["image"], train=False)[0]
+  logits = features @ probe0["kernel"] + probe0["bias"]
+  expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  np.testing.assert_allclose(metrics["loss"], expected.mean(), rtol=1e-4)
+  assert not np.allclose(new_probe.params["kernel"], probe0["kernel"])
+  # No gradient reaches the backbone.
+  grads = jax.grad(lambda v: evaluate.probe_train_step(
+      probe, v, batch, model=model, tx=tx, learning_rate_fn=lambda s: 0.5)[1]["loss"])(
+          variables)
+  assert all(not np.any(g) for g in jax.tree.leaves(grads))
+
+
+def test_knn_monitor_matches_features_computed_directly(pretrained):
+  config, _, state = pretrained
+  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh()
+  model = train.create_model(config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  train_source = input_pipeline.get_source(config.dataset, None, "train")
+  test_source = input_pipeline.get_source(config.dataset, None, "test")
+
+  # 36 test images in 3 global batches of 16, the last with 12 padding rows: sharded
+  # extraction drops the padding and equals a plain, unsharded forward pass.
+  feats, labels = evaluate.extract_features(model, variables, mesh, test_source,
+                                            batch_size=16, image_size=16)
+  batches = list(input_pipeline.eval_batches(test_source, global_batch_size=16,
+                                             image_size=16))
+  images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+  direct = model.apply(jax.device_get(variables), images, train=False)[0]
+  assert feats.shape == (_NUM_CLASSES * _PER_CLASS, _FEATURE_DIM)
+  np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(_NUM_CLASSES), _PER_CLASS))
+
+  bank, bank_labels = evaluate.extract_features(model, variables, mesh, train_source,
+                                                batch_size=16, image_size=16)
+  result = evaluate.knn_monitor(config, model, state, mesh)
+  assert set(result) == {"top1", "top5"}
+  assert result == evaluate.knn_accuracy(bank, bank_labels, feats, labels, _NUM_CLASSES)
+  assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_max_train_examples_spreads_over_the_classes(pretrained):
+  config, _, state = pretrained
+  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh()
+  model = train.create_model(config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  source = input_pipeline.get_source(config.dataset, None, "train")
+  all_feats, _ = evaluate.extract_features(model, variables, mesh, source,
+                                           batch_size=16, image_size=16)
+  # The folder is sorted by class (12 each): every 6th image covers all classes.
+  feats, labels = evaluate.extract_features(model, variables, mesh, source,
+                                            batch_size=16, image_size=16,
+                                            max_examples=6)
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
+  np.testing.assert_allclose(feats, all_feats[::6], rtol=1e-5, atol=1e-6)
+
+
+def test_knn_eval_without_checkpoint_names_the_workdir(image_root, tmp_path):
+  workdir = str(tmp_path / "empty")
+  with pytest.raises(train.ConfigError, match=f"{workdir}.*random_init"):
+    evaluate.knn_eval(_config(image_root), workdir)
+  with pytest.raises(train.ConfigError, match="No pretraining checkpoint"):
+    evaluate.linear_eval(_config(image_root), workdir)
+
+
+def test_knn_eval_of_random_init(image_root, tmp_path):
+  config = _config(image_root)
+  config.eval.random_init = True
+  config.eval.max_train_examples = 20
+  workdir = str(tmp_path / "random")
+  result = evaluate.knn_eval(config, workdir)
+  assert _read_json(os.path.join(workdir, "knn_eval.json")) == result
+  assert result["random_init"] is True and result["step"] == 0
+  assert (result["num_bank_examples"], result["num_query_examples"]) == (20, 36)
+  assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_knn_eval_of_the_checkpoint(pretrained, tmp_path):
+  config, pretrain_dir, _ = pretrained
+  workdir = str(_copy(pretrain_dir, tmp_path))
+  result = evaluate.knn_eval(config, workdir)
+  assert _read_json(os.path.join(workdir, "knn_eval.json")) == result
+  assert result["random_init"] is False and result["step"] == _PRETRAIN_STEPS
+  assert (result["num_bank_examples"], result["num_query_examples"]) == (36, 36)
+  assert (result["k"], result["temperature"]) == (200, 0.07)
+  assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_linear_eval_precomputed_variant(pretrained, tmp_path):
+  config, pretrain_dir, _ = pretrained
+  workdir = str(_copy(pretrain_dir, tmp_path))
+  config = config.copy_and_resolve_references()
+  config.eval.linear_precomputed = True
+  config.eval.linear_epochs = 20
+  result = evaluate.linear_eval(config, workdir)
+  assert _read_json(os.path.join(workdir, "linear_eval.json")) == result
+  assert result["variant"] == "precomputed_center_crop_features"
+  assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
+  assert 50 < result["top1"] <= result["top5"] <= 100  # chance: 33
+  assert not os.path.exists(os.path.join(workdir, "linear_eval", "checkpoints"))
+
+
+def test_eval_config_errors(image_root, tmp_path):
+  config = _config(image_root)
+  config.eval.linear_batch_size = 12  # 8 devices
+  with pytest.raises(train.ConfigError, match=r"config.eval.linear_batch_size = 12 .*8 "
+                     "devices"):
+    evaluate.linear_eval(config, str(tmp_path))
+  config = _config(image_root)
+  config.eval.linear_schedule = "linear"
+  with pytest.raises(train.ConfigError, match="config.eval.linear_schedule"):
+    evaluate.linear_eval(config, str(tmp_path))
+  config = _config(image_root)
+  config.eval.max_train_examples = 0
+  with pytest.raises(train.ConfigError, match="config.eval.max_train_examples"):
+    evaluate.knn_eval(config, str(tmp_path))
