@@ -22,7 +22,6 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -62,7 +61,7 @@ class TrainState:
 # ---------------------------------------------------------------------------------
 # Configuration checks.
 # ---------------------------------------------------------------------------------
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config) -> None:
   """Raises ConfigError naming the first value that cannot work."""
 
   def need(ok, key, accepted):
@@ -223,8 +222,11 @@ def checkpoint_dir(workdir: str) -> str:
 
 def create_checkpoint_manager(workdir: str, config):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # Async saves overlap training; a save cut short by a crash leaves a temporary
+  # directory that the next run removes.
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=True)
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "run"))
 
@@ -240,46 +242,68 @@ def run_record(config) -> dict:
   return {"config": {k: config[k] for k in MODEL_KEYS}}
 
 
-def restore_checkpoint(manager, template: TrainState, config):
+def restore_checkpoint(manager, template: TrainState, config, set_aside: bool = True):
   """The latest usable checkpoint: (state, run record), or (None, None) when there is none.
 
   A checkpoint that cannot be read (a file truncated by a crash) is skipped with a
-  warning in favour of the one before it; nothing is deleted. A checkpoint written by a
-  run with a different model is refused with the mismatch named.
+  warning in favour of the one before it and, when `set_aside` (the trainer, which will
+  write new checkpoints), renamed `<step>.unreadable`: nothing is deleted and no good
+  checkpoint is overwritten. A checkpoint written by a run with a different model is
+  refused with the mismatch named.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  steps = sorted(manager.all_steps(), reverse=True)
-  for step in steps:
+  unreadable = []
+  found = None, None
+  for step in sorted(manager.all_steps(), reverse=True):
     try:
       run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
-                      step, manager.directory, type(e).__name__, str(e)[:200])
-      continue
-    saved = (run or {}).get("config", {})
-    mismatched = {k: (saved[k], config[k]) for k in MODEL_KEYS
-                  if k in saved and saved[k] != config[k]}
-    if mismatched:
-      detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
-                         for k, (a, b) in mismatched.items())
-      raise ConfigError(
-          f"The workdir's checkpoint (step {step} in {manager.directory}) was written by a "
-          f"different configuration ({detail}). Use another --workdir, or the original "
-          "configuration.")
-    try:
+      _check_same_model(run, config, step, manager.directory)
       state = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]
+    except ConfigError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
-                      step, manager.directory, type(e).__name__, str(e)[:200])
+                      step, manager.directory, type(e).__name__, str(e)[:300])
+      unreadable.append(step)
       continue
-    return state, run
-  if steps:
-    raise RuntimeError(
-        f"None of the checkpoints {steps} in {manager.directory} can be read; move the "
-        "directory away to start afresh.")
-  return None, None
+    found = state, run
+    break
+  if unreadable and set_aside:
+    _set_aside(manager, unreadable)
+    if found[0] is None:
+      logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
+  return found
+
+
+def _check_same_model(run, config, step, directory):
+  saved = (run or {}).get("config", {})
+  mismatched = {k: (saved[k], config[k]) for k in MODEL_KEYS
+                if k in saved and saved[k] != config[k]}
+  if mismatched:
+    detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
+                       for k, (a, b) in mismatched.items())
+    raise ConfigError(
+        f"The workdir's checkpoint (step {step} in {directory}) was written by a different "
+        f"configuration ({detail}). Use another --workdir, or the original configuration.")
+
+
+def _set_aside(manager, steps):
+  """Renames unreadable step directories so that new saves never collide with them."""
+  if jax.process_index() == 0:
+    for step in steps:
+      path = os.path.join(str(manager.directory), str(step))
+      target = f"{path}.unreadable"
+      suffix = 1
+      while os.path.exists(target):
+        target, suffix = f"{path}.unreadable{suffix}", suffix + 1
+      os.rename(path, target)
+      logging.warning("Moved unreadable checkpoint %s to %s.", path, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("corinfomax_set_aside_unreadable_checkpoints")
+  manager.reload()
 
 
 # ---------------------------------------------------------------------------------
@@ -319,17 +343,23 @@ def spectrum_summary(spectrum: objective.Spectrum, branch: int) -> dict:
 
 
 class _Preemption:
-  """SIGTERM (a preemption notice) asks the loop to checkpoint and stop after this step."""
+  """SIGTERM (a preemption notice) asks the loop to checkpoint and stop after a step.
+
+  With one process a Python handler notes the signal. With several, every process must
+  stop at the same step: JAX's distributed runtime receives the notice on any host and
+  `reached_preemption_sync_point` agrees on the step, so no handler is installed.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, nothing to restore
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: nothing to install or restore
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
@@ -342,14 +372,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # Every process must stop at the same step; JAX's preemption service agrees on it.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:
-        return multihost_utils.reached_preemption_sync_point(step) or self.requested
-      except RuntimeError:  # the service is not running
-        return self.requested
-    return self.requested
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # no preemption service in this runtime
+      return False
 
 
 # ---------------------------------------------------------------------------------
@@ -360,13 +389,15 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return steps if config.max_steps == -1 else min(steps, config.max_steps)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config, workdir: str) -> TrainState:
   """Pretrains with CorInfoMax, resuming from the latest checkpoint in `workdir`."""
   # --- Configuration and mesh: every user error surfaces here, before any work.
+  from corinfomax_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   validate_config(config)
+  evaluate.validate_eval_config(config)
   mesh = make_mesh()
   check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
-  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   # --- Input.
   source = input_pipeline.get_source(config.dataset, config.data_dir, config.train_split,
@@ -426,10 +457,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     now = time.time()
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     images_per_s = len(fetched) * config.batch_size / max(now - last_time, 1e-9)
-    logging.info(
-        "step %d/%d epoch %.2f loss %.4f cov_loss %.4f sim_loss %.6f lr %.5f "
-        "images/s %.1f", step, num_steps, step / steps_per_epoch, mean["loss"],
-        mean["cov_loss"], mean["sim_loss"], mean["learning_rate"], images_per_s)
+    if jax.process_index() == 0:
+      logging.info(
+          "step %d/%d epoch %.2f loss %.4f cov_loss %.4f sim_loss %.6f lr %.5f "
+          "images/s %.1f", step, num_steps, step / steps_per_epoch, mean["loss"],
+          mean["cov_loss"], mean["sim_loss"], mean["learning_rate"], images_per_s)
     writer.scalars(step, {**{f"train/{k}": v for k, v in mean.items()},
                           "train/images_per_s": images_per_s,
                           "train/epoch": step / steps_per_epoch})
@@ -450,6 +482,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         spec1, spec2 = jax.device_get(spectrum_fn(state.loss_state))
         writer.scalars(step, {**spectrum_summary(spec1, 1), **spectrum_summary(spec2, 2)})
         spectra.append((step, np.asarray(spec1.eigenvalues)))
+      knn_every = config.eval.knn_every_epochs * steps_per_epoch
+      if knn_every and (step % knn_every == 0 or is_last):
+        knn = evaluate.knn_monitor(config, model, state, mesh)
+        if jax.process_index() == 0:
+          logging.info("step %d kNN top-1 %.2f top-5 %.2f", step, knn["top1"], knn["top5"])
+        writer.scalars(step, {"knn/top1": knn["top1"], "knn/top5": knn["top5"]})
       if step % config.checkpoint_every_steps == 0 or is_last:
         if pending:
           last_time = check_and_log(step, last_time)
@@ -460,8 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager.wait_until_finished()
   writer.close()
   if jax.process_index() == 0 and spectra:
-    from corinfomax_jax import evaluate  # pylint: disable=g-import-not-at-top
-    path = evaluate.plot_spectra(spectra, os.path.join(workdir, "spectrum.png"),
+    shown = [spectra[i] for i in sorted(set(np.linspace(0, len(spectra) - 1, 8).astype(int)))]
+    path = evaluate.plot_spectra(shown, os.path.join(workdir, "spectrum.png"),
                                  title=f"{config.dataset}: covariance spectrum, branch 1")
     logging.info("Covariance spectrum plot: %s", path)
   return state

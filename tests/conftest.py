@@ -25,6 +25,9 @@ def compilation_cache():
   with tempfile.TemporaryDirectory() as d:
     jax.config.update("jax_compilation_cache_dir", d)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Trainers started as subprocesses (fault and multi-process tests) share it.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = d
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     yield
 
 
@@ -57,10 +60,10 @@ def tiny_config(dataset, **overrides):
   c.dataset = dataset
   c.image_size = 16
   c.width = 4
-  c.projector = "32-16"
+  c.projector = "32-8"  # D = 8 < batch 16: a well-conditioned covariance
   c.batch_size = 16
   c.base_batch_size = 16
-  c.num_epochs = 4
+  c.num_epochs = 20
   c.warmup_epochs = 1
   c.learning_rate = 0.1
   c.log_every_steps = 1

@@ -146,7 +146,7 @@ def test_state_is_one_pytree_with_the_loss_state():
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
   state = train.create_train_state(config, model, tx, train.make_mesh())
   assert isinstance(state.loss_state, objective.CorInfoMaxState)
-  np.testing.assert_array_equal(state.loss_state.cov1, np.eye(16) * config.r_init)
+  np.testing.assert_array_equal(state.loss_state.cov1, np.eye(8) * config.r_init)
   assert int(state.step) == 0
   for leaf in jax.tree.leaves(state):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8

@@ -1,0 +1,81 @@
+"""Throughput of the jitted CorInfoMax train step on synthetic batches.
+
+  python bench/train_step.py --config=configs/cifar10.py --batch_size=512 --dtype=bfloat16
+
+Imports no TensorFlow, so it runs on an accelerator machine that has none (the config
+files need ml_collections, a pure-Python wheel). "images" are training examples, each
+a pair of views through the network. The last line is `images_per_s=<number>`.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from corinfomax_jax import train  # noqa: E402
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/cifar10.py")
+  parser.add_argument("--batch_size", type=int, default=None, help="global batch")
+  parser.add_argument("--dtype", choices=sorted(train.DTYPES), default=None)
+  parser.add_argument("--width", type=int, default=None, help="ResNet width override")
+  parser.add_argument("--image_size", type=int, default=None)
+  parser.add_argument("--steps", type=int, default=20, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile)")
+  args = parser.parse_args()
+
+  config = load_config(args.config)
+  for key in ("batch_size", "dtype", "width", "image_size"):
+    if getattr(args, key) is not None:
+      config[key] = getattr(args, key)
+  train.validate_config(config)
+  mesh = train.make_mesh()
+  train.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
+  model = train.create_model(config)
+  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100)
+  tx = train.create_optimizer(config, lr_fn)
+  state = train.create_train_state(config, model, tx, mesh)
+  step = train.jit_train_step(config, model, tx, lr_fn, mesh)
+
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {k: rng.normal(size=shape).astype(np.float32) for k in ("view1", "view2")},
+      NamedSharding(mesh, P(train.DATA_AXIS)))
+
+  t0 = time.perf_counter()
+  for _ in range(args.warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(state)
+  elapsed = time.perf_counter() - t0
+  print(f"{config.model} width {config.width} {config.image_size}px projector "
+        f"{config.projector} batch {config.batch_size} {config.dtype} on "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}: warmup {compile_s:.1f} s, "
+        f"{elapsed / args.steps * 1e3:.1f} ms/step, loss {float(metrics['loss']):.4f}")
+  print(f"images_per_s={config.batch_size * args.steps / elapsed:.1f}")
+
+
+if __name__ == "__main__":
+  main()

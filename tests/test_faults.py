@@ -1,0 +1,165 @@
+"""Surviving faults: a real SIGKILL and restart, SIGTERM preemption, corrupted and foreign
+checkpoints, and a NaN loss."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_config
+
+from corinfomax_jax import input_pipeline
+from corinfomax_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Flags that turn configs/default.py into the tiny run of conftest.tiny_config.
+TINY_FLAGS = ["--config.image_size=16", "--config.width=4", "--config.projector=32-8",
+              "--config.batch_size=16", "--config.base_batch_size=16",
+              "--config.num_epochs=100", "--config.warmup_epochs=1",
+              "--config.learning_rate=0.1", "--config.log_every_steps=1",
+              "--config.spectrum_every_steps=1000"]
+
+
+def main_command(image_folder, workdir, *flags):
+  return [sys.executable, os.path.join(ROOT, "main.py"),
+          f"--config={os.path.join(ROOT, 'configs/default.py')}",
+          f"--config.dataset=folder:{image_folder}", f"--workdir={workdir}", *TINY_FLAGS,
+          *flags]
+
+
+def committed_steps(workdir):
+  return sorted(int(os.path.basename(os.path.dirname(p)))
+                for p in glob.glob(os.path.join(workdir, "checkpoints", "*",
+                                                "commit_success.txt")))
+
+
+def read_scalars(workdir, tag):
+  """{step: value} of one TensorBoard scalar over every event file in workdir."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    try:  # later files (a resumed run) override earlier ones
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for v in event.summary.value:
+          if v.tag == tag:
+            values[event.step] = float(tf.make_ndarray(v.tensor))
+    except tf.errors.DataLossError:
+      pass  # a record cut short by SIGKILL ends the file, as TensorBoard reads it
+  return values
+
+
+def final_params(workdir):
+  """The parameters of the latest checkpoint, on one device whatever topology wrote it."""
+  step = max(committed_steps(workdir))
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata)
+  return step, checkpointer.restore(path, abstract)["params"]
+
+
+def wait_for(predicate, proc, timeout=240):
+  start = time.time()
+  while not predicate():
+    assert proc.poll() is None, f"trainer exited early with {proc.returncode}"
+    assert time.time() - start < timeout, "timed out"
+    time.sleep(0.05)
+
+
+def test_sigkill_then_restart_equals_an_uninterrupted_run(image_folder, tmp_path):
+  flags = ["--config.max_steps=24", "--config.checkpoint_every_steps=4"]
+  subprocess.run(main_command(image_folder, tmp_path / "whole", *flags), check=True,
+                 capture_output=True)
+
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(main_command(image_folder, workdir, *flags),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for(lambda: committed_steps(workdir), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = committed_steps(workdir)
+  assert max(killed_at) < 24, "the kill came after the end; nothing was tested"
+  subprocess.run(main_command(image_folder, workdir, *flags), check=True,
+                 capture_output=True)
+
+  step_a, params_a = final_params(str(tmp_path / "whole"))
+  step_b, params_b = final_params(workdir)
+  assert step_a == step_b == 24
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params_b, params_a)
+  losses_a = read_scalars(str(tmp_path / "whole"), "train/loss")
+  losses_b = read_scalars(workdir, "train/loss")
+  assert sorted(losses_a) == sorted(losses_b) == list(range(1, 25))
+  np.testing.assert_allclose([losses_b[s] for s in range(1, 25)],
+                             [losses_a[s] for s in range(1, 25)], rtol=1e-5)
+
+
+def test_sigterm_checkpoints_and_exits_zero(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      main_command(image_folder, workdir, "--config.max_steps=100000",
+                   "--config.checkpoint_every_steps=5"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: committed_steps(workdir), proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  last = max(committed_steps(workdir))
+  assert f"Preempted: checkpoint at step {last} written" in stderr
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(image_folder, tmp_path, caplog):
+  config = tiny_config(f"folder:{image_folder}", max_steps=4, checkpoint_every_steps=2)
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir)
+  data_files = [p for p in glob.glob(f"{workdir}/checkpoints/4/state/**/*", recursive=True)
+                if os.path.isfile(p)]
+  biggest = max(data_files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  good = {p: open(p, "rb").read() for p in glob.glob(f"{workdir}/checkpoints/2/**/*",
+                                                     recursive=True) if os.path.isfile(p)}
+
+  config.max_steps = 3
+  with caplog.at_level("WARNING"):
+    state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 3  # resumed from 2, not 4
+  assert "Checkpoint step 4" in caplog.text and "unreadable" in caplog.text
+  assert os.path.isdir(f"{workdir}/checkpoints/4.unreadable")  # kept, not deleted
+  for path, content in good.items():  # the good checkpoint is untouched
+    assert open(path, "rb").read() == content
+
+
+def test_checkpoint_of_another_configuration_is_refused(image_folder, tmp_path):
+  train.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), str(tmp_path))
+  other = tiny_config(f"folder:{image_folder}", max_steps=4, projector="32-4")
+  with pytest.raises(train.ConfigError, match="projector: checkpoint '32-8' vs config '32-4'"):
+    train.train_and_evaluate(other, str(tmp_path))
+  assert committed_steps(str(tmp_path)) == [2]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder, tmp_path,
+                                                                    monkeypatch):
+  real = input_pipeline.pretrain_batches
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
+      if i == 5:  # global step 5 sees a NaN image
+        batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "pretrain_batches", poisoned)
+  config = tiny_config(f"folder:{image_folder}", max_steps=8, checkpoint_every_steps=2,
+                       log_every_steps=100)
+  with pytest.raises(train.NonFiniteLossError, match="at step 5") as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert "last good checkpoint is step 4" in str(info.value)
+  assert committed_steps(str(tmp_path)) == [2, 4]
