@@ -1,0 +1,413 @@
+"""Tests of corinfomax_jax.input_pipeline: tiny image folders, mocked TFDS."""
+import logging
+import os
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from corinfomax_jax import input_pipeline as ip
+
+NUM_UNIQUE = 10  # examples of the `unique` folder
+
+
+def _texture(height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  small = rng.uniform(0, 255, size=(1, 4, 4, 3)).astype(np.float32)
+  image = tf.image.resize(small, [height, width], method="bilinear")[0]
+  return np.round(image.numpy()).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def unique(tmp_path_factory):
+  """NUM_UNIQUE classes of one identical image each: label == index, and any
+  difference between two outputs comes from augmentation."""
+  root = tmp_path_factory.mktemp("unique")
+  image = Image.fromarray(_texture(20, 24))
+  for i in range(NUM_UNIQUE):
+    os.makedirs(root / "train" / f"c{i:02d}")
+    image.save(root / "train" / f"c{i:02d}" / "x.png")
+  return ip.get_source(f"folder:{root}", None, "train")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+  """Classes in unsorted creation order, images of every mode and size."""
+  root = tmp_path_factory.mktemp("mixed")
+  rgb = _texture(18, 26, seed=1)
+  images = {
+      "b_dog/1.jpg": Image.fromarray(rgb),
+      "b_dog/2.JPEG": Image.fromarray(_texture(30, 12, seed=2)),
+      "a_cat/gray.png": Image.fromarray(rgb[..., 0]),  # mode L
+      "a_cat/rgba.png": Image.fromarray(
+          np.dstack([rgb, np.full(rgb.shape[:2], 90, np.uint8)])),
+      "a_cat/palette.png": Image.fromarray(rgb).convert("P"),
+      "c_eel/la.png": Image.fromarray(rgb).convert("LA"),
+  }
+  for name, image in images.items():
+    os.makedirs(root / "train" / os.path.dirname(name), exist_ok=True)
+    image.save(root / "train" / name)
+  (root / "train" / "a_cat" / "notes.txt").write_text("not an image")
+  os.makedirs(root / "test" / "a_cat")
+  Image.fromarray(rgb).save(root / "test" / "a_cat" / "1.png")
+  os.makedirs(root / "empty" / "a_cat")
+  return root
+
+
+def _bad_folder(root):
+  os.makedirs(root / "train" / "a", exist_ok=True)
+  os.makedirs(root / "train" / "b", exist_ok=True)
+  for i in range(3):
+    Image.fromarray(_texture(16, 16, seed=i)).save(root / "train" / "a" /
+                                                   f"{i}.png")
+  (root / "train" / "b" / "bad.jpg").write_bytes(b"\xff\xd8 truncated junk")
+  return f"folder:{root}"
+
+
+def _global(make, process_count, steps):
+  """Per-step global batches: the P per-process batches concatenated."""
+  iterators = [make(p, process_count) for p in range(process_count)]
+  out = []
+  for _ in range(steps):
+    parts = [next(it) for it in iterators]
+    out.append({k: np.concatenate([b[k] for b in parts]) for k in parts[0]})
+  return out
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_folder_labels_from_sorted_class_names(mixed):
+  source = ip.get_source(f"folder:{mixed}", None, "train")
+  assert source.class_names == ("a_cat", "b_dog", "c_eel")
+  assert source.num_examples == 6 and source.num_classes == 3
+  assert source.random_access
+  assert source.describe(0).endswith(os.path.join("a_cat", "gray.png"))
+  batch = next(ip.eval_batches(source, global_batch_size=6, image_size=8,
+                               process_index=0, process_count=1))
+  assert batch["label"].tolist() == [0, 0, 0, 1, 1, 2]
+  assert batch["image"].shape == (6, 8, 8, 3)
+  assert batch["image"].dtype == np.float32
+
+
+def test_every_image_mode_decodes_to_rgb(mixed):
+  files = sorted((mixed / "train").glob("*/*.*"))
+  checked = 0
+  for path in files:
+    if path.suffix == ".txt":
+      continue
+    image = ip.decode_image(tf.io.read_file(str(path))).numpy()
+    want = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == want.shape and image.dtype == np.uint8
+    if path.suffix.lower() == ".png":  # lossless: exactly PIL's conversion
+      assert np.array_equal(image, want), path
+    checked += 1
+  assert checked == 6
+
+
+def test_corrupt_file_raises_naming_it(tmp_path):
+  source = ip.get_source(_bad_folder(tmp_path), None, "train")
+  batches = ip.eval_batches(source, global_batch_size=4, image_size=8,
+                            process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"b/bad\.jpg.*skip_bad_images"):
+    list(batches)
+
+
+def test_skip_mode_logs_and_counts(tmp_path, caplog):
+  source = ip.get_source(_bad_folder(tmp_path), None, "train",
+                         skip_bad_images=True)
+  with caplog.at_level(logging.WARNING):
+    batches = list(ip.eval_batches(source, global_batch_size=4, image_size=8,
+                                   process_index=0, process_count=1))
+    pretrain = next(ip.pretrain_batches(
+        source, global_batch_size=4, image_size=8, seed=0, process_index=0,
+        process_count=1))
+  assert len(batches) == 1
+  assert batches[0]["mask"].tolist() == [1, 1, 1, 0]  # the bad file counts 0
+  assert source.skipped == [str(tmp_path / "train" / "b" / "bad.jpg")]
+  assert "bad.jpg" in caplog.text and "1 skipped" in caplog.text
+  assert np.isfinite(pretrain["view1"]).all()
+
+
+def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
+  with pytest.raises(ValueError, match=r"no split 'val'.*empty.*test.*train"):
+    ip.get_source(f"folder:{mixed}", None, "val")
+  with pytest.raises(ValueError, match=r"no .* images.*a_cat"):
+    ip.get_source(f"folder:{mixed}", None, "empty")
+  with pytest.raises(ValueError,
+                     match=r"does not exist; .*mixed\d* holds: empty, test, train"):
+    ip.get_source(f"folder:{mixed}/nope", None, "train")
+  with pytest.raises(ValueError, match=r"Unknown data set 'cifar1O'.*cifar10"):
+    ip.get_source("cifar1O", None, "train")
+  with pytest.raises(ValueError, match=r"data_dir .*nowhere.* does not exist"):
+    ip.get_source("cifar10", str(tmp_path / "nowhere"), "train")
+  with pytest.raises(ValueError, match=r"cifar10 .*not prepared.*data sets"):
+    ip.get_source("cifar10", str(tmp_path), "train")
+
+
+def test_normalization_stats_and_default_config():
+  assert ip.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
+                                               (0.247, 0.243, 0.261))
+  assert ip.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
+                                                (0.2673, 0.2564, 0.2762))
+  imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  for name in ("imagenet2012", "imagenet100", "folder:/x/cifar10"):
+    assert ip.normalization_stats(name) == imagenet
+  assert ip.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
+
+
+def test_imagenet100_class_list():
+  with open(ip.IMAGENET100_CLASSES_FILE) as f:
+    lines = [line.strip() for line in f if line.strip()]
+  assert len(lines) == 100 == len(set(lines))
+  assert lines[:2] == ["n02869837", "n01749939"]  # CMC's order
+  assert ip.imagenet100_classes() == sorted(lines)
+
+
+# ---------------------------------------------------------------- order
+
+
+def test_epochs_cover_each_example_once():
+  for n, batch in [(10, 4), (10, 3), (7, 7)]:
+    spe = ip.steps_per_epoch(n, batch)
+    assert spe == n // batch
+    epochs = []
+    for epoch in range(3):
+      rows = np.concatenate([ip.batch_indices(n, batch, 5, epoch * spe + s)
+                             for s in range(spe)])
+      assert len(set(rows.tolist())) == spe * batch  # no repeats
+      assert rows.min() >= 0 and rows.max() < n
+      epochs.append(rows.tolist())
+    if n > batch:
+      assert epochs[0] != epochs[1]
+  with pytest.raises(ValueError, match="exceeds"):
+    ip.steps_per_epoch(3, 4)
+
+
+def test_pretrain_reads_batch_indices_and_augments(unique):
+  batches = ip.pretrain_batches(unique, global_batch_size=4, image_size=16,
+                                seed=5, process_index=0, process_count=1)
+  first = [next(batches) for _ in range(3)]
+  assert batches.step == 3
+  for step, batch in enumerate(first):
+    assert batch["label"].tolist() == ip.batch_indices(NUM_UNIQUE, 4, 5,
+                                                       step).tolist()
+    assert batch["view1"].shape == batch["view2"].shape == (4, 16, 16, 3)
+    assert batch["view1"].dtype == np.float32
+    assert batch["label"].dtype == np.int32
+    # Same source image everywhere: views, rows and steps differ by
+    # augmentation alone.
+    assert not np.allclose(batch["view1"], batch["view2"])
+    assert not np.allclose(batch["view1"][0], batch["view1"][1])
+  assert not np.allclose(first[0]["view1"], first[1]["view1"])
+  again = next(ip.pretrain_batches(unique, global_batch_size=4, image_size=16,
+                                   seed=5, process_index=0, process_count=1))
+  for key in first[0]:
+    assert np.array_equal(first[0][key], again[key])
+  other = next(ip.pretrain_batches(unique, global_batch_size=4, image_size=16,
+                                   seed=6, process_index=0, process_count=1))
+  assert not np.allclose(first[0]["view1"], other["view1"])
+
+
+def test_aug_config_overrides_the_paper_defaults(unique):
+  config = {"view1": {"blur_p": 0.0}, "grayscale_p": 1.0}
+  batch = next(ip.pretrain_batches(unique, global_batch_size=4, image_size=8,
+                                   seed=0, process_index=0, process_count=1,
+                                   aug_config=config))
+  mean, std = ip.normalization_stats(unique.name)
+  for view in ("view1", "view2"):  # grayscale p=1: the channels agree
+    rgb = batch[view] * np.array(std) + np.array(mean)
+    np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)
+  with pytest.raises(ValueError, match="Unknown augmentation key 'grey_p'"):
+    ip.pretrain_batches(unique, global_batch_size=4, image_size=8, seed=0,
+                        process_index=0, process_count=1,
+                        aug_config={"grey_p": 1.0})
+
+
+def test_process_count_invariance_and_resume(unique):
+  def make(start):
+    return lambda p, count: ip.pretrain_batches(
+        unique, global_batch_size=4, image_size=12, seed=3, start_step=start,
+        process_index=p, process_count=count)
+  reference = _global(make(0), 1, 6)  # 6 steps: 3 epochs of 2
+  for count in (2, 4):
+    resumed = _global(make(3), count, 3)  # resume at step 3
+    for step, batch in enumerate(resumed, start=3):
+      for key in ("view1", "view2", "label"):
+        assert np.array_equal(batch[key], reference[step][key]), (count, step)
+
+
+def test_eval_covers_each_example_once(unique):
+  for train_augment in (False, True):
+    def make(p, count, epoch=0):
+      return ip.eval_batches(unique, global_batch_size=4, image_size=8,
+                             process_index=p, process_count=count,
+                             train_augment=train_augment, seed=1, epoch=epoch)
+    steps = ip.eval_steps(NUM_UNIQUE, 4)
+    assert steps == 3
+    parts = [list(make(p, 2)) for p in range(2)]  # finite: one pass
+    assert [len(part) for part in parts] == [steps, steps]
+    batches = [{k: np.concatenate([parts[0][s][k], parts[1][s][k]])
+                for k in parts[0][s]} for s in range(steps)]
+    labels = np.concatenate([b["label"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.tolist() == [1.0] * NUM_UNIQUE + [0.0] * 2
+    real = labels[mask == 1]
+    if train_augment:
+      assert sorted(real.tolist()) == list(range(NUM_UNIQUE))
+      assert real.tolist() != list(range(NUM_UNIQUE))  # shuffled
+      next_epoch = np.concatenate([b["label"] for b in _global(
+          lambda p, c: make(p, c, epoch=1), 2, steps)])[mask == 1]
+      assert next_epoch.tolist() != real.tolist()
+    else:
+      assert real.tolist() == list(range(NUM_UNIQUE))
+      # Deterministic test view: identical images give identical outputs.
+      images = np.concatenate([b["image"] for b in batches])
+      assert np.array_equal(images[0], images[NUM_UNIQUE - 1])
+
+
+def test_probe_train_batches(unique):
+  batches = ip.probe_train_batches(unique, global_batch_size=4, image_size=8,
+                                   seed=5, process_index=1, process_count=2)
+  batch = next(batches)
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (2, 8, 8, 3)
+  assert batch["label"].tolist() == ip.batch_indices(NUM_UNIQUE, 4, 5,
+                                                     0)[2:].tolist()
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+def test_tfds_sources_with_mock_data():
+  with tfds.testing.mock_data(num_examples=12):
+    source = ip.get_source("cifar10", None, "train")
+    assert source.random_access and source.num_examples == 12
+    assert source.num_classes == 10
+    batch = next(ip.pretrain_batches(source, global_batch_size=4,
+                                     image_size=16, seed=0, process_index=1,
+                                     process_count=2))
+    assert batch["view1"].shape == (2, 16, 16, 3)
+    assert batch["label"].dtype == np.int32
+    assert 0 <= batch["label"].min() and batch["label"].max() < 10
+
+    streamed = ip.get_source("cifar10", None, "train", random_access=False)
+    assert not streamed.random_access and streamed.num_examples == 12
+    batch = next(ip.pretrain_batches(streamed, global_batch_size=4,
+                                     image_size=16, seed=0, process_index=0,
+                                     process_count=2))
+    assert batch["view2"].shape == (2, 16, 16, 3)
+    evals = list(ip.eval_batches(streamed, global_batch_size=8, image_size=16,
+                                 process_index=0, process_count=2))
+    assert len(evals) == 2 and evals[0]["image"].shape == (4, 16, 16, 3)
+
+  with tfds.testing.mock_data(num_examples=100):
+    subset = ip.get_source("imagenet100", None, "train")
+    assert subset.num_classes == 100
+    assert list(subset.class_names) == ip.imagenet100_classes()
+    assert 0 < subset.num_examples < 100  # mock labels span 1000 classes
+    batch = next(ip.eval_batches(subset, global_batch_size=4, image_size=8,
+                                 process_index=0, process_count=1))
+    assert 0 <= batch["label"].min() and batch["label"].max() < 100
+
+
+class CorinfomaxTinyImages(tfds.core.GeneratorBasedBuilder):
+  """Record i: a constant image of value 20 * i (its identity), label i % 3."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(10)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": np.full((8 + i, 10, 3), 20 * i, np.uint8),
+                "label": i % 3}
+
+
+def _identities(batches, name):
+  mean, std = ip.normalization_stats(name)
+  ids = []
+  for batch in batches:
+    value = (batch["image"][:, 0, 0, 0] * std[0] + mean[0]) * 255 / 20
+    ids += np.round(value[batch["mask"] > 0]).astype(int).tolist()
+  return ids
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_prepared_tfds_random_access_and_streaming(tmp_path, file_format):
+  CorinfomaxTinyImages(data_dir=str(tmp_path),
+                       file_format=file_format).download_and_prepare()
+  source = ip.get_source("corinfomax_tiny_images", str(tmp_path), "train")
+  assert source.random_access == (file_format == "array_record")
+  assert (source.num_examples, source.class_names) == (10, ("a", "b", "c"))
+  # Two processes, one padded pass: every record exactly once.
+  parts = [list(ip.eval_batches(source, global_batch_size=4, image_size=8,
+                                process_index=p, process_count=2))
+           for p in range(2)]
+  assert [len(part) for part in parts] == [3, 3]
+  ids = _identities(parts[0] + parts[1], source.name)
+  assert sorted(ids) == list(range(10))
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in parts[0] + parts[1]])
+  assert sorted(labels.tolist()) == sorted(i % 3 for i in range(10))
+  batch = next(ip.pretrain_batches(source, global_batch_size=4, image_size=8,
+                                   seed=0, process_index=1, process_count=2))
+  assert batch["view1"].shape == (2, 8, 8, 3)
+  with pytest.raises(ValueError, match=r"has no split 'test'.*\['train'\]"):
+    ip.get_source("corinfomax_tiny_images", str(tmp_path), "test")
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_global_batches_shard_over_mesh(unique):
+  devices = jax.devices()
+  assert len(devices) == 8
+  sharding = NamedSharding(Mesh(np.array(devices), ("data",)),
+                           PartitionSpec("data"))
+  local = ip.pretrain_batches(unique, global_batch_size=8, image_size=8,
+                              seed=0, process_index=0, process_count=1)
+  kept = []
+
+  def recorded():
+    for batch in local:
+      kept.append(batch)
+      yield batch
+
+  arrays = ip.global_batches(recorded(), sharding, prefetch=2)
+  for step in range(3):
+    batch = next(arrays)
+    assert len(kept) == step + 3  # two batches ahead
+    assert batch["view1"].shape == (8, 8, 8, 3)
+    assert batch["label"].shape == (8,)
+    for key, value in batch.items():
+      assert value.sharding == sharding
+      for shard in value.addressable_shards:
+        assert np.array_equal(np.asarray(shard.data), kept[step][key][
+            shard.index])
+
+
+def test_non_dividing_batch_raises(unique):
+  with pytest.raises(ValueError, match=r"12 does not divide over 8 devices"):
+    ip.check_batch_divides(12, 8, 1)
+  with pytest.raises(ValueError, match=r"6 does not divide over 4 processes"):
+    ip.check_batch_divides(6, 8, 4)
+  ip.check_batch_divides(16, 8, 2)
+  with pytest.raises(ValueError, match=r"6 does not divide over 4 processes"):
+    ip.pretrain_batches(unique, global_batch_size=6, image_size=8, seed=0,
+                        process_index=0, process_count=4)
+  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)),
+                           PartitionSpec("data"))
+  local = ip.pretrain_batches(unique, global_batch_size=4, image_size=8,
+                              seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"4 does not divide over 8 devices"):
+    next(ip.global_batches(local, sharding))
