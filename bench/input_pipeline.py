@@ -13,12 +13,13 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10"),
+  parser.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data", "cifar10"),
                       help="image folder root/<split>/<class>/<image>")
   parser.add_argument("--split", default="train")
   parser.add_argument("--threads", type=int, default=0,

@@ -50,7 +50,7 @@ def get_config():
   c.learning_rate = 0.5
   c.base_batch_size = 512
   c.min_learning_rate = 1e-6  # end of the cosine decay
-  c.warmup_epochs = 10  # linear warmup from warmup_start_lr to the peak
+  c.warmup_epochs = 10.0  # linear warmup from warmup_start_lr to the peak
   c.warmup_start_lr = 3e-3
   c.lars_eta = 0.02  # LARS trust coefficient (optimizer = "lars")
 

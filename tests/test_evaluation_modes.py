@@ -25,6 +25,9 @@ _NUM_CLASSES = 3
 _PER_CLASS = 12  # in each split: 36 train and 36 test images, sorted by class
 _PRETRAIN_STEPS = 3
 _FEATURE_DIM = 32  # ResNet-18 of width 4: 4 * 8
+# 2 steps per epoch. After 3 pretraining steps BatchNorm's running statistics are far
+# from the batch ones, features are large, and the probe needs a few dozen steps.
+_PROBE_STEPS = 24
 
 
 def _config(root):
@@ -32,7 +35,7 @@ def _config(root):
                   checkpoint_every_steps=_PRETRAIN_STEPS, spectrum_every_steps=100)
   c.eval.batch_size = 16  # 36 images: 3 batches, the last with 12 padding rows
   c.eval.linear_batch_size = 16  # 2 steps per epoch
-  c.eval.linear_epochs = 2
+  c.eval.linear_epochs = _PROBE_STEPS // 2
   return c
 
 
@@ -78,18 +81,18 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   assert written == result
   assert result["variant"] == evaluate.LINEAR_VARIANT
   assert result["pretrain_step"] == _PRETRAIN_STEPS
-  assert result["step"] == result["trained_steps"] == 4
+  assert result["step"] == result["trained_steps"] == _PROBE_STEPS
   assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
   assert 0 <= result["top1"] <= result["top5"] <= 100
   assert result["top1"] > 50  # chance: 33; the classes differ in colour
   assert result["top5"] == 100.0  # 3 classes
   probe_dir = os.path.join(workdir, "linear_eval")
-  assert os.path.isdir(os.path.join(probe_dir, "checkpoints", "4"))
+  assert os.path.isdir(os.path.join(probe_dir, "checkpoints", str(_PROBE_STEPS)))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(probe_dir))
 
   # Done: a second call restores the finished probe, trains nothing, same numbers.
   again = evaluate.linear_eval(config, workdir)
-  assert again["trained_steps"] == 0 and again["step"] == 4
+  assert again["trained_steps"] == 0 and again["step"] == _PROBE_STEPS
   assert (again["top1"], again["top5"]) == (result["top1"], result["top5"])
 
   # Interrupted after 1 step, then resumed: the same probe as the uninterrupted run
@@ -99,9 +102,9 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   first.eval.linear_max_steps = 1
   assert evaluate.linear_eval(first, other)["step"] == 1
   resumed = evaluate.linear_eval(config, other)
-  assert resumed["trained_steps"] == 3 and resumed["step"] == 4
+  assert resumed["trained_steps"] == _PROBE_STEPS - 1 and resumed["step"] == _PROBE_STEPS
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _probe_params(other, 4), _probe_params(workdir, 4))
+               _probe_params(other, _PROBE_STEPS), _probe_params(workdir, _PROBE_STEPS))
   assert (resumed["top1"], resumed["top5"]) == (result["top1"], result["top5"])
 
   # A probe of another protocol is not resumed silently.

@@ -78,7 +78,18 @@ def test_train_step_on_8_devices_equals_one_device():
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (s1, m1), (s8, m8) = results
   _leaves_close(m8, m1, rtol=1e-4, atol=1e-6)
-  _leaves_close(s8, s1, rtol=1e-3, atol=1e-5)
+  # Every leaf of the state agrees to float32 reduction-order noise, relative to the
+  # leaf's own scale. Momentum holds raw gradients, some of them small differences of
+  # large terms (BatchNorm biases, which start at zero and so have the scale of one
+  # update), hence the looser bounds; a per-device BatchNorm or a
+  # per-device covariance would be off by O(1).
+  for tree_8, tree_1, tol in ((s8.params, s1.params, 5e-3),
+                              (s8.batch_stats, s1.batch_stats, 5e-3),
+                              (s8.loss_state, s1.loss_state, 1e-4),
+                              (s8.opt_state, s1.opt_state, 1e-2)):
+    for a, b in zip(jax.tree.leaves(tree_8), jax.tree.leaves(tree_1)):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(b)) + 1e-8
 
 
 def test_bfloat16_runs_network_in_bf16_with_float32_state():
