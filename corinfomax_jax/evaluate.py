@@ -358,19 +358,6 @@ def validate_eval_config(config) -> None:
   need(isinstance(ev.linear_precomputed, bool), "linear_precomputed", "True or False")
 
 
-def _check_eval_batch_divides(key: str, batch_size: int) -> None:
-  """A global batch of the evaluation must split over the devices and processes."""
-  for count, what in ((jax.device_count(), "devices"), (jax.process_count(), "processes")):
-    if batch_size % count:
-      raise train.ConfigError(
-          f"config.eval.{key} = {batch_size} does not divide over the {count} {what}: "
-          f"use a multiple of {count} (e.g. {max(count, batch_size // count * count)})")
-
-
-def _aug_config(config):
-  return config.aug.to_dict() or None
-
-
 def _sources(config):
   """(train source, eval source) of config.dataset, checked to share their classes."""
   from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -472,10 +459,11 @@ def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, sourc
 
 def _knn_result(config, model, variables, mesh) -> dict:
   """kNN accuracy of the backbone `variables`, with the bank and query counts."""
-  _check_eval_batch_divides("batch_size", config.eval.batch_size)  # the monitor's check
+  train.check_batch_divides(config.eval.batch_size, jax.device_count(),  # the monitor's check
+                            jax.process_count(), key="eval.batch_size")
   train_source, eval_source = _sources(config)
   kwargs = dict(batch_size=config.eval.batch_size, image_size=config.image_size,
-                aug_config=_aug_config(config))
+                aug_config=train.aug_overrides(config))
   bank, bank_labels = extract_features(model, variables, mesh, train_source,
                                        max_examples=config.eval.max_train_examples,
                                        **kwargs)
@@ -555,7 +543,8 @@ def knn_eval(config, workdir: str) -> dict:
   """
   train.validate_config(config)
   validate_eval_config(config)
-  _check_eval_batch_divides("batch_size", config.eval.batch_size)
+  train.check_batch_divides(config.eval.batch_size, jax.device_count(),
+                            jax.process_count(), key="eval.batch_size")
   mesh = train.make_mesh()
   model = train.create_model(config)
   random_init = config.eval.random_init
@@ -713,7 +702,7 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
     batches = input_pipeline.global_batches(
         input_pipeline.probe_train_batches(
             train_source, global_batch_size=batch_size, image_size=config.image_size,
-            seed=config.seed, start_step=start_step, aug_config=_aug_config(config)),
+            seed=config.seed, start_step=start_step, aug_config=train.aug_overrides(config)),
         data)
     pending, last_time = [], time.time()
     for step in range(start_step + 1, num_steps + 1):
@@ -746,7 +735,7 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
   for batch in input_pipeline.global_batches(
       input_pipeline.eval_batches(eval_source, global_batch_size=ev.batch_size,
                                   image_size=config.image_size,
-                                  aug_config=_aug_config(config)), data):
+                                  aug_config=train.aug_overrides(config)), data):
     hits += np.asarray(jax.device_get(p_eval(probe.params, variables, batch)))
   return {**_accuracy(hits[:2], int(hits[2])), "step": int(probe.step),
           "trained_steps": int(probe.step) - start_step, "num_steps": num_steps,
@@ -760,7 +749,7 @@ def _linear_eval_precomputed(config, model, variables, mesh, train_source,
   """The faster variant: one pass of centre-crop features, then the probe on them."""
   ev = config.eval
   kwargs = dict(batch_size=ev.batch_size, image_size=config.image_size,
-                aug_config=_aug_config(config))
+                aug_config=train.aug_overrides(config))
   train_feats, train_labels = extract_features(model, variables, mesh, train_source,
                                                **kwargs)
   test_feats, test_labels = extract_features(model, variables, mesh, eval_source,
@@ -794,9 +783,11 @@ def linear_eval(config, workdir: str) -> dict:
   """
   train.validate_config(config)
   validate_eval_config(config)
-  _check_eval_batch_divides("batch_size", config.eval.batch_size)
+  train.check_batch_divides(config.eval.batch_size, jax.device_count(),
+                            jax.process_count(), key="eval.batch_size")
   if not config.eval.linear_precomputed:
-    _check_eval_batch_divides("linear_batch_size", config.eval.linear_batch_size)
+    train.check_batch_divides(config.eval.linear_batch_size, jax.device_count(),
+                              jax.process_count(), key="eval.linear_batch_size")
   mesh = train.make_mesh()
   model = train.create_model(config)
   state = _pretrained_state(config, model, mesh, workdir, "")

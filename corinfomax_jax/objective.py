@@ -181,7 +181,7 @@ def _branch_update(z, mu, cov, la_R, la_mu, axis_name):
   c = jax.lax.stop_gradient(mu_new)
   zc = z - c
   local_scatter = jnp.matmul(zc.T, zc, precision=_HIGHEST)
-  scatter = local_scatter if axis_name is None else _global_sum(local_scatter[None], axis_name)
+  scatter = _global_sum(local_scatter[None], axis_name)
   db, dm = batch_mean - c, mu_new - c
   batch_cov = scatter / n - jnp.outer(db, dm) - jnp.outer(dm, db) + jnp.outer(dm, dm)
   cov_new = la_R * cov + (1.0 - la_R) * batch_cov

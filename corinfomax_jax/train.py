@@ -100,18 +100,24 @@ def validate_config(config) -> None:
        "a TFDS name, 'imagenet100', or 'folder:<root>'")
 
 
-def check_batch_divides(batch_size: int, num_devices: int, num_processes: int) -> None:
-  """The global batch must split evenly over processes and devices."""
+def check_batch_divides(batch_size: int, num_devices: int, num_processes: int,
+                        key: str = "batch_size") -> None:
+  """The global batch `config.<key>` must split evenly over processes and devices."""
   for count, what in ((num_devices, "devices"), (num_processes, "processes")):
     if batch_size % count:
       raise ConfigError(
-          f"config.batch_size = {batch_size} does not divide over the {count} {what}: "
+          f"config.{key} = {batch_size} does not divide over the {count} {what}: "
           f"use a multiple of {count} (e.g. {max(count, batch_size // count * count)})")
 
 
 # ---------------------------------------------------------------------------------
 # Model, schedule, optimizer, state.
 # ---------------------------------------------------------------------------------
+def aug_overrides(config) -> dict | None:
+  """config.aug: overrides of the paper's augmentation numbers (None: the paper's)."""
+  return config.aug.to_dict() or None
+
+
 def create_model(config) -> models.CorInfoMaxModel:
   return models.create_model(config.model, projector=config.projector,
                              projector_bn=config.projector_bn, cifar_stem=config.cifar_stem,
@@ -434,7 +440,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       input_pipeline.pretrain_batches(
           source, global_batch_size=config.batch_size, image_size=config.image_size,
           seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-          process_count=jax.process_count(), aug_config=config.aug.to_dict() or None),
+          process_count=jax.process_count(), aug_config=aug_overrides(config)),
       NamedSharding(mesh, P(DATA_AXIS)))
 
   def record():
@@ -484,9 +490,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         spectra.append((step, np.asarray(spec1.eigenvalues)))
       knn_every = config.eval.knn_every_epochs * steps_per_epoch
       if knn_every and (step % knn_every == 0 or is_last):
-        knn = evaluate.knn_monitor(config, model, state, mesh)
-        if jax.process_index() == 0:
-          logging.info("step %d kNN top-1 %.2f top-5 %.2f", step, knn["top1"], knn["top5"])
+        knn = evaluate.knn_monitor(config, model, state, mesh)  # logs its result
         writer.scalars(step, {"knn/top1": knn["top1"], "knn/top5": knn["top5"]})
       if step % config.checkpoint_every_steps == 0 or is_last:
         if pending:
