@@ -8,6 +8,7 @@ topology. Elsewhere pass --coordinator_address, --num_processes and --process_id
 """
 
 import logging as logging_std
+import sys
 
 from absl import app
 from absl import flags
@@ -15,8 +16,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from corinfomax_jax import evaluate
-from corinfomax_jax import train
+from corinfomax_jax import configuration
+from corinfomax_jax import errors
+from corinfomax_jax import evaluators
+from corinfomax_jax import linear_probe
+from corinfomax_jax import pretrain
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
@@ -56,16 +60,18 @@ def main(argv):
                jax.devices()[0].platform)
   try:
     if FLAGS.mode == "pretrain":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "knn_eval":
-      evaluate.knn_eval(FLAGS.config, FLAGS.workdir)
+      evaluators.knn_eval(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "linear_eval":
-      evaluate.linear_eval(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, train.NonFiniteLossError) as e:
+      linear_probe.linear_eval(FLAGS.config, FLAGS.workdir)
+  except (errors.ConfigError, errors.NonFiniteLossError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
+  # config_flags reads overrides from sys.argv itself: translate it in place.
+  sys.argv = configuration.translate_moved_flags(sys.argv)
   app.run(main)

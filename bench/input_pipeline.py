@@ -34,11 +34,12 @@ def main():
   if args.threads:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
 
   dataset = "folder:" + args.data_dir
-  source = input_pipeline.get_source(dataset, None, args.split)
-  batches = input_pipeline.pretrain_batches(
+  source = sources.get_source(dataset, None, args.split)
+  batches = pipeline.pretrain_batches(
       source, global_batch_size=args.batch_size, image_size=args.image_size,
       seed=0, process_index=0, process_count=1,
       num_threads=args.threads or None)

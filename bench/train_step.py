@@ -17,10 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from corinfomax_jax import train  # noqa: E402
+from corinfomax_jax import configuration  # noqa: E402
+from corinfomax_jax import mesh as mesh_lib  # noqa: E402
+from corinfomax_jax import models  # noqa: E402
+from corinfomax_jax import pretrain  # noqa: E402
+from corinfomax_jax import train_state as train_state_lib  # noqa: E402
 
 
 def load_config(path):
@@ -34,7 +35,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/cifar10.py")
   parser.add_argument("--batch_size", type=int, default=None, help="global batch")
-  parser.add_argument("--dtype", choices=sorted(train.DTYPES), default=None)
+  parser.add_argument("--dtype", choices=sorted(models.DTYPES), default=None)
   parser.add_argument("--width", type=int, default=None, help="ResNet width override")
   parser.add_argument("--image_size", type=int, default=None)
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -42,23 +43,26 @@ def main():
   args = parser.parse_args()
 
   config = load_config(args.config)
-  for key in ("batch_size", "dtype", "width", "image_size"):
+  for key in ("batch_size", "image_size"):
     if getattr(args, key) is not None:
       config[key] = getattr(args, key)
-  train.validate_config(config)
-  mesh = train.make_mesh()
-  train.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
-  model = train.create_model(config)
-  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100)
-  tx = train.create_optimizer(config, lr_fn)
-  state = train.create_train_state(config, model, tx, mesh)
-  step = train.jit_train_step(config, model, tx, lr_fn, mesh)
+  for key in ("dtype", "width"):
+    if getattr(args, key) is not None:
+      config.model[key] = getattr(args, key)
+  configuration.validate_config(config)
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
+  model = configuration.create_model(config)
+  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  tx = train_state_lib.create_optimizer(config, lr_fn)
+  state = train_state_lib.create_train_state(config, model, tx, mesh)
+  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
 
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   rng = np.random.default_rng(0)
   batch = jax.device_put(
       {k: rng.normal(size=shape).astype(np.float32) for k in ("view1", "view2")},
-      NamedSharding(mesh, P(train.DATA_AXIS)))
+      mesh_lib.batch_sharded(mesh))
 
   t0 = time.perf_counter()
   for _ in range(args.warmup):
@@ -70,8 +74,9 @@ def main():
     state, metrics = step(state, batch)
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0
-  print(f"{config.model} width {config.width} {config.image_size}px projector "
-        f"{config.projector} batch {config.batch_size} {config.dtype} on "
+  m = config.model
+  print(f"{m.backbone} width {m.width} {config.image_size}px projector "
+        f"{m.projector} batch {config.batch_size} {m.dtype} on "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}: warmup {compile_s:.1f} s, "
         f"{elapsed / args.steps * 1e3:.1f} ms/step, loss {float(metrics['loss']):.4f}")
   print(f"images_per_s={config.batch_size * args.steps / elapsed:.1f}")

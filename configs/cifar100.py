@@ -5,6 +5,6 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.dataset = "cifar100"
-  c.projector = "4096-4096-128"
+  c.model.projector = (4096, 4096, 128)
   c.alpha = 1000.0
   return c

@@ -13,8 +13,8 @@ def get_config():
   # A folder gets ImageNet's mean/std by default; these images are CIFAR-10's.
   c.aug.mean = (0.4914, 0.4822, 0.4465)
   c.aug.std = (0.247, 0.243, 0.261)
-  c.width = 8  # an eighth of ResNet-18's channels: ~170 images/s on 2 cores
-  c.projector = "512-512-64"
+  c.model.width = 8  # an eighth of ResNet-18's channels: ~170 images/s on 2 cores
+  c.model.projector = (512, 512, 64)
   c.batch_size = 256
   c.base_batch_size = 512  # the paper's lr 0.5 at 512 scales to 0.25
   c.num_epochs = 4

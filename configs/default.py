@@ -1,7 +1,7 @@
 """Defaults shared by every configuration: the paper's CIFAR-10 ResNet-18 setting.
 
 Each file in configs/ imports this and changes a few keys. Every key is read in one
-place (corinfomax_jax/train.py unless noted). Override any key on the command line:
+place (corinfomax_jax/configuration.py checks them all). Override any key on the command line:
   python main.py --config=configs/cifar10.py --config.batch_size=256 --workdir=DIR
 """
 
@@ -22,13 +22,14 @@ def get_config():
   c.skip_bad_images = False  # True: log and count unreadable images instead of failing
   c.aug = ml_collections.ConfigDict()  # overrides of the paper's two-view recipe
 
-  # --- Model -------------------------------------------------------------------------
-  c.model = "resnet18"  # resnet18 | resnet50
-  c.cifar_stem = True  # 3x3 stride-1 first convolution, no max-pool (32 px images)
-  c.width = 64  # channels of the first stage; 64 is torchvision's ResNet
-  c.projector = "2048-2048-64"  # hidden sizes then output dimension D
-  c.projector_bn = False  # BatchNorm after hidden projector layers (ImageNet-1K)
-  c.dtype = "float32"  # float32 | bfloat16: the network's compute dtype
+  # --- Model: models.create_model(**c.model) ------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet18"  # resnet18 | resnet50
+  c.model.cifar_stem = True  # 3x3 stride-1 first convolution, no max-pool (32 px images)
+  c.model.width = 64  # channels of the first stage; 64 is torchvision's ResNet
+  c.model.projector = (2048, 2048, 64)  # hidden sizes then output dimension D
+  c.model.projector_bn = False  # BatchNorm after hidden projector layers (ImageNet-1K)
+  c.model.dtype = "float32"  # float32 | bfloat16: the network's compute dtype
 
   # --- CorInfoMax objective (the paper's symbols) --------------------------------------
   c.alpha = 250.0  # weight of the attraction term
@@ -60,10 +61,12 @@ def get_config():
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.spectrum_every_steps = 1000  # covariance spectrum to TensorBoard; PNG at the end
+  c.profile_steps = 0  # > 0: a profiler trace of that many steps to the workdir
 
   # --- Evaluation --------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
+  c.eval.monitors = ("knn",)  # evaluators run during pretraining (each has a cadence)
   c.eval.knn_every_epochs = 0  # kNN monitor during pretraining; 0: off
   c.eval.knn_k = 200
   c.eval.knn_temperature = 0.07

@@ -11,9 +11,9 @@ def get_config():
   c.dataset = "imagenet100"
   c.eval_split = "validation"
   c.image_size = 224
-  c.model = "resnet18"
-  c.cifar_stem = False
-  c.projector = "4096-4096-128"
+  c.model.backbone = "resnet18"
+  c.model.cifar_stem = False
+  c.model.projector = (4096, 4096, 128)
   c.batch_size = c.base_batch_size = 1024
   c.num_epochs = 400
   c.learning_rate = 1.0

@@ -4,7 +4,7 @@ from configs import imagenet100
 
 def get_config():
   c = imagenet100.get_config()
-  c.model = "resnet50"
+  c.model.backbone = "resnet50"
   c.num_epochs = 200
   c.warmup_epochs = 5
   return c

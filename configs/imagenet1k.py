@@ -7,10 +7,10 @@ def get_config():
   c.dataset = "imagenet2012"
   c.eval_split = "validation"
   c.image_size = 224
-  c.model = "resnet50"
-  c.cifar_stem = False
-  c.projector = "8192-8192-512"
-  c.projector_bn = True
+  c.model.backbone = "resnet50"
+  c.model.cifar_stem = False
+  c.model.projector = (8192, 8192, 512)
+  c.model.projector_bn = True
   c.batch_size = c.base_batch_size = 1536
   c.num_epochs = 100
   c.learning_rate = 0.2

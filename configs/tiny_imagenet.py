@@ -11,9 +11,9 @@ def get_config():
   c.dataset = "folder:data/tiny-imagenet-200"
   c.eval_split = "val"
   c.image_size = 64
-  c.model = "resnet50"
-  c.cifar_stem = False
-  c.projector = "4096-4096-128"
+  c.model.backbone = "resnet50"
+  c.model.cifar_stem = False
+  c.model.projector = (4096, 4096, 128)
   c.batch_size = c.base_batch_size = 1024
   c.num_epochs = 800
   c.alpha = 500.0

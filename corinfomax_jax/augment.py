@@ -20,6 +20,7 @@ saturation are blends with a factor uniform in [1-x, 1+x], clamped to [0, 1];
 hue shifts the HSV hue by a uniform amount in [-h, h]) in the fixed order
 brightness, contrast, saturation, hue; torchvision permutes the order per call.
 """
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -45,11 +46,29 @@ del _start, _name, _width
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision.
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSettings:
+  """The numbers one view uses (hashable: compiled functions are cached by it)."""
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  flip_p: float
+  jitter_p: float
+  brightness: float
+  contrast: float
+  saturation: float
+  hue: float
+  grayscale_p: float
+  blur_p: float
+  blur_sigma: tuple[float, float]
+  blur_kernel_frac: float
+  solarize_p: float
+  solarize_threshold: float
+
+
 # Keys every view reads; `view1` / `view2` sub-dicts may override any of them.
-_VIEW_KEYS = ("crop_scale", "crop_ratio", "flip_p", "jitter_p", "brightness",
-              "contrast", "saturation", "hue", "grayscale_p", "blur_p",
-              "blur_sigma", "blur_kernel_frac", "solarize_p",
-              "solarize_threshold")
+_VIEW_KEYS = tuple(f.name for f in dataclasses.fields(ViewSettings))
 
 
 def paper_config(mean, std) -> dict[str, Any]:
@@ -89,7 +108,7 @@ def _as_dict(config) -> dict[str, Any]:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def view_config(config: Mapping[str, Any], view: str) -> dict[str, Any]:
+def view_config(config: Mapping[str, Any], view: str) -> ViewSettings:
   """The numbers one view uses: shared keys updated by `config[view]`."""
   config = _as_dict(config)
   if view not in config:
@@ -102,7 +121,8 @@ def view_config(config: Mapping[str, Any], view: str) -> dict[str, Any]:
                      f" a view may set {list(_VIEW_KEYS)}.")
   merged = {k: config[k] for k in _VIEW_KEYS}
   merged.update(overrides)
-  return merged
+  return ViewSettings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                         for k, v in merged.items()})
 
 
 def with_overrides(config: Mapping[str, Any],
@@ -137,7 +157,7 @@ def check_config(config: Mapping[str, Any]) -> None:
   views = {name: view_config(config, name)
            for name in ("view1", "view2", "probe")}
   for name, view in views.items():
-    for key, value in view.items():
+    for key, value in dataclasses.asdict(view).items():
       where = f"aug config {name}.{key}={value!r}"
       if key.endswith("_p") and not 0 <= value <= 1:
         raise ValueError(f"{where}: a probability must lie in [0, 1].")
@@ -146,10 +166,10 @@ def check_config(config: Mapping[str, Any]) -> None:
           raise ValueError(f"{where}: need (low, high) with 0 < low <= high.")
       if key in ("brightness", "contrast", "saturation") and not 0 <= value:
         raise ValueError(f"{where}: must be >= 0.")
-    if not 0 <= view["hue"] <= 0.5:
-      raise ValueError(f"aug config {name}.hue={view['hue']}: need [0, 0.5].")
-    if view["crop_scale"][1] > 1:
-      raise ValueError(f"aug config {name}.crop_scale={view['crop_scale']}: "
+    if not 0 <= view.hue <= 0.5:
+      raise ValueError(f"aug config {name}.hue={view.hue}: need [0, 0.5].")
+    if view.crop_scale[1] > 1:
+      raise ValueError(f"aug config {name}.crop_scale={view.crop_scale}: "
                        "the area fraction cannot exceed 1.")
 
 
@@ -371,25 +391,23 @@ def normalize(images, mean, std):
   return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def augment_batch(images, u, view: Mapping[str, Any]):
+def augment_batch(images, u, view: ViewSettings):
   """Flip, jitter, grayscale, blur, solarize of one view (unnormalised).
 
   images: float32 [B, S, S, 3] crops in [0, 1]; u: [B, NUM_DRAWS]; view: the
   numbers from `view_config`.
   """
   size = images.shape[1]
-  x = flip(images, _columns(u, "flip")[:, 0], view["flip_p"])
-  x = color_jitter(x, _columns(u, "jitter"), view["jitter_p"],
-                   view["brightness"], view["contrast"], view["saturation"],
-                   view["hue"])
-  x = grayscale(x, _columns(u, "grayscale")[:, 0], view["grayscale_p"])
-  if view["blur_p"] > 0:
-    x = gaussian_blur(x, _columns(u, "blur"), view["blur_p"],
-                      view["blur_sigma"],
-                      blur_kernel_size(size, view["blur_kernel_frac"]))
-  if view["solarize_p"] > 0:
-    x = solarize(x, _columns(u, "solarize")[:, 0], view["solarize_p"],
-                 view["solarize_threshold"])
+  x = flip(images, _columns(u, "flip")[:, 0], view.flip_p)
+  x = color_jitter(x, _columns(u, "jitter"), view.jitter_p, view.brightness,
+                   view.contrast, view.saturation, view.hue)
+  x = grayscale(x, _columns(u, "grayscale")[:, 0], view.grayscale_p)
+  if view.blur_p > 0:
+    x = gaussian_blur(x, _columns(u, "blur"), view.blur_p, view.blur_sigma,
+                      blur_kernel_size(size, view.blur_kernel_frac))
+  if view.solarize_p > 0:
+    x = solarize(x, _columns(u, "solarize")[:, 0], view.solarize_p,
+                 view.solarize_threshold)
   return x
 
 

@@ -143,16 +143,16 @@ class ResNet(nn.Module):
                     bias_init=_linear_bias_init(in_features), name="fc")(features)
 
 
-_BACKBONES = {
+BACKBONES = {
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
 }
 
 
 def _check_backbone_name(name: str) -> dict:
-  if name not in _BACKBONES:
-    raise ValueError(f"unknown backbone {name!r}; accepted names: {sorted(_BACKBONES)}")
-  return _BACKBONES[name]
+  if name not in BACKBONES:
+    raise ValueError(f"unknown backbone {name!r}; accepted names: {sorted(BACKBONES)}")
+  return BACKBONES[name]
 
 
 def _check_width(width: int) -> None:
@@ -179,17 +179,33 @@ def backbone_feature_dim(name: str, width: int = 64) -> int:
 
 
 _PROJECTOR_FORM = re.compile(r"[0-9]+(-[0-9]+)*")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def parse_projector(spec: str) -> tuple[int, ...]:
-  """Parses "2048-2048-64" into (2048, 2048, 64): hidden sizes, then output dim."""
-  if (not isinstance(spec, str) or not _PROJECTOR_FORM.fullmatch(spec)
-      or any(int(s) == 0 for s in spec.split("-"))):
-    raise ValueError(
-        f"projector {spec!r} is malformed: expected positive integers joined by '-', "
-        "hidden sizes then the output dim, e.g. '2048-2048-64' (or '64' for a single "
-        "linear layer)")
-  return tuple(int(s) for s in spec.split("-"))
+def parse_projector(spec) -> tuple[int, ...]:
+  """The projector's layer sizes: hidden sizes, then the output dim D.
+
+  Accepts a sequence of positive integers, (2048, 2048, 64), or the same as a string,
+  "2048-2048-64".
+  """
+  if isinstance(spec, str) and _PROJECTOR_FORM.fullmatch(spec):
+    spec = tuple(int(s) for s in spec.split("-"))
+  if (isinstance(spec, (tuple, list)) and spec
+      and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in spec)):
+    return tuple(spec)
+  raise ValueError(
+      f"projector {spec!r} is malformed: expected positive integers, hidden sizes then "
+      "the output dim, e.g. (2048, 2048, 64) or '2048-2048-64' (or (64,) for a single "
+      "linear layer)")
+
+
+def parse_dtype(dtype) -> Dtype:
+  """"float32" | "bfloat16" (or the jnp dtype itself) -> the jnp dtype."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype {dtype!r} is not supported; accepted: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+  return dtype
 
 
 class Projector(nn.Module):
@@ -221,7 +237,7 @@ class CorInfoMaxModel(nn.Module):
   BatchNorm statistics are per view, as in the reference.
   """
   backbone_name: str = "resnet18"
-  projector: str = "2048-2048-64"
+  projector: tuple[int, ...] = (2048, 2048, 64)
   projector_bn: bool = False
   cifar_stem: bool = False
   width: int = 64
@@ -237,13 +253,17 @@ class CorInfoMaxModel(nn.Module):
     return features, z
 
 
-def create_model(name: str, *, projector: str, projector_bn: bool = False,
-                 cifar_stem: bool = False, width: int = 64,
-                 dtype: Dtype = jnp.float32) -> CorInfoMaxModel:
-  """Returns the CorInfoMax model; bad names/specs raise here, before any tracing."""
-  _check_backbone_name(name)
+def create_model(backbone: str = "resnet18", *, projector=(2048, 2048, 64),
+                 projector_bn: bool = False, cifar_stem: bool = False, width: int = 64,
+                 dtype="float32") -> CorInfoMaxModel:
+  """The CorInfoMax model; bad names or sizes raise ValueError here, before any tracing.
+
+  The keyword arguments are the keys of `config.model`: `create_model(**config.model)`.
+  `projector`: (hidden sizes..., D) or "2048-2048-64"; `dtype`: "float32" or
+  "bfloat16", the compute dtype of the backbone (parameters stay float32).
+  """
+  _check_backbone_name(backbone)
   _check_width(width)
-  parse_projector(projector)
-  return CorInfoMaxModel(backbone_name=name, projector=projector,
-                         projector_bn=projector_bn, cifar_stem=cifar_stem, width=width,
-                         dtype=dtype)
+  return CorInfoMaxModel(backbone_name=backbone, projector=parse_projector(projector),
+                         projector_bn=bool(projector_bn), cifar_stem=bool(cifar_stem),
+                         width=width, dtype=parse_dtype(dtype))

@@ -59,8 +59,8 @@ def tiny_config(dataset, **overrides):
   c = default.get_config()
   c.dataset = dataset
   c.image_size = 16
-  c.width = 4
-  c.projector = "32-8"  # D = 8 < batch 16: a well-conditioned covariance
+  c.model.width = 4
+  c.model.projector = (32, 8)  # D = 8 < batch 16: a well-conditioned covariance
   c.batch_size = 16
   c.base_batch_size = 16
   c.num_epochs = 20
@@ -70,5 +70,12 @@ def tiny_config(dataset, **overrides):
   c.checkpoint_every_steps = 2
   c.spectrum_every_steps = 2
   c.eval.batch_size = 16
+  from corinfomax_jax import configuration  # pylint: disable=g-import-not-at-top
+  for key in list(overrides):
+    if key in configuration.MOVED_KEYS:  # flat names of earlier versions
+      value = overrides.pop(key)
+      if key == "projector" and isinstance(value, str):
+        value = tuple(int(s) for s in value.split("-"))
+      c.model[configuration.MOVED_KEYS[key]] = value
   c.update(overrides)
   return c

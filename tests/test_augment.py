@@ -263,8 +263,8 @@ def test_two_views_differ_and_seed_reproduces():
   config = augment.paper_config((0.5,) * 3, (0.25,) * 3)
   view1 = augment.view_config(config, "view1")
   view2 = augment.view_config(config, "view2")
-  assert (view1["blur_p"], view1["solarize_p"]) == (1.0, 0.0)
-  assert (view2["blur_p"], view2["solarize_p"]) == (0.1, 0.2)
+  assert (view1.blur_p, view1.solarize_p) == (1.0, 0.0)
+  assert (view2.blur_p, view2.solarize_p) == (0.1, 0.2)
   x = tf.image.convert_image_dtype(_images(batch=4, size=16), tf.float32)
 
   def views(seed):
@@ -289,8 +289,8 @@ def test_view_override_and_config_checks():
               0.4, 0.4, 0.2, 0.1, 0.8, 0.2)
   augment.check_config(config)
   config["view2"] = dict(config["view2"], crop_scale=(0.2, 1.0))
-  assert augment.view_config(config, "view2")["crop_scale"] == (0.2, 1.0)
-  assert augment.view_config(config, "view1")["crop_scale"] == (0.08, 1.0)
+  assert augment.view_config(config, "view2").crop_scale == (0.2, 1.0)
+  assert augment.view_config(config, "view1").crop_scale == (0.08, 1.0)
   bad = dict(config, view1=dict(blur_p=1.5))
   with pytest.raises(ValueError, match=r"view1\.blur_p=1\.5"):
     augment.check_config(bad)

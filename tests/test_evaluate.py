@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from corinfomax_jax import evaluate
+from corinfomax_jax import knn
+from corinfomax_jax import linear_probe
+from corinfomax_jax import metrics
 
 
 def _unit(degrees):
@@ -38,7 +40,7 @@ def test_knn_scores_by_hand():
   # (cos 0.5); scale doesn't matter (features are normalised).
   bank = np.concatenate([_unit([0]), 3.0 * _unit([60, 60, 60])])
   labels = np.array([0, 1, 1, 1])
-  scores = evaluate.knn_classify(bank, labels, 2.0 * _unit([0]), num_classes=3, k=4)
+  scores = knn.knn_classify(bank, labels, 2.0 * _unit([0]), num_classes=3, k=4)
   expected = [np.exp(1 / 0.07), 3 * np.exp(0.5 / 0.07), 0.0]
   np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
 
@@ -50,10 +52,10 @@ def test_knn_weighting_beats_majority_vote():
   bank = np.concatenate([_unit([0]), _unit([60, 60, 60])])
   labels = np.array([0, 1, 1, 1])
   query = _unit([0])
-  assert evaluate.knn_classify(bank, labels, query, 2, k=4).argmax() == 0
-  assert evaluate.knn_classify(bank, labels, query, 2, k=4,
+  assert knn.knn_classify(bank, labels, query, 2, k=4).argmax() == 0
+  assert knn.knn_classify(bank, labels, query, 2, k=4,
                                temperature=100.0).argmax() == 1
-  acc = evaluate.knn_accuracy(bank, labels, query, np.array([0]), 2, k=4)
+  acc = knn.knn_accuracy(bank, labels, query, np.array([0]), 2, k=4)
   assert acc["top1"] == 100.0
 
 
@@ -64,14 +66,14 @@ def test_knn_top1_top5_by_hand():
   bank = _unit(10 * np.arange(7))
   labels = np.arange(7)
   queries = np.repeat(_unit([0]), 5, axis=0)
-  acc = evaluate.knn_accuracy(bank, labels, queries, np.array([0, 3, 4, 5, 6]), 7, k=7)
+  acc = knn.knn_accuracy(bank, labels, queries, np.array([0, 3, 4, 5, 6]), 7, k=7)
   assert acc == {"top1": 20.0, "top5": 60.0}
 
 
 def test_knn_query_equal_to_bank_point_k1_returns_its_label():
   bank, labels, _, _ = _random_case()
   idx = np.array([0, 5, 17, 123, 299])
-  scores = evaluate.knn_classify(bank, labels, bank[idx], 10, k=1)
+  scores = knn.knn_classify(bank, labels, bank[idx], 10, k=1)
   np.testing.assert_array_equal(scores.argmax(axis=1), labels[idx])
   # Exactly one neighbour with similarity 1: its weight is exp(1 / T).
   np.testing.assert_allclose(scores.max(axis=1), np.exp(1 / 0.07), rtol=1e-5)
@@ -81,7 +83,7 @@ def test_knn_query_equal_to_bank_point_k1_returns_its_label():
 def test_knn_matches_brute_force():
   bank, labels, queries, _ = _random_case()
   for k in (1, 20, 300):
-    scores = evaluate.knn_classify(bank, labels, queries, 10, k=k, temperature=0.1)
+    scores = knn.knn_classify(bank, labels, queries, 10, k=k, temperature=0.1)
     np.testing.assert_allclose(
         scores, _knn_reference(bank, labels, queries, 10, k, 0.1), rtol=1e-4)
 
@@ -89,9 +91,9 @@ def test_knn_matches_brute_force():
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 76, 77, 100, 512])
 def test_knn_chunked_equals_unchunked(chunk_size):
   bank, labels, queries, query_labels = _random_case()
-  whole = evaluate.knn_classify(bank, labels, queries, 10, k=20,
+  whole = knn.knn_classify(bank, labels, queries, 10, k=20,
                                 chunk_size=len(queries))
-  chunked = evaluate.knn_classify(bank, labels, queries, 10, k=20,
+  chunked = knn.knn_classify(bank, labels, queries, 10, k=20,
                                   chunk_size=chunk_size)
   assert chunked.shape == (77, 10)
   # Predictions and accuracies agree exactly; scores to the last float32 bits only,
@@ -99,17 +101,17 @@ def test_knn_chunked_equals_unchunked(chunk_size):
   np.testing.assert_array_equal(np.argsort(-chunked, axis=1, kind="stable"),
                                 np.argsort(-whole, axis=1, kind="stable"))
   np.testing.assert_allclose(chunked, whole, rtol=1e-5)
-  assert (evaluate.knn_accuracy(bank, labels, queries, query_labels, 10, k=20,
+  assert (knn.knn_accuracy(bank, labels, queries, query_labels, 10, k=20,
                                 chunk_size=chunk_size)
-          == evaluate.knn_accuracy(bank, labels, queries, query_labels, 10, k=20,
+          == knn.knn_accuracy(bank, labels, queries, query_labels, 10, k=20,
                                    chunk_size=len(queries)))
 
 
 def test_knn_accuracy_agrees_with_scores():
   bank, labels, queries, query_labels = _random_case(seed=1, num_classes=6)
-  scores = evaluate.knn_classify(bank, labels, queries, 6, k=50)
+  scores = knn.knn_classify(bank, labels, queries, 6, k=50)
   top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-  acc = evaluate.knn_accuracy(bank, labels, queries, query_labels, 6, k=50,
+  acc = knn.knn_accuracy(bank, labels, queries, query_labels, 6, k=50,
                               chunk_size=10)
   assert acc["top1"] == pytest.approx(100 * np.mean(scores.argmax(1) == query_labels))
   assert acc["top5"] == pytest.approx(
@@ -119,8 +121,8 @@ def test_knn_accuracy_agrees_with_scores():
 
 def test_knn_k_is_clipped_to_bank_size():
   bank, labels, queries, _ = _random_case(n_bank=5)
-  np.testing.assert_array_equal(evaluate.knn_classify(bank, labels, queries, 10, k=200),
-                                evaluate.knn_classify(bank, labels, queries, 10, k=5))
+  np.testing.assert_array_equal(knn.knn_classify(bank, labels, queries, 10, k=200),
+                                knn.knn_classify(bank, labels, queries, 10, k=5))
 
 
 def test_knn_with_sharded_bank_equals_unsharded():
@@ -129,18 +131,18 @@ def test_knn_with_sharded_bank_equals_unsharded():
   sharded = jax.device_put(bank, NamedSharding(mesh, P("data")))
   sharded_labels = jax.device_put(labels, NamedSharding(mesh, P("data")))
   np.testing.assert_allclose(
-      evaluate.knn_classify(sharded, sharded_labels, queries, 10, k=20, chunk_size=32),
-      evaluate.knn_classify(bank, labels, queries, 10, k=20, chunk_size=32), rtol=1e-5)
+      knn.knn_classify(sharded, sharded_labels, queries, 10, k=20, chunk_size=32),
+      knn.knn_classify(bank, labels, queries, 10, k=20, chunk_size=32), rtol=1e-5)
 
 
 def test_knn_bad_inputs_raise():
   bank, labels, queries, _ = _random_case()
   with pytest.raises(ValueError, match="feature dim"):
-    evaluate.knn_classify(bank, labels, queries[:, :5], 10)
+    knn.knn_classify(bank, labels, queries[:, :5], 10)
   with pytest.raises(ValueError, match="bank_labels"):
-    evaluate.knn_classify(bank, labels[:-1], queries, 10)
+    knn.knn_classify(bank, labels[:-1], queries, 10)
   with pytest.raises(ValueError, match="chunk_size"):
-    evaluate.knn_classify(bank, labels, queries, 10, chunk_size=0)
+    knn.knn_classify(bank, labels, queries, 10, chunk_size=0)
 
 
 def _separable_clusters(seed, n, dim=16, num_classes=4):
@@ -154,34 +156,34 @@ def _separable_clusters(seed, n, dim=16, num_classes=4):
 def test_linear_probe_separates_separable_features():
   train_feats, train_labels = _separable_clusters(0, 500)  # 500 = 7 full batches + 52
   test_feats, test_labels = _separable_clusters(1, 300)
-  params = evaluate.train_linear_probe_on_features(
+  params = linear_probe.train_linear_probe_on_features(
       train_feats, train_labels, 4, epochs=10, batch_size=64, lr=0.1, min_lr=0.001,
       weight_decay=1e-4, seed=0)
   assert params["kernel"].shape == (16, 4) and params["bias"].shape == (4,)
-  train_acc = evaluate.linear_probe_accuracy(params, train_feats, train_labels)
+  train_acc = linear_probe.linear_probe_accuracy(params, train_feats, train_labels)
   assert train_acc["top1"] == 100.0
-  acc = evaluate.linear_probe_accuracy(params, test_feats, test_labels, chunk_size=128)
+  acc = linear_probe.linear_probe_accuracy(params, test_feats, test_labels, chunk_size=128)
   assert acc["top1"] >= 99.0 and acc["top5"] == 100.0
 
 
 def test_linear_probe_is_seeded_and_learns_from_the_features():
   feats, labels = _separable_clusters(0, 128)
   kwargs = dict(epochs=2, batch_size=32, lr=0.05, schedule="constant")
-  a = evaluate.train_linear_probe_on_features(feats, labels, 4, seed=3, **kwargs)
-  b = evaluate.train_linear_probe_on_features(feats, labels, 4, seed=3, **kwargs)
-  c = evaluate.train_linear_probe_on_features(feats, labels, 4, seed=4, **kwargs)
+  a = linear_probe.train_linear_probe_on_features(feats, labels, 4, seed=3, **kwargs)
+  b = linear_probe.train_linear_probe_on_features(feats, labels, 4, seed=3, **kwargs)
+  c = linear_probe.train_linear_probe_on_features(feats, labels, 4, seed=4, **kwargs)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert not np.array_equal(a["kernel"], c["kernel"])
   # Shuffled labels can't be learned to 100%: the probe isn't ignoring its input.
   shuffled = np.random.default_rng(0).permutation(labels)
-  d = evaluate.train_linear_probe_on_features(feats, shuffled, 4, seed=3, **kwargs)
-  assert evaluate.linear_probe_accuracy(d, feats, shuffled)["top1"] < 60.0
+  d = linear_probe.train_linear_probe_on_features(feats, shuffled, 4, seed=3, **kwargs)
+  assert linear_probe.linear_probe_accuracy(d, feats, shuffled)["top1"] < 60.0
 
 
 def test_linear_probe_bad_schedule_raises():
   feats, labels = _separable_clusters(0, 8)
   with pytest.raises(ValueError, match="'linear'.*'cosine', 'step', 'constant'"):
-    evaluate.train_linear_probe_on_features(feats, labels, 4, epochs=1, batch_size=4,
+    linear_probe.train_linear_probe_on_features(feats, labels, 4, epochs=1, batch_size=4,
                                             lr=0.1, schedule="linear")
 
 
@@ -189,24 +191,24 @@ def test_linear_probe_schedules_by_hand():
   # 10 steps per epoch, 50 epochs. step: x0.1 at epochs 20 and 40 (ImageNet-1K's
   # protocol); cosine: lr at the start, the midpoint of (lr, min_lr) halfway, min_lr
   # at the end.
-  step = evaluate.linear_probe_schedule(25.0, "step", steps_per_epoch=10, epochs=50,
+  step = linear_probe.linear_probe_schedule(25.0, "step", steps_per_epoch=10, epochs=50,
                                         step_epochs=20)
   np.testing.assert_allclose([step(s) for s in (0, 199, 200, 399, 400, 499)],
                              [25.0, 25.0, 2.5, 2.5, 0.25, 0.25], rtol=1e-6)
-  cosine = evaluate.linear_probe_schedule(0.2, "cosine", steps_per_epoch=10, epochs=50,
+  cosine = linear_probe.linear_probe_schedule(0.2, "cosine", steps_per_epoch=10, epochs=50,
                                           min_lr=2e-3)
   np.testing.assert_allclose([cosine(0), cosine(250), cosine(500)],
                              [0.2, (0.2 + 2e-3) / 2, 2e-3], rtol=1e-5)
-  constant = evaluate.linear_probe_schedule(0.1, "constant", steps_per_epoch=10,
+  constant = linear_probe.linear_probe_schedule(0.1, "constant", steps_per_epoch=10,
                                             epochs=50)
   assert float(constant(0)) == float(constant(499)) == pytest.approx(0.1)
 
 
 def test_linear_probe_step_schedule_trains():
   feats, labels = _separable_clusters(0, 128)
-  params = evaluate.train_linear_probe_on_features(
+  params = linear_probe.train_linear_probe_on_features(
       feats, labels, 4, epochs=4, batch_size=32, lr=0.1, schedule="step", step_epochs=2)
-  assert evaluate.linear_probe_accuracy(params, feats, labels)["top1"] == 100.0
+  assert linear_probe.linear_probe_accuracy(params, feats, labels)["top1"] == 100.0
 
 
 def test_linear_probe_accuracy_matches_numpy():
@@ -217,7 +219,7 @@ def test_linear_probe_accuracy_matches_numpy():
   labels = rng.integers(0, 10, 203)
   logits = feats @ params["kernel"] + params["bias"]
   top5 = np.argsort(-logits, axis=1)[:, :5]
-  acc = evaluate.linear_probe_accuracy(params, feats, labels, chunk_size=50)
+  acc = linear_probe.linear_probe_accuracy(params, feats, labels, chunk_size=50)
   assert acc["top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == labels))
   assert acc["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
 
@@ -228,7 +230,7 @@ def test_plot_spectra_writes_png(tmp_path):
              (100, np.concatenate([np.logspace(0, -10, 60), [0.0, -1e-9, 0.0, 0.0]])),
              (200, rng.permutation(np.logspace(1, -6, 64)))]
   path = tmp_path / "plots" / "spectra.png"
-  written = evaluate.plot_spectra(spectra, path, title="test", figsize=(5, 3), dpi=80)
+  written = metrics.plot_spectra(spectra, path, title="test", figsize=(5, 3), dpi=80)
   assert written == path
   assert path.stat().st_size > 1000
   image = matplotlib.image.imread(path)
@@ -238,4 +240,4 @@ def test_plot_spectra_writes_png(tmp_path):
 
 def test_plot_spectra_needs_data(tmp_path):
   with pytest.raises(ValueError, match="at least one"):
-    evaluate.plot_spectra([], tmp_path / "x.png")
+    metrics.plot_spectra([], tmp_path / "x.png")

@@ -18,8 +18,16 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from corinfomax_jax import evaluate
-from corinfomax_jax import train
+from corinfomax_jax import checkpoints
+from corinfomax_jax import configuration
+from corinfomax_jax import errors
+from corinfomax_jax import evaluators
+from corinfomax_jax import knn
+from corinfomax_jax import linear_probe
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import pipeline
+from corinfomax_jax import pretrain
+from corinfomax_jax import sources
 
 _NUM_CLASSES = 3
 _PER_CLASS = 12  # in each split: 36 train and 36 test images, sorted by class
@@ -50,7 +58,7 @@ def pretrained(image_root, tmp_path_factory):
   """(config, workdir, state) after _PRETRAIN_STEPS pretraining steps."""
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   config = _config(image_root)
-  state = train.train_and_evaluate(config, workdir)
+  state = pretrain.train_and_evaluate(config, workdir)
   assert int(state.step) == _PRETRAIN_STEPS
   return config, workdir, state
 
@@ -66,9 +74,9 @@ def _read_json(path):
 
 
 def _probe_params(workdir, step):
-  manager = evaluate._probe_checkpoint_manager(workdir)  # pylint: disable=protected-access
+  manager = checkpoints.create_manager(linear_probe.probe_checkpoint_dir(workdir), keep=2)
   probe = manager.restore(step, args=ocp.args.Composite(
-      probe=ocp.args.StandardRestore()))["probe"]
+      state=ocp.args.StandardRestore()))["state"]
   manager.close()
   return probe["params"]
 
@@ -76,10 +84,10 @@ def _probe_params(workdir, step):
 def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   config, pretrain_dir, _ = pretrained
   workdir = str(_copy(pretrain_dir, tmp_path, "a"))
-  result = evaluate.linear_eval(config, workdir)
+  result = linear_probe.linear_eval(config, workdir)
   written = _read_json(os.path.join(workdir, "linear_eval.json"))
   assert written == result
-  assert result["variant"] == evaluate.LINEAR_VARIANT
+  assert result["variant"] == linear_probe.LINEAR_VARIANT
   assert result["pretrain_step"] == _PRETRAIN_STEPS
   assert result["step"] == result["trained_steps"] == _PROBE_STEPS
   assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
@@ -91,7 +99,7 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(probe_dir))
 
   # Done: a second call restores the finished probe, trains nothing, same numbers.
-  again = evaluate.linear_eval(config, workdir)
+  again = linear_probe.linear_eval(config, workdir)
   assert again["trained_steps"] == 0 and again["step"] == _PROBE_STEPS
   assert (again["top1"], again["top5"]) == (result["top1"], result["top5"])
 
@@ -100,8 +108,8 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   other = str(_copy(pretrain_dir, tmp_path, "b"))
   first = config.copy_and_resolve_references()
   first.eval.linear_max_steps = 1
-  assert evaluate.linear_eval(first, other)["step"] == 1
-  resumed = evaluate.linear_eval(config, other)
+  assert linear_probe.linear_eval(first, other)["step"] == 1
+  resumed = linear_probe.linear_eval(config, other)
   assert resumed["trained_steps"] == _PROBE_STEPS - 1 and resumed["step"] == _PROBE_STEPS
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                _probe_params(other, _PROBE_STEPS), _probe_params(workdir, _PROBE_STEPS))
@@ -110,22 +118,22 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   # A probe of another protocol is not resumed silently.
   changed = config.copy_and_resolve_references()
   changed.eval.linear_lr = 0.5
-  with pytest.raises(train.ConfigError, match="linear_lr"):
-    evaluate.linear_eval(changed, other)
+  with pytest.raises(errors.ConfigError, match="linear_lr"):
+    linear_probe.linear_eval(changed, other)
 
 
 def test_probe_step_leaves_the_backbone_alone(pretrained):
   config, _, state = pretrained
-  mesh = train.make_mesh()
-  model = train.create_model(config)
+  mesh = mesh_lib.make_mesh()
+  model = configuration.create_model(config)
   tx = optax.sgd(0.5, momentum=0.9)
-  probe = evaluate.create_probe_state(_FEATURE_DIM, _NUM_CLASSES, tx, mesh, seed=0)
+  probe = linear_probe.create_probe_state(_FEATURE_DIM, _NUM_CLASSES, tx, mesh, seed=0)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   before = jax.device_get(variables)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, _NUM_CLASSES, 16).astype(np.int32)}
-  step = jax.jit(lambda p, v, b: evaluate.probe_train_step(
+  step = jax.jit(lambda p, v, b: linear_probe.probe_train_step(
       p, v, b, model=model, tx=tx, learning_rate_fn=lambda s: 0.5),
                  in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P()),
                                NamedSharding(mesh, P("data"))))
@@ -142,7 +150,7 @@ def test_probe_step_leaves_the_backbone_alone(pretrained):
   np.testing.assert_allclose(metrics["loss"], expected.mean(), rtol=1e-4)
   assert not np.allclose(new_probe.params["kernel"], probe0["kernel"])
   # No gradient reaches the backbone.
-  grads = jax.grad(lambda v: evaluate.probe_train_step(
+  grads = jax.grad(lambda v: linear_probe.probe_train_step(
       probe, v, batch, model=model, tx=tx, learning_rate_fn=lambda s: 0.5)[1]["loss"])(
           variables)
   assert all(not np.any(g) for g in jax.tree.leaves(grads))
@@ -150,18 +158,17 @@ def test_probe_step_leaves_the_backbone_alone(pretrained):
 
 def test_knn_monitor_matches_features_computed_directly(pretrained):
   config, _, state = pretrained
-  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mesh = train.make_mesh()
-  model = train.create_model(config)
+  mesh = mesh_lib.make_mesh()
+  model = configuration.create_model(config)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  train_source = input_pipeline.get_source(config.dataset, None, "train")
-  test_source = input_pipeline.get_source(config.dataset, None, "test")
+  train_source = sources.get_source(config.dataset, None, "train")
+  test_source = sources.get_source(config.dataset, None, "test")
 
   # 36 test images in 3 global batches of 16, the last with 12 padding rows: sharded
   # extraction drops the padding and equals a plain, unsharded forward pass.
-  feats, labels = evaluate.extract_features(model, variables, mesh, test_source,
+  feats, labels = evaluators.extract_features(model, variables, mesh, test_source,
                                             batch_size=16, image_size=16)
-  batches = list(input_pipeline.eval_batches(test_source, global_batch_size=16,
+  batches = list(pipeline.eval_batches(test_source, global_batch_size=16,
                                              image_size=16))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
   direct = model.apply(jax.device_get(variables), images, train=False)[0]
@@ -169,25 +176,26 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
   np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(labels, np.repeat(np.arange(_NUM_CLASSES), _PER_CLASS))
 
-  bank, bank_labels = evaluate.extract_features(model, variables, mesh, train_source,
+  bank, bank_labels = evaluators.extract_features(model, variables, mesh, train_source,
                                                 batch_size=16, image_size=16)
-  result = evaluate.knn_monitor(config, model, state, mesh)
-  assert set(result) == {"top1", "top5"}
-  assert result == evaluate.knn_accuracy(bank, bank_labels, feats, labels, _NUM_CLASSES)
+  result = evaluators.KnnEvaluator(config, model, mesh, train_source,
+                                   test_source).run(variables)
+  assert set(result) == {"top1", "top5", "num_bank_examples", "num_query_examples"}
+  assert {k: result[k] for k in ("top1", "top5")} == knn.knn_accuracy(
+      bank, bank_labels, feats, labels, _NUM_CLASSES)
   assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
 def test_max_train_examples_spreads_over_the_classes(pretrained):
   config, _, state = pretrained
-  from corinfomax_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mesh = train.make_mesh()
-  model = train.create_model(config)
+  mesh = mesh_lib.make_mesh()
+  model = configuration.create_model(config)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  source = input_pipeline.get_source(config.dataset, None, "train")
-  all_feats, _ = evaluate.extract_features(model, variables, mesh, source,
+  source = sources.get_source(config.dataset, None, "train")
+  all_feats, _ = evaluators.extract_features(model, variables, mesh, source,
                                            batch_size=16, image_size=16)
   # The folder is sorted by class (12 each): every 6th image covers all classes.
-  feats, labels = evaluate.extract_features(model, variables, mesh, source,
+  feats, labels = evaluators.extract_features(model, variables, mesh, source,
                                             batch_size=16, image_size=16,
                                             max_examples=6)
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
@@ -196,10 +204,10 @@ def test_max_train_examples_spreads_over_the_classes(pretrained):
 
 def test_knn_eval_without_checkpoint_names_the_workdir(image_root, tmp_path):
   workdir = str(tmp_path / "empty")
-  with pytest.raises(train.ConfigError, match=f"{workdir}.*random_init"):
-    evaluate.knn_eval(_config(image_root), workdir)
-  with pytest.raises(train.ConfigError, match="No pretraining checkpoint"):
-    evaluate.linear_eval(_config(image_root), workdir)
+  with pytest.raises(errors.ConfigError, match=f"{workdir}.*random_init"):
+    evaluators.knn_eval(_config(image_root), workdir)
+  with pytest.raises(errors.ConfigError, match="No pretraining checkpoint"):
+    linear_probe.linear_eval(_config(image_root), workdir)
 
 
 def test_knn_eval_of_random_init(image_root, tmp_path):
@@ -207,7 +215,7 @@ def test_knn_eval_of_random_init(image_root, tmp_path):
   config.eval.random_init = True
   config.eval.max_train_examples = 20
   workdir = str(tmp_path / "random")
-  result = evaluate.knn_eval(config, workdir)
+  result = evaluators.knn_eval(config, workdir)
   assert _read_json(os.path.join(workdir, "knn_eval.json")) == result
   assert result["random_init"] is True and result["step"] == 0
   assert (result["num_bank_examples"], result["num_query_examples"]) == (20, 36)
@@ -217,7 +225,7 @@ def test_knn_eval_of_random_init(image_root, tmp_path):
 def test_knn_eval_of_the_checkpoint(pretrained, tmp_path):
   config, pretrain_dir, _ = pretrained
   workdir = str(_copy(pretrain_dir, tmp_path))
-  result = evaluate.knn_eval(config, workdir)
+  result = evaluators.knn_eval(config, workdir)
   assert _read_json(os.path.join(workdir, "knn_eval.json")) == result
   assert result["random_init"] is False and result["step"] == _PRETRAIN_STEPS
   assert (result["num_bank_examples"], result["num_query_examples"]) == (36, 36)
@@ -231,7 +239,7 @@ def test_linear_eval_precomputed_variant(pretrained, tmp_path):
   config = config.copy_and_resolve_references()
   config.eval.linear_precomputed = True
   config.eval.linear_epochs = 20
-  result = evaluate.linear_eval(config, workdir)
+  result = linear_probe.linear_eval(config, workdir)
   assert _read_json(os.path.join(workdir, "linear_eval.json")) == result
   assert result["variant"] == "precomputed_center_crop_features"
   assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
@@ -242,14 +250,14 @@ def test_linear_eval_precomputed_variant(pretrained, tmp_path):
 def test_eval_config_errors(image_root, tmp_path):
   config = _config(image_root)
   config.eval.linear_batch_size = 12  # 8 devices
-  with pytest.raises(train.ConfigError, match=r"config.eval.linear_batch_size = 12 .*8 "
+  with pytest.raises(errors.ConfigError, match=r"config.eval.linear_batch_size = 12 .*8 "
                      "devices"):
-    evaluate.linear_eval(config, str(tmp_path))
+    linear_probe.linear_eval(config, str(tmp_path))
   config = _config(image_root)
   config.eval.linear_schedule = "linear"
-  with pytest.raises(train.ConfigError, match="config.eval.linear_schedule"):
-    evaluate.linear_eval(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match="config.eval.linear_schedule"):
+    linear_probe.linear_eval(config, str(tmp_path))
   config = _config(image_root)
   config.eval.max_train_examples = 0
-  with pytest.raises(train.ConfigError, match="config.eval.max_train_examples"):
-    evaluate.knn_eval(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match="config.eval.max_train_examples"):
+    evaluators.knn_eval(config, str(tmp_path))

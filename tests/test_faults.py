@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
-from corinfomax_jax import input_pipeline
-from corinfomax_jax import train
+from corinfomax_jax import errors
+from corinfomax_jax import pipeline
+from corinfomax_jax import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +120,7 @@ def test_sigterm_checkpoints_and_exits_zero(image_folder, tmp_path):
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(image_folder, tmp_path, caplog):
   config = tiny_config(f"folder:{image_folder}", max_steps=4, checkpoint_every_steps=2)
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir)
+  pretrain.train_and_evaluate(config, workdir)
   data_files = [p for p in glob.glob(f"{workdir}/checkpoints/4/state/**/*", recursive=True)
                 if os.path.isfile(p)]
   biggest = max(data_files, key=os.path.getsize)
@@ -130,7 +131,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(image_folder, tm
 
   config.max_steps = 3
   with caplog.at_level("WARNING"):
-    state = train.train_and_evaluate(config, workdir)
+    state = pretrain.train_and_evaluate(config, workdir)
   assert int(state.step) == 3  # resumed from 2, not 4
   assert "Checkpoint step 4" in caplog.text and "unreadable" in caplog.text
   assert os.path.isdir(f"{workdir}/checkpoints/4.unreadable")  # kept, not deleted
@@ -139,16 +140,16 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(image_folder, tm
 
 
 def test_checkpoint_of_another_configuration_is_refused(image_folder, tmp_path):
-  train.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), str(tmp_path))
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), str(tmp_path))
   other = tiny_config(f"folder:{image_folder}", max_steps=4, projector="32-4")
-  with pytest.raises(train.ConfigError, match="projector: checkpoint '32-8' vs config '32-4'"):
-    train.train_and_evaluate(other, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match=r"config.model.projector: checkpoint \[32, 8\] vs config \[32, 4\]"):
+    pretrain.train_and_evaluate(other, str(tmp_path))
   assert committed_steps(str(tmp_path)) == [2]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder, tmp_path,
                                                                     monkeypatch):
-  real = input_pipeline.pretrain_batches
+  real = pipeline.pretrain_batches
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
@@ -156,10 +157,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder
         batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
       yield batch
 
-  monkeypatch.setattr(input_pipeline, "pretrain_batches", poisoned)
+  monkeypatch.setattr(pipeline, "pretrain_batches", poisoned)
   config = tiny_config(f"folder:{image_folder}", max_steps=8, checkpoint_every_steps=2,
                        log_every_steps=100)
-  with pytest.raises(train.NonFiniteLossError, match="at step 5") as info:
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(errors.NonFiniteLossError, match="at step 5") as info:
+    pretrain.train_and_evaluate(config, str(tmp_path))
   assert "last good checkpoint is step 4" in str(info.value)
   assert committed_steps(str(tmp_path)) == [2, 4]

@@ -10,7 +10,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from corinfomax_jax import input_pipeline as ip
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import pipeline
+from corinfomax_jax import sources
 
 NUM_UNIQUE = 10  # examples of the `unique` folder
 
@@ -31,7 +33,7 @@ def unique(tmp_path_factory):
   for i in range(NUM_UNIQUE):
     os.makedirs(root / "train" / f"c{i:02d}")
     image.save(root / "train" / f"c{i:02d}" / "x.png")
-  return ip.get_source(f"folder:{root}", None, "train")
+  return sources.get_source(f"folder:{root}", None, "train")
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +84,12 @@ def _global(make, process_count, steps):
 
 
 def test_folder_labels_from_sorted_class_names(mixed):
-  source = ip.get_source(f"folder:{mixed}", None, "train")
+  source = sources.get_source(f"folder:{mixed}", None, "train")
   assert source.class_names == ("a_cat", "b_dog", "c_eel")
   assert source.num_examples == 6 and source.num_classes == 3
   assert source.random_access
   assert source.describe(0).endswith(os.path.join("a_cat", "gray.png"))
-  batch = next(ip.eval_batches(source, global_batch_size=6, image_size=8,
+  batch = next(pipeline.eval_batches(source, global_batch_size=6, image_size=8,
                                process_index=0, process_count=1))
   assert batch["label"].tolist() == [0, 0, 0, 1, 1, 2]
   assert batch["image"].shape == (6, 8, 8, 3)
@@ -100,7 +102,7 @@ def test_every_image_mode_decodes_to_rgb(mixed):
   for path in files:
     if path.suffix == ".txt":
       continue
-    image = ip.decode_image(tf.io.read_file(str(path))).numpy()
+    image = sources.decode_image(tf.io.read_file(str(path))).numpy()
     want = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape == want.shape and image.dtype == np.uint8
     if path.suffix.lower() == ".png":  # lossless: exactly PIL's conversion
@@ -110,20 +112,20 @@ def test_every_image_mode_decodes_to_rgb(mixed):
 
 
 def test_corrupt_file_raises_naming_it(tmp_path):
-  source = ip.get_source(_bad_folder(tmp_path), None, "train")
-  batches = ip.eval_batches(source, global_batch_size=4, image_size=8,
+  source = sources.get_source(_bad_folder(tmp_path), None, "train")
+  batches = pipeline.eval_batches(source, global_batch_size=4, image_size=8,
                             process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"b/bad\.jpg.*skip_bad_images"):
     list(batches)
 
 
 def test_skip_mode_logs_and_counts(tmp_path, caplog):
-  source = ip.get_source(_bad_folder(tmp_path), None, "train",
+  source = sources.get_source(_bad_folder(tmp_path), None, "train",
                          skip_bad_images=True)
   with caplog.at_level(logging.WARNING):
-    batches = list(ip.eval_batches(source, global_batch_size=4, image_size=8,
+    batches = list(pipeline.eval_batches(source, global_batch_size=4, image_size=8,
                                    process_index=0, process_count=1))
-    pretrain = next(ip.pretrain_batches(
+    pretrain = next(pipeline.pretrain_batches(
         source, global_batch_size=4, image_size=8, seed=0, process_index=0,
         process_count=1))
   assert len(batches) == 1
@@ -135,37 +137,37 @@ def test_skip_mode_logs_and_counts(tmp_path, caplog):
 
 def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
   with pytest.raises(ValueError, match=r"no split 'val'.*empty.*test.*train"):
-    ip.get_source(f"folder:{mixed}", None, "val")
+    sources.get_source(f"folder:{mixed}", None, "val")
   with pytest.raises(ValueError, match=r"no .* images.*a_cat"):
-    ip.get_source(f"folder:{mixed}", None, "empty")
+    sources.get_source(f"folder:{mixed}", None, "empty")
   with pytest.raises(ValueError,
                      match=r"does not exist; .*mixed\d* holds: empty, test, train"):
-    ip.get_source(f"folder:{mixed}/nope", None, "train")
+    sources.get_source(f"folder:{mixed}/nope", None, "train")
   with pytest.raises(ValueError, match=r"Unknown data set 'cifar1O'.*cifar10"):
-    ip.get_source("cifar1O", None, "train")
+    sources.get_source("cifar1O", None, "train")
   with pytest.raises(ValueError, match=r"data_dir .*nowhere.* does not exist"):
-    ip.get_source("cifar10", str(tmp_path / "nowhere"), "train")
+    sources.get_source("cifar10", str(tmp_path / "nowhere"), "train")
   with pytest.raises(ValueError, match=r"cifar10 .*not prepared.*data sets"):
-    ip.get_source("cifar10", str(tmp_path), "train")
+    sources.get_source("cifar10", str(tmp_path), "train")
 
 
 def test_normalization_stats_and_default_config():
-  assert ip.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
+  assert pipeline.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
                                                (0.247, 0.243, 0.261))
-  assert ip.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
+  assert pipeline.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
                                                 (0.2673, 0.2564, 0.2762))
   imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
   for name in ("imagenet2012", "imagenet100", "folder:/x/cifar10"):
-    assert ip.normalization_stats(name) == imagenet
-  assert ip.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
+    assert pipeline.normalization_stats(name) == imagenet
+  assert pipeline.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
 
 
 def test_imagenet100_class_list():
-  with open(ip.IMAGENET100_CLASSES_FILE) as f:
+  with open(sources.IMAGENET100_CLASSES_FILE) as f:
     lines = [line.strip() for line in f if line.strip()]
   assert len(lines) == 100 == len(set(lines))
   assert lines[:2] == ["n02869837", "n01749939"]  # CMC's order
-  assert ip.imagenet100_classes() == sorted(lines)
+  assert sources.imagenet100_classes() == sorted(lines)
 
 
 # ---------------------------------------------------------------- order
@@ -173,11 +175,11 @@ def test_imagenet100_class_list():
 
 def test_epochs_cover_each_example_once():
   for n, batch in [(10, 4), (10, 3), (7, 7)]:
-    spe = ip.steps_per_epoch(n, batch)
+    spe = pipeline.steps_per_epoch(n, batch)
     assert spe == n // batch
     epochs = []
     for epoch in range(3):
-      rows = np.concatenate([ip.batch_indices(n, batch, 5, epoch * spe + s)
+      rows = np.concatenate([pipeline.batch_indices(n, batch, 5, epoch * spe + s)
                              for s in range(spe)])
       assert len(set(rows.tolist())) == spe * batch  # no repeats
       assert rows.min() >= 0 and rows.max() < n
@@ -185,16 +187,16 @@ def test_epochs_cover_each_example_once():
     if n > batch:
       assert epochs[0] != epochs[1]
   with pytest.raises(ValueError, match="exceeds"):
-    ip.steps_per_epoch(3, 4)
+    pipeline.steps_per_epoch(3, 4)
 
 
 def test_pretrain_reads_batch_indices_and_augments(unique):
-  batches = ip.pretrain_batches(unique, global_batch_size=4, image_size=16,
+  batches = pipeline.pretrain_batches(unique, global_batch_size=4, image_size=16,
                                 seed=5, process_index=0, process_count=1)
   first = [next(batches) for _ in range(3)]
   assert batches.step == 3
   for step, batch in enumerate(first):
-    assert batch["label"].tolist() == ip.batch_indices(NUM_UNIQUE, 4, 5,
+    assert batch["label"].tolist() == pipeline.batch_indices(NUM_UNIQUE, 4, 5,
                                                        step).tolist()
     assert batch["view1"].shape == batch["view2"].shape == (4, 16, 16, 3)
     assert batch["view1"].dtype == np.float32
@@ -204,33 +206,33 @@ def test_pretrain_reads_batch_indices_and_augments(unique):
     assert not np.allclose(batch["view1"], batch["view2"])
     assert not np.allclose(batch["view1"][0], batch["view1"][1])
   assert not np.allclose(first[0]["view1"], first[1]["view1"])
-  again = next(ip.pretrain_batches(unique, global_batch_size=4, image_size=16,
+  again = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=16,
                                    seed=5, process_index=0, process_count=1))
   for key in first[0]:
     assert np.array_equal(first[0][key], again[key])
-  other = next(ip.pretrain_batches(unique, global_batch_size=4, image_size=16,
+  other = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=16,
                                    seed=6, process_index=0, process_count=1))
   assert not np.allclose(first[0]["view1"], other["view1"])
 
 
 def test_aug_config_overrides_the_paper_defaults(unique):
   config = {"view1": {"blur_p": 0.0}, "grayscale_p": 1.0}
-  batch = next(ip.pretrain_batches(unique, global_batch_size=4, image_size=8,
+  batch = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
                                    seed=0, process_index=0, process_count=1,
                                    aug_config=config))
-  mean, std = ip.normalization_stats(unique.name)
+  mean, std = pipeline.normalization_stats(unique.name)
   for view in ("view1", "view2"):  # grayscale p=1: the channels agree
     rgb = batch[view] * np.array(std) + np.array(mean)
     np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)
   with pytest.raises(ValueError, match="Unknown augmentation key 'grey_p'"):
-    ip.pretrain_batches(unique, global_batch_size=4, image_size=8, seed=0,
+    pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8, seed=0,
                         process_index=0, process_count=1,
                         aug_config={"grey_p": 1.0})
 
 
 def test_process_count_invariance_and_resume(unique):
   def make(start):
-    return lambda p, count: ip.pretrain_batches(
+    return lambda p, count: pipeline.pretrain_batches(
         unique, global_batch_size=4, image_size=12, seed=3, start_step=start,
         process_index=p, process_count=count)
   reference = _global(make(0), 1, 6)  # 6 steps: 3 epochs of 2
@@ -244,10 +246,10 @@ def test_process_count_invariance_and_resume(unique):
 def test_eval_covers_each_example_once(unique):
   for train_augment in (False, True):
     def make(p, count, epoch=0):
-      return ip.eval_batches(unique, global_batch_size=4, image_size=8,
+      return pipeline.eval_batches(unique, global_batch_size=4, image_size=8,
                              process_index=p, process_count=count,
                              train_augment=train_augment, seed=1, epoch=epoch)
-    steps = ip.eval_steps(NUM_UNIQUE, 4)
+    steps = pipeline.eval_steps(NUM_UNIQUE, 4)
     assert steps == 3
     parts = [list(make(p, 2)) for p in range(2)]  # finite: one pass
     assert [len(part) for part in parts] == [steps, steps]
@@ -271,12 +273,12 @@ def test_eval_covers_each_example_once(unique):
 
 
 def test_probe_train_batches(unique):
-  batches = ip.probe_train_batches(unique, global_batch_size=4, image_size=8,
+  batches = pipeline.probe_train_batches(unique, global_batch_size=4, image_size=8,
                                    seed=5, process_index=1, process_count=2)
   batch = next(batches)
   assert set(batch) == {"image", "label"}
   assert batch["image"].shape == (2, 8, 8, 3)
-  assert batch["label"].tolist() == ip.batch_indices(NUM_UNIQUE, 4, 5,
+  assert batch["label"].tolist() == pipeline.batch_indices(NUM_UNIQUE, 4, 5,
                                                      0)[2:].tolist()
 
 
@@ -285,32 +287,32 @@ def test_probe_train_batches(unique):
 
 def test_tfds_sources_with_mock_data():
   with tfds.testing.mock_data(num_examples=12):
-    source = ip.get_source("cifar10", None, "train")
+    source = sources.get_source("cifar10", None, "train")
     assert source.random_access and source.num_examples == 12
     assert source.num_classes == 10
-    batch = next(ip.pretrain_batches(source, global_batch_size=4,
+    batch = next(pipeline.pretrain_batches(source, global_batch_size=4,
                                      image_size=16, seed=0, process_index=1,
                                      process_count=2))
     assert batch["view1"].shape == (2, 16, 16, 3)
     assert batch["label"].dtype == np.int32
     assert 0 <= batch["label"].min() and batch["label"].max() < 10
 
-    streamed = ip.get_source("cifar10", None, "train", random_access=False)
+    streamed = sources.get_source("cifar10", None, "train", random_access=False)
     assert not streamed.random_access and streamed.num_examples == 12
-    batch = next(ip.pretrain_batches(streamed, global_batch_size=4,
+    batch = next(pipeline.pretrain_batches(streamed, global_batch_size=4,
                                      image_size=16, seed=0, process_index=0,
                                      process_count=2))
     assert batch["view2"].shape == (2, 16, 16, 3)
-    evals = list(ip.eval_batches(streamed, global_batch_size=8, image_size=16,
+    evals = list(pipeline.eval_batches(streamed, global_batch_size=8, image_size=16,
                                  process_index=0, process_count=2))
     assert len(evals) == 2 and evals[0]["image"].shape == (4, 16, 16, 3)
 
   with tfds.testing.mock_data(num_examples=100):
-    subset = ip.get_source("imagenet100", None, "train")
+    subset = sources.get_source("imagenet100", None, "train")
     assert subset.num_classes == 100
-    assert list(subset.class_names) == ip.imagenet100_classes()
+    assert list(subset.class_names) == sources.imagenet100_classes()
     assert 0 < subset.num_examples < 100  # mock labels span 1000 classes
-    batch = next(ip.eval_batches(subset, global_batch_size=4, image_size=8,
+    batch = next(pipeline.eval_batches(subset, global_batch_size=4, image_size=8,
                                  process_index=0, process_count=1))
     assert 0 <= batch["label"].min() and batch["label"].max() < 100
 
@@ -335,7 +337,7 @@ class CorinfomaxTinyImages(tfds.core.GeneratorBasedBuilder):
 
 
 def _identities(batches, name):
-  mean, std = ip.normalization_stats(name)
+  mean, std = pipeline.normalization_stats(name)
   ids = []
   for batch in batches:
     value = (batch["image"][:, 0, 0, 0] * std[0] + mean[0]) * 255 / 20
@@ -347,11 +349,11 @@ def _identities(batches, name):
 def test_prepared_tfds_random_access_and_streaming(tmp_path, file_format):
   CorinfomaxTinyImages(data_dir=str(tmp_path),
                        file_format=file_format).download_and_prepare()
-  source = ip.get_source("corinfomax_tiny_images", str(tmp_path), "train")
+  source = sources.get_source("corinfomax_tiny_images", str(tmp_path), "train")
   assert source.random_access == (file_format == "array_record")
   assert (source.num_examples, source.class_names) == (10, ("a", "b", "c"))
   # Two processes, one padded pass: every record exactly once.
-  parts = [list(ip.eval_batches(source, global_batch_size=4, image_size=8,
+  parts = [list(pipeline.eval_batches(source, global_batch_size=4, image_size=8,
                                 process_index=p, process_count=2))
            for p in range(2)]
   assert [len(part) for part in parts] == [3, 3]
@@ -359,11 +361,11 @@ def test_prepared_tfds_random_access_and_streaming(tmp_path, file_format):
   assert sorted(ids) == list(range(10))
   labels = np.concatenate([b["label"][b["mask"] > 0] for b in parts[0] + parts[1]])
   assert sorted(labels.tolist()) == sorted(i % 3 for i in range(10))
-  batch = next(ip.pretrain_batches(source, global_batch_size=4, image_size=8,
+  batch = next(pipeline.pretrain_batches(source, global_batch_size=4, image_size=8,
                                    seed=0, process_index=1, process_count=2))
   assert batch["view1"].shape == (2, 8, 8, 3)
   with pytest.raises(ValueError, match=r"has no split 'test'.*\['train'\]"):
-    ip.get_source("corinfomax_tiny_images", str(tmp_path), "test")
+    sources.get_source("corinfomax_tiny_images", str(tmp_path), "test")
 
 
 # ---------------------------------------------------------------- devices
@@ -374,7 +376,7 @@ def test_global_batches_shard_over_mesh(unique):
   assert len(devices) == 8
   sharding = NamedSharding(Mesh(np.array(devices), ("data",)),
                            PartitionSpec("data"))
-  local = ip.pretrain_batches(unique, global_batch_size=8, image_size=8,
+  local = pipeline.pretrain_batches(unique, global_batch_size=8, image_size=8,
                               seed=0, process_index=0, process_count=1)
   kept = []
 
@@ -383,7 +385,7 @@ def test_global_batches_shard_over_mesh(unique):
       kept.append(batch)
       yield batch
 
-  arrays = ip.global_batches(recorded(), sharding, prefetch=2)
+  arrays = pipeline.global_batches(recorded(), sharding, prefetch=2)
   for step in range(3):
     batch = next(arrays)
     assert len(kept) == step + 3  # two batches ahead
@@ -397,17 +399,17 @@ def test_global_batches_shard_over_mesh(unique):
 
 
 def test_non_dividing_batch_raises(unique):
-  with pytest.raises(ValueError, match=r"12 does not divide over 8 devices"):
-    ip.check_batch_divides(12, 8, 1)
-  with pytest.raises(ValueError, match=r"6 does not divide over 4 processes"):
-    ip.check_batch_divides(6, 8, 4)
-  ip.check_batch_divides(16, 8, 2)
-  with pytest.raises(ValueError, match=r"6 does not divide over 4 processes"):
-    ip.pretrain_batches(unique, global_batch_size=6, image_size=8, seed=0,
+  with pytest.raises(ValueError, match=r"12 does not divide over the 8 devices"):
+    mesh_lib.check_batch_divides(12, 8, 1)
+  with pytest.raises(ValueError, match=r"6 does not divide over the 4 processes"):
+    mesh_lib.check_batch_divides(6, 8, 4)
+  mesh_lib.check_batch_divides(16, 8, 2)
+  with pytest.raises(ValueError, match=r"6 does not divide over the 4 processes"):
+    pipeline.pretrain_batches(unique, global_batch_size=6, image_size=8, seed=0,
                         process_index=0, process_count=4)
   sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)),
                            PartitionSpec("data"))
-  local = ip.pretrain_batches(unique, global_batch_size=4, image_size=8,
+  local = pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
                               seed=0, process_index=0, process_count=1)
-  with pytest.raises(ValueError, match=r"4 does not divide over 8 devices"):
-    next(ip.global_batches(local, sharding))
+  with pytest.raises(ValueError, match=r"4 does not divide over the 8 devices"):
+    next(pipeline.global_batches(local, sharding))

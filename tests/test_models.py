@@ -208,7 +208,8 @@ def test_projector_forward(batch_norm):
 
 
 @pytest.mark.parametrize("spec", ["", "2048-abc", "0-64", "-64", "64-", "64--32",
-                                  "64-0", " 64", "64.5", None, 64])
+                                  "64-0", " 64", "64.5", None, 64, (), (64, 0),
+                                  (64.0,), (True, 8), [-1]])
 def test_malformed_projector_raises(spec):
   with pytest.raises(ValueError, match=r"projector .* malformed.*positive integers"):
     models.parse_projector(spec)
@@ -219,6 +220,8 @@ def test_malformed_projector_raises(spec):
 def test_parse_projector():
   assert models.parse_projector("2048-2048-64") == (2048, 2048, 64)
   assert models.parse_projector("64") == (64,)
+  assert models.parse_projector((2048, 2048, 64)) == (2048, 2048, 64)
+  assert models.parse_projector([512, 64]) == (512, 64)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny_variables):

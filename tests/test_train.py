@@ -3,6 +3,7 @@
 import functools
 import glob
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from corinfomax_jax import objective
-from corinfomax_jax import train
+from corinfomax_jax import configuration
+from corinfomax_jax import errors
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import pretrain
+from corinfomax_jax import train_state as train_state_lib
 
 
 def _folder_config(image_folder, **overrides):
@@ -28,7 +33,7 @@ def _leaves_close(a, b, rtol, atol):
 
 def test_end_to_end_on_an_image_folder(image_folder, tmp_path):
   config = _folder_config(image_folder, max_steps=4)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = pretrain.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 4
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints/*")))
   assert steps == [2, 4]
@@ -41,7 +46,7 @@ def test_end_to_end_on_an_image_folder(image_folder, tmp_path):
 def test_end_to_end_on_tfds_mock_data(tmp_path):
   config = tiny_config("cifar10", max_steps=2, image_size=32)
   with tfds.testing.mock_data(num_examples=64):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = pretrain.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
@@ -51,7 +56,7 @@ def test_learning_rate_schedule_and_linear_scaling():
   config = tiny_config("cifar10", learning_rate=0.5, base_batch_size=8, batch_size=16,
                        warmup_epochs=2, warmup_start_lr=0.01, num_epochs=10,
                        min_learning_rate=1e-3)
-  lr = train.create_learning_rate_fn(config, steps_per_epoch=5)
+  lr = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=5)
   peak = 0.5 * 16 / 8
   np.testing.assert_allclose(float(lr(0)), 0.01, rtol=1e-6)
   np.testing.assert_allclose(float(lr(10)), peak, rtol=1e-6)  # end of warmup
@@ -61,18 +66,18 @@ def test_learning_rate_schedule_and_linear_scaling():
 
 def test_train_step_on_8_devices_equals_one_device():
   config = tiny_config("cifar10", dtype="float32")
-  model = train.create_model(config)
-  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10)
-  tx = train.create_optimizer(config, lr_fn)
+  model = configuration.create_model(config)
+  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  tx = train_state_lib.create_optimizer(config, lr_fn)
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(16, 16, 16, 3)).astype(np.float32) for k in ("view1", "view2")}
 
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = train.make_mesh(devices)
-    state = train.create_train_state(config, model, tx, mesh)
-    step = train.jit_train_step(config, model, tx, lr_fn, mesh)
-    sharded = jax.device_put(batch, NamedSharding(mesh, P(train.DATA_AXIS)))
+    mesh = mesh_lib.make_mesh(devices)
+    state = train_state_lib.create_train_state(config, model, tx, mesh)
+    step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+    sharded = jax.device_put(batch, NamedSharding(mesh, P(mesh_lib.DATA_AXIS)))
     for _ in range(2):
       state, metrics = step(state, sharded)
     results.append((jax.device_get(state), jax.device_get(metrics)))
@@ -94,17 +99,17 @@ def test_train_step_on_8_devices_equals_one_device():
 
 def test_bfloat16_runs_network_in_bf16_with_float32_state():
   config = tiny_config("cifar10", dtype="bfloat16")
-  model = train.create_model(config)
-  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10)
-  tx = train.create_optimizer(config, lr_fn)
-  mesh = train.make_mesh()
-  state = train.create_train_state(config, model, tx, mesh)
+  model = configuration.create_model(config)
+  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  tx = train_state_lib.create_optimizer(config, lr_fn)
+  mesh = mesh_lib.make_mesh()
+  state = train_state_lib.create_train_state(config, model, tx, mesh)
   batch = {k: jnp.ones((16, 16, 16, 3)) for k in ("view1", "view2")}
   jaxpr = str(jax.make_jaxpr(functools.partial(
-      train.train_step, model=model, tx=tx, learning_rate_fn=lr_fn,
-      loss_kw=train.loss_kwargs(config)))(state, batch))
+      pretrain.train_step, model=model, tx=tx, learning_rate_fn=lr_fn,
+      loss_kw=pretrain.loss_kwargs(config)))(state, batch))
   assert "bf16" in jaxpr  # the convolutions run in bfloat16
-  state, metrics = train.jit_train_step(config, model, tx, lr_fn, mesh)(state, batch)
+  state, metrics = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   for leaf in jax.tree.leaves((state.params, state.loss_state)):
     assert leaf.dtype == jnp.float32
@@ -114,7 +119,7 @@ def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
   config = tiny_config("cifar10", optimizer="lars", weight_decay=0.5)
   params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
             "bn": {"scale": jnp.ones((4,))}}
-  tx = train.create_optimizer(config, lambda step: 1.0)
+  tx = train_state_lib.create_optimizer(config, lambda step: 1.0)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
   # With zero gradients only weight decay moves a parameter.
@@ -125,11 +130,11 @@ def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
 
 def test_resume_across_a_restart_equals_one_run(image_folder, tmp_path):
   config = _folder_config(image_folder, max_steps=4, checkpoint_every_steps=2)
-  one_run = train.train_and_evaluate(config, str(tmp_path / "a"))
-  first = train.train_and_evaluate(_folder_config(image_folder, max_steps=2),
+  one_run = pretrain.train_and_evaluate(config, str(tmp_path / "a"))
+  first = pretrain.train_and_evaluate(_folder_config(image_folder, max_steps=2),
                                    str(tmp_path / "b"))
   assert int(first.step) == 2
-  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+  resumed = pretrain.train_and_evaluate(config, str(tmp_path / "b"))
   assert int(resumed.step) == 4
   _leaves_close(jax.device_get(resumed), jax.device_get(one_run), rtol=1e-5, atol=1e-6)
 
@@ -138,24 +143,24 @@ def test_resume_across_a_restart_equals_one_run(image_folder, tmp_path):
     (dict(model="resnet34"), "resnet34"),
     (dict(learning_rate=-0.1), "config.learning_rate = -0.1"),
     (dict(batch_size=12), "config.batch_size = 12 does not divide over the 8 devices"),
-    (dict(projector="2048-x-64"), "2048-x-64"),
-    (dict(dtype="float16"), "config.dtype = 'float16'"),
+    (dict(projector=(2048, 0, 64)), "config.model.projector = (2048, 0, 64)"),
+    (dict(dtype="float16"), "config.model.dtype = 'float16'"),
     (dict(la_R=1.5), "config.la_R = 1.5"),
     (dict(max_steps=0), "config.max_steps = 0"),
 ])
 def test_invalid_config_fails_before_any_work(overrides, message, image_folder, tmp_path):
   config = _folder_config(image_folder, **overrides)
   workdir = tmp_path / "never_created"
-  with pytest.raises(train.ConfigError, match=message.replace(".", r"\.")):
-    train.train_and_evaluate(config, str(workdir))
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    pretrain.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
 
 
 def test_state_is_one_pytree_with_the_loss_state():
   config = tiny_config("cifar10")
-  model = train.create_model(config)
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
-  state = train.create_train_state(config, model, tx, train.make_mesh())
+  model = configuration.create_model(config)
+  tx = train_state_lib.create_optimizer(config, train_state_lib.create_learning_rate_fn(config, 10))
+  state = train_state_lib.create_train_state(config, model, tx, mesh_lib.make_mesh())
   assert isinstance(state.loss_state, objective.CorInfoMaxState)
   np.testing.assert_array_equal(state.loss_state.cov1, np.eye(8) * config.r_init)
   assert int(state.step) == 0

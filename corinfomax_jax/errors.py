@@ -1,0 +1,9 @@
+"""Errors a user can cause, shared by every layer; main.py prints them as one line."""
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; raised before any work is done."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""

@@ -1,0 +1,94 @@
+"""Metric writers, the covariance-spectrum plot and result files: what a run leaves behind.
+
+Only process 0 writes; the other processes' calls do nothing, so callers need not ask.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from corinfomax_jax import objective
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files in the workdir, from process 0 only."""
+
+  def __init__(self, logdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(logdir)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default():
+      for name, value in values.items():
+        self._tf.summary.scalar(name, float(value), step=step)
+    self._writer.flush()
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+
+
+def spectrum_summary(spectrum: objective.Spectrum, branch: int) -> dict:
+  return {
+      f"spectrum/effective_rank{branch}": spectrum.effective_rank,
+      f"spectrum/max_eigenvalue{branch}": spectrum.max_eigenvalue,
+      f"spectrum/min_eigenvalue{branch}": spectrum.min_eigenvalue,
+      f"spectrum/num_below_1e-8_{branch}": spectrum.num_below,
+      f"spectrum/num_above_1e-1_{branch}": spectrum.num_above,
+  }
+
+
+def write_json(path: str, result: dict) -> None:
+  """Writes `result` from process 0, atomically (a reader never sees half a file)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def plot_spectra(spectra: Sequence[tuple[int, np.ndarray]], path: str | os.PathLike, *,
+                 title: str = "Covariance eigenvalues", figsize=(6.4, 4.8),
+                 dpi: int = 100) -> str | os.PathLike:
+  """Writes a PNG of eigenvalue spectra (descending, log y), one line per step.
+
+  Eigenvalues below 1e-12 (collapsed directions, or tiny negative values from
+  rounding) are drawn at 1e-12 so they show at the bottom instead of vanishing from a
+  log axis. The image is figsize * dpi pixels. Returns path.
+  """
+  # Agg canvas on a bare Figure: no pyplot global state, no display needed.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  if not spectra:
+    raise ValueError("plot_spectra needs at least one (step, eigenvalues) pair")
+  floor = 1e-12
+  fig = Figure(figsize=figsize, dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for step, eigenvalues in spectra:
+    values = np.sort(np.asarray(eigenvalues, np.float64).ravel())[::-1]
+    ax.plot(np.arange(values.size), np.maximum(values, floor), label=f"step {step}")
+  ax.axhline(1e-8, color="gray", linestyle="--", linewidth=1, label="1e-8")
+  ax.set_yscale("log")
+  ax.set_xlabel("eigenvalue index (descending)")
+  ax.set_ylabel(f"eigenvalue (clipped at {floor:g})")
+  ax.set_title(title)
+  ax.legend(fontsize="small")
+  directory = os.path.dirname(os.fspath(path))
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  fig.savefig(path, format="png", dpi=dpi)
+  return path

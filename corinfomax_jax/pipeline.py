@@ -1,0 +1,506 @@
+"""The host pipeline: sources -> per-process batches of views -> global jax.Arrays.
+
+The data order is a pure function of (seed, global step), whatever the number of
+processes: epoch e = step // steps_per_epoch visits the examples in a stateless
+permutation drawn from (seed, e) (remainder dropped); global step s takes rows
+[(s % spe) * B, (s % spe + 1) * B) of it, and process p of P the contiguous
+slice [p * B / P, (p + 1) * B / P) of those rows. Augmentation draws come from
+stateless TF random ops seeded by (seed, step, view) and indexed by the row in
+the global batch, so every example looks the same whatever the process count,
+and resuming is starting at a global step.
+
+Random access needs an indexable source (`sources`). A TFDS data set in another
+format is streamed instead (`tfds.even_splits` per process, seeded shuffle, skip
+to resume); that order depends on the process count.
+"""
+import atexit
+import collections
+import dataclasses
+import functools
+import math
+import weakref
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from corinfomax_jax import augment
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.sources import Source
+from corinfomax_jax.sources import decode_image
+
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+# Tags folded into the seed so that data order and augmentation never share
+# random numbers.
+_ORDER_TAG, _AUG_TAG = 1, 2
+# View ids folded into the augmentation seed.
+_VIEW_IDS = {"view1": 1, "view2": 2, "probe": 3}
+_SHUFFLE_BUFFER = 10_000  # examples; the streaming fallback's shuffle
+
+
+def normalization_stats(dataset: str) -> tuple[tuple[float, ...],
+                                               tuple[float, ...]]:
+  """(mean, std) per RGB channel for `dataset` (a `get_source` data set name).
+
+  CIFAR-10 and CIFAR-100 have their own; everything else (ImageNet, ImageNet-100,
+  image folders) gets ImageNet's. Override `mean`/`std` in the aug config for a
+  folder of another distribution.
+  """
+  name = "" if dataset.startswith("folder:") else dataset.split(":")[0]
+  return {"cifar10": _CIFAR10_STATS,
+          "cifar100": _CIFAR100_STATS}.get(name, _IMAGENET_STATS)
+
+
+def default_aug_config(dataset: str) -> dict[str, Any]:
+  """The paper's augmentation numbers with `dataset`'s normalisation."""
+  return augment.paper_config(*normalization_stats(dataset))
+
+
+# ----------------------------------------------------------------- data order
+
+
+def _fold(seed: int, *data) -> tf.Tensor:
+  """A stateless seed (shape [2]) from an integer seed and integer data."""
+  key = tf.constant([seed, 0], tf.int64)
+  for d in data:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
+  return key
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Full global batches per epoch (the remainder is dropped)."""
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise ValueError(f"Global batch size {global_batch_size} exceeds the "
+                     f"{num_examples} examples of the split.")
+  return steps
+
+
+def eval_steps(num_examples: int, global_batch_size: int) -> int:
+  """Global batches of one padded pass (`eval_batches`)."""
+  return -(-num_examples // global_batch_size)
+
+
+def _shuffled(positions, num_examples: int, seed: int, epoch):
+  return tf.random.experimental.index_shuffle(
+      positions, _fold(seed, _ORDER_TAG, epoch),
+      tf.constant(num_examples - 1, tf.int64))
+
+
+def _train_order(num_examples: int, global_batch_size: int, seed: int):
+  spe = steps_per_epoch(num_examples, global_batch_size)
+
+  def order(step, rows):
+    positions = (step % spe) * global_batch_size + rows
+    indices = _shuffled(positions, num_examples, seed, step // spe)
+    return indices, tf.ones(tf.shape(rows), tf.float32)
+  return order
+
+
+def _eval_order(num_examples: int, global_batch_size: int, seed: int | None,
+                epoch: int):
+  first_step = epoch * eval_steps(num_examples, global_batch_size)
+
+  def order(step, rows):
+    positions = (step - first_step) * global_batch_size + rows
+    mask = tf.cast(positions < num_examples, tf.float32)
+    positions = tf.minimum(positions, num_examples - 1)  # padding rows
+    if seed is not None:
+      positions = _shuffled(positions, num_examples, seed, epoch)
+    return positions, mask
+  return order
+
+
+def batch_indices(num_examples: int, global_batch_size: int, seed: int,
+                  step: int) -> np.ndarray:
+  """Example indices [global_batch_size] of global step `step` (pretraining
+  and probe training order)."""
+  order = _train_order(num_examples, global_batch_size, seed)
+  indices, _ = order(tf.constant(step, tf.int64),
+                     tf.range(global_batch_size, dtype=tf.int64))
+  return indices.numpy()
+
+
+# ------------------------------------------------------------------ pipelines
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCrop:
+  """torchvision's RandomResizedCrop to size x size."""
+  scale: tuple[float, float]
+  ratio: tuple[float, float]
+  size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop:
+  """Shorter side to int(size * resize_ratio), then the centre size x size."""
+  resize_ratio: float
+  size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """One output image of a pipeline; hashable, so compiled functions are cached by it."""
+  key: str  # output key
+  view_id: int | None  # folded into the augmentation seed; None: no draws
+  crop: RandomCrop | CenterCrop
+  recipe: augment.ViewSettings | None = None  # the two-view recipe after the crop
+  flip_p: float = 0.0  # a flip only (the probe's view); ignored when `recipe` is set
+
+
+def _crop(image, u, crop):
+  if isinstance(crop, RandomCrop):
+    return augment.random_resized_crop(image, augment.crop_draws(u), crop.size,
+                                       crop.scale, crop.ratio)
+  return augment.resize_center_crop(image, crop.size, crop.resize_ratio)
+
+
+def _finish(x, u, view: View):
+  if view.recipe is not None:
+    return augment.augment_batch(x, u, view.recipe)
+  if view.flip_p > 0:
+    return augment.flip(x, augment.flip_draws(u), view.flip_p)
+  return x
+
+
+@functools.lru_cache(maxsize=64)
+def _finish_fn(views: tuple[View, ...], mean, std):
+  """The after-crop augmentation of one example, compiled once per setting.
+
+  One XLA computation per example (4x faster than TF's op-by-op execution on
+  CPU, and ops whose draw says no are skipped), the same executable whatever
+  the batch size: the output is bitwise the same for any process count.
+  """
+  @tf.function(jit_compile=True)
+  def finish(crops, draws):
+    out = {}
+    for v in views:
+      u = None if v.view_id is None else draws[v.key][None]
+      x = _finish(crops[v.key][None], u, v)
+      out[v.key] = augment.normalize(x, mean, std)[0]
+    return out
+  return finish
+
+
+def _process_slice(global_batch_size, process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = (jax.process_index() if process_index is None
+                     else process_index)
+    process_count = (jax.process_count() if process_count is None
+                     else process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in "
+                     f"[0, {process_count}).")
+  mesh_lib.check_batch_divides(global_batch_size, 1, process_count)
+  return process_index, process_count, global_batch_size // process_count
+
+
+def _options(num_threads: int | None) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  if num_threads:
+    options.threading.private_threadpool_size = num_threads
+    options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _add_draws(element, views, seed, global_batch_size, rows):
+  for v in views:
+    if v.view_id is not None:
+      element["u_" + v.key] = augment.view_draws(
+          _fold(seed, _AUG_TAG, element["step"], v.view_id), rows,
+          global_batch_size)
+  return element
+
+
+def _examples_to_batches(ds, source, views, local_batch, mean, std):
+  """Unbatched step elements -> decoded, cropped, augmented, batched views."""
+  finish = _finish_fn(tuple(views), tuple(mean), tuple(std))
+
+  def per_example(ex):
+    image = decode_image(source.load_example(ex["data"]))
+    draws = {v.key: ex["u_" + v.key] for v in views if v.view_id is not None}
+    crops = {v.key: _crop(image, draws.get(v.key), v.crop) for v in views}
+    return dict(finish(crops, draws), label=ex["label"], mask=ex["mask"])
+
+  ds = ds.unbatch().map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+  # A tf.data iterator still running Python (tf.numpy_function) at interpreter
+  # exit deadlocks the exit; close them first.
+  for batches in list(_LIVE_ITERATORS):
+    batches.close()
+
+
+class _Batches:
+  """Iterator of per-process numpy batches that names unreadable images.
+
+  On a decode error it finds the bad file among the current step's examples;
+  then it raises naming it, or (skip_bad_images) logs and counts it and
+  rebuilds the pipeline from the same step with the file replaced.
+  """
+
+  def __init__(self, build, source, start_step, indices_for_step, keys):
+    self._build = build
+    self._source = source
+    self._step = start_step
+    self._indices_for_step = indices_for_step
+    self._keys = keys
+    self._it = None
+    _LIVE_ITERATORS.add(self)
+
+  def close(self) -> None:
+    """Stops the background pipeline; a later next() restarts at .step."""
+    self._it = None
+
+  @property
+  def step(self) -> int:
+    """The global step of the next batch."""
+    return self._step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while True:
+      if self._it is None:
+        self._it = self._build(self._step).as_numpy_iterator()
+      try:
+        batch = next(self._it)
+      except tf.errors.OpError as e:
+        self._it = None
+        self._recover(e)
+        continue
+      self._step += 1
+      return {k: batch[k] for k in self._keys}
+
+  def _recover(self, error):
+    source = self._source
+    if self._indices_for_step is None:
+      raise ValueError(f"Reading {source.name} {source.split!r} (streamed) "
+                       f"failed near step {self._step}: {error}") from error
+    bad = []
+    for i in sorted(set(self._indices_for_step(self._step).tolist())):
+      reason = source.unreadable_reason(i)
+      if reason is not None:
+        bad.append((i, reason))
+    if not bad:
+      raise error
+    if not source.skip_bad_images:
+      i, reason = bad[0]
+      raise ValueError(
+          f"Cannot read image {source.describe(i)}: {reason}. Fix or remove "
+          "it, or set skip_bad_images to skip unreadable images (each is "
+          "logged and counted).") from None
+    for i, reason in bad:
+      source.mark_bad(i, reason)
+
+
+def _batches(source: Source, views: list[View], *, global_batch_size,
+             process_index, process_count, seed, start_step, order,
+             aug_config, num_threads, keys, first_step=0, stop_step=None):
+  """Shared body of the pipelines: global steps [first_step, stop_step).
+
+  stop_step None: endless. A finite range is one padded pass (eval).
+  """
+  p, num_p, b = _process_slice(global_batch_size, process_index,
+                               process_count)
+  rows = tf.range(p * b, (p + 1) * b, dtype=tf.int64)
+  mean, std = aug_config["mean"], aug_config["std"]
+
+  if source.random_access:
+    def step_element(step):
+      indices, mask = order(step, rows)
+      indices, mask = source.substitute(indices, mask)
+      data, label = source.load_batch(indices)
+      element = dict(step=step, data=data, label=label, mask=mask)
+      return _add_draws(element, views, seed, global_batch_size, rows)
+
+    def build(start):
+      end = np.iinfo(np.int64).max if stop_step is None else stop_step
+      ds = tf.data.Dataset.range(start, end)
+      ds = ds.map(step_element, num_parallel_calls=tf.data.AUTOTUNE)
+      ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "step"})
+      ds = _examples_to_batches(ds, source, views, b, mean, std)
+      return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
+
+    def indices_for_step(step):
+      indices, mask = order(tf.constant(step, tf.int64), rows)
+      return source.substitute(indices, mask)[0].numpy()
+  else:
+    def build(start):
+      if stop_step is not None:  # one pass, padded to the same step count
+        local = source.stream(p, num_p, 0, False).map(
+            lambda ex: dict(ex, mask=tf.constant(1.0)))
+        pad = local.take(1).map(lambda ex: dict(ex, mask=tf.constant(0.0)))
+        ds = local.concatenate(pad.repeat()).take((stop_step - first_step) * b)
+      else:
+        ds = source.stream(p, num_p, seed, True).repeat()
+        ds = ds.shuffle(min(_SHUFFLE_BUFFER, source.num_examples), seed=seed)
+        ds = ds.map(lambda ex: dict(ex, mask=tf.constant(1.0)))
+      ds = ds.batch(b, drop_remainder=True).skip(start - first_step)
+      ds = ds.enumerate(start).map(
+          lambda step, e: _add_draws(dict(e, step=step), views, seed,
+                                     global_batch_size, rows))
+      ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "step"})
+      ds = _examples_to_batches(ds, source, views, b, mean, std)
+      return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
+    indices_for_step = None
+
+  return _Batches(build, source, start_step, indices_for_step, keys)
+
+
+def _checked_config(source, aug_config):
+  config = augment.with_overrides(default_aug_config(source.name), aug_config)
+  augment.check_config(config)
+  return config
+
+
+def _random_crop(view: augment.ViewSettings, image_size: int) -> RandomCrop:
+  return RandomCrop(view.crop_scale, view.crop_ratio, image_size)
+
+
+def pretrain_batches(source: Source, *, global_batch_size: int,
+                     image_size: int, seed: int, start_step: int = 0,
+                     process_index: int | None = None,
+                     process_count: int | None = None,
+                     aug_config: Mapping[str, Any] | None = None,
+                     num_threads: int | None = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless two-view batches of this process, from global step `start_step`.
+
+  Yields dict(view1=float32 [b, S, S, 3], view2=float32 [b, S, S, 3],
+  label=int32 [b]) with b = global_batch_size / process_count, normalised
+  NHWC. `aug_config`: keys of `augment.paper_config` overriding the paper's
+  numbers with this data set's mean/std (`default_aug_config`); None: none.
+  `num_threads` caps tf.data's threads. The iterator's `.step` is the global
+  step of the next batch.
+  """
+  config = _checked_config(source, aug_config)
+  views = []
+  for key in ("view1", "view2"):
+    view = augment.view_config(config, key)
+    views.append(View(key, _VIEW_IDS[key], _random_crop(view, image_size), recipe=view))
+  return _batches(
+      source, views, global_batch_size=global_batch_size,
+      process_index=process_index, process_count=process_count, seed=seed,
+      start_step=start_step,
+      order=_train_order(source.num_examples, global_batch_size, seed),
+      aug_config=config, num_threads=num_threads,
+      keys=("view1", "view2", "label"))
+
+
+def _probe_view(config, image_size):
+  probe = augment.view_config(config, "probe")
+  return View("image", _VIEW_IDS["probe"], _random_crop(probe, image_size),
+              flip_p=probe.flip_p)
+
+
+def probe_train_batches(source: Source, *, global_batch_size: int,
+                        image_size: int, seed: int, start_step: int = 0,
+                        process_index: int | None = None,
+                        process_count: int | None = None,
+                        aug_config: Mapping[str, Any] | None = None,
+                        num_threads: int | None = None
+                        ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless linear-probe training batches (random resized crop + flip).
+
+  Same order and resumption as `pretrain_batches`. Yields dict(image=float32
+  [b, S, S, 3], label=int32 [b]).
+  """
+  config = _checked_config(source, aug_config)
+  return _batches(
+      source, [_probe_view(config, image_size)],
+      global_batch_size=global_batch_size, process_index=process_index,
+      process_count=process_count, seed=seed, start_step=start_step,
+      order=_train_order(source.num_examples, global_batch_size, seed),
+      aug_config=config, num_threads=num_threads, keys=("image", "label"))
+
+
+def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None, train_augment: bool = False,
+                 seed: int = 0, epoch: int = 0,
+                 aug_config: Mapping[str, Any] | None = None,
+                 num_threads: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the whole split: `eval_steps(...)` batches.
+
+  Yields dict(image=float32 [b, S, S, 3], label=int32 [b], mask=float32 [b]);
+  the last global batch is padded and mask is 1 on real rows, 0 on padding
+  (and on images skipped as unreadable), so each example counts exactly once.
+  train_augment=False: index order, resize to int(S * test_resize_ratio)
+  (bicubic) and centre crop. True: the probe training view (random resized
+  crop + flip) in an order shuffled by (seed, epoch), augmented by (seed, step).
+  """
+  config = _checked_config(source, aug_config)
+  if train_augment:
+    view = _probe_view(config, image_size)
+  else:
+    view = View("image", None, CenterCrop(config["test_resize_ratio"], image_size))
+  num_steps = eval_steps(source.num_examples, global_batch_size)
+  epoch = epoch if train_augment else 0
+  order = _eval_order(source.num_examples, global_batch_size,
+                      seed if train_augment else None, epoch)
+  # Epoch e is steps [e * num_steps, (e + 1) * num_steps) of its own stream,
+  # so the augmentation differs between epochs.
+  return _batches(
+      source, [view], global_batch_size=global_batch_size,
+      process_index=process_index, process_count=process_count, seed=seed,
+      start_step=epoch * num_steps, first_step=epoch * num_steps,
+      stop_step=(epoch + 1) * num_steps, order=order, aug_config=config,
+      num_threads=num_threads, keys=("image", "label", "mask"))
+
+
+# ------------------------------------------------------------------- devices
+
+
+def global_batches(local_batches: Iterable[Mapping[str, np.ndarray]],
+                   sharding, prefetch: int = 2) -> Iterator[dict[str, Any]]:
+  """Per-process numpy batches -> global jax.Arrays, `prefetch` batches ahead.
+
+  `sharding` (e.g. NamedSharding(mesh, P("data"))) splits the leading axis;
+  each process's rows become its slice of the global batch.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in batch.items()}
+
+  queue = collections.deque()
+  checked = False
+  for batch in local_batches:
+    if not checked:
+      rows = len(next(iter(batch.values())))
+      mesh_lib.check_batch_divides(rows * jax.process_count(), _batch_shards(sharding),
+                                   jax.process_count())
+      checked = True
+    queue.append(to_global(batch))
+    if len(queue) > prefetch:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _batch_shards(sharding) -> int:
+  """How many pieces `sharding` cuts the leading (batch) axis into."""
+  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+  if spec is None or mesh is None:
+    return len(sharding.device_set)
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return 1
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(mesh.shape[a] for a in axes)

@@ -1,0 +1,177 @@
+"""Pretraining: the jitted CorInfoMax step and the loop that owns it.
+
+Data flows one way: pipeline -> global batch sharded over the mesh's "data" axis ->
+train_step(state, batch) -> new state -> checkpoint / metrics. `train_step` and
+`jit_train_step` import no TensorFlow (bench/train_step.py runs them without it); the
+loop reads data and writes TensorBoard events, through TensorFlow.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+
+from corinfomax_jax import configuration
+from corinfomax_jax import evaluators as evaluators_lib
+from corinfomax_jax import loop
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import metrics as metrics_lib
+from corinfomax_jax import objective
+from corinfomax_jax.train_state import TrainState
+from corinfomax_jax import train_state as train_state_lib
+
+
+def loss_kwargs(config) -> dict:
+  """The objective's hyperparameters (the paper's symbols) from the config."""
+  return dict(alpha=config.alpha, la_R=config.la_R, la_mu=config.la_mu, eps=config.eps,
+              normalize=config.normalize)
+
+
+def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw):
+  """One CorInfoMax step on the global batch {"view1", "view2"}: (new state, metrics)."""
+
+  def loss_fn(params):
+    # Each view passes separately, so BatchNorm statistics are per view (the reference).
+    (_, z1), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                   batch["view1"], train=True, mutable=["batch_stats"])
+    (_, z2), updates = model.apply({"params": params, **updates}, batch["view2"],
+                                   train=True, mutable=["batch_stats"])
+    loss, loss_state, metrics = objective.corinfomax_loss(z1, z2, state.loss_state,
+                                                          **loss_kw)
+    return loss, (updates["batch_stats"], loss_state, metrics)
+
+  grads, (batch_stats, loss_state, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["learning_rate"] = learning_rate_fn(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, loss_state=loss_state)
+  return new_state, metrics
+
+
+def jit_train_step(config, model, tx, learning_rate_fn, mesh):
+  """train_step jitted over `mesh`: batch sharded on "data", state replicated, donated."""
+  replicated = mesh_lib.replicated(mesh)
+  step = functools.partial(train_step, model=model, tx=tx,
+                           learning_rate_fn=learning_rate_fn, loss_kw=loss_kwargs(config))
+  return jax.jit(step, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  steps = config.num_epochs * steps_per_epoch
+  return steps if config.max_steps == -1 else min(steps, config.max_steps)
+
+
+class SpectrumLog:
+  """The moving covariances' spectra: TensorBoard summaries and the points of the PNG."""
+
+  def __init__(self, writer, spectra):
+    self._writer = writer
+    self.spectra = spectra  # [(step, eigenvalues of branch 1)], carried in checkpoints
+    self._fn = jax.jit(lambda s: (objective.covariance_spectrum(s.cov1),
+                                  objective.covariance_spectrum(s.cov2)))
+
+  def __call__(self, step, state):
+    spec1, spec2 = jax.device_get(self._fn(state.loss_state))
+    self._writer.scalars(step, {**metrics_lib.spectrum_summary(spec1, 1),
+                                **metrics_lib.spectrum_summary(spec2, 2)})
+    self.spectra.append((step, np.asarray(spec1.eigenvalues)))
+
+  def plot(self, path: str, title: str) -> None:
+    if jax.process_index() != 0 or not self.spectra:
+      return
+    shown = sorted(set(np.linspace(0, len(self.spectra) - 1, 8).astype(int)))
+    metrics_lib.plot_spectra([self.spectra[i] for i in shown], path, title=title)
+    logging.info("Covariance spectrum plot: %s", path)
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Pretrains with CorInfoMax, resuming from the latest checkpoint in `workdir`."""
+  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+
+  # --- Configuration and mesh: every user error surfaces here, before any work.
+  configuration.validate_config(config)
+  batch_size = config.batch_size
+  mesh_lib.check_batch_divides(batch_size, jax.device_count(), jax.process_count())
+  mesh = mesh_lib.make_mesh()
+
+  # --- Input (and the evaluators' splits, opened now so that they fail now).
+  source = sources.get_source(config.dataset, config.data_dir, config.train_split,
+                              skip_bad_images=config.skip_bad_images)
+  steps_per_epoch = pipeline.steps_per_epoch(source.num_examples, batch_size)
+  num_steps = total_steps(config, steps_per_epoch)
+  logging.info("Data %s/%s: %d images, %d classes; %d steps of %d (%d per epoch).",
+               config.dataset, config.train_split, source.num_examples, source.num_classes,
+               num_steps, batch_size, steps_per_epoch)
+  model = configuration.create_model(config)
+  evaluators = []
+  if any(loop.epochs_to_steps(config.eval[f"{name}_every_epochs"], 1)
+         for name in config.eval.monitors):
+    mesh_lib.check_batch_divides(config.eval.batch_size, jax.device_count(),
+                                 jax.process_count(), key="eval.batch_size")
+    evaluators = evaluators_lib.create_evaluators(
+        config, model, mesh, *evaluators_lib.open_sources(config))
+
+  # --- Model, optimizer, state.
+  learning_rate_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch)
+  tx = train_state_lib.create_optimizer(config, learning_rate_fn)
+  state = train_state_lib.create_train_state(config, model, tx, mesh)
+
+  # --- Checkpoint: resume where the workdir left off.
+  os.makedirs(workdir, exist_ok=True)
+  manager = train_state_lib.create_checkpoint_manager(workdir, config)
+  writer = metrics_lib.MetricWriter(workdir)
+  try:
+    restored, record = train_state_lib.restore(manager, state, config)
+    spectra = []
+    if restored is not None:
+      state = restored
+      spectra = [(s, np.asarray(e)) for s, e in record.get("spectra", [])]
+      logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
+    start_step = int(state.step)
+
+    # --- Step, batches, periodic actions.
+    step_fn = jit_train_step(config, model, tx, learning_rate_fn, mesh)
+    batches = pipeline.global_batches(
+        pipeline.pretrain_batches(
+            source, global_batch_size=batch_size, image_size=config.image_size,
+            seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            aug_config=configuration.aug_overrides(config)),
+        mesh_lib.batch_sharded(mesh))
+    spectrum = SpectrumLog(writer, spectra)
+    report = loop.ReportProgress(
+        name="pretrain", num_steps=num_steps, every_steps=config.log_every_steps,
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
+        prefix="train/",
+        nonfinite_hint=lambda: (
+            f"The last good checkpoint is step {manager.latest_step()} in "
+            f"{manager.directory}. Lower config.learning_rate or check the data."))
+    record_fn = lambda: {**train_state_lib.checkpoint_record(config),
+                         "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
+    actions = [
+        report,
+        loop.Periodic(config.spectrum_every_steps, spectrum),
+        *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
+          for e in evaluators),
+        loop.Checkpoint(manager, config.checkpoint_every_steps, record_fn,
+                        before_save=report.flush),
+        loop.Profile(workdir, start_step, config.profile_steps),
+    ]
+    state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
+                                num_steps=num_steps, actions=actions)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  if preempted:
+    logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
+  spectrum.plot(os.path.join(workdir, "spectrum.png"),
+                title=f"{config.dataset}: covariance spectrum, branch 1")
+  return state

@@ -1,0 +1,426 @@
+"""Data sources: one split of a TFDS data set or an image folder, checked when opened.
+
+A `Source` says how many examples a split has, its class names, and how to read
+example i (random access: an image folder's sorted file list, or a TFDS data set
+prepared as ArrayRecord) or, for TFDS data in another format, how to stream a
+process's share. Opening a source checks that the data is there and readable in
+outline; a missing directory, split or data set fails here with a message that says
+what does exist.
+
+TensorFlow is imported here, in `pipeline` and in `augment` only.
+"""
+import concurrent.futures
+import dataclasses
+import difflib
+import os
+import re
+from typing import Callable
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGENET100_CLASSES_FILE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "imagenet100_classes.txt")
+
+
+@dataclasses.dataclass(eq=False)
+class Source:
+  """One split of a data set, as the pipelines read it.
+
+  Attributes:
+    name: the data set string given to `get_source`.
+    split: the split name.
+    num_examples: examples in the split.
+    class_names: label i is class_names[i].
+    random_access: whether the data order is process-count invariant
+      (indexable source); False for the streaming TFDS fallback.
+    skip_bad_images: replace unreadable images instead of raising.
+    skipped: descriptions of the files skipped so far (each also logged).
+  """
+  name: str
+  split: str
+  num_examples: int
+  class_names: tuple[str, ...]
+  random_access: bool
+  skip_bad_images: bool
+  # Random access: int64 indices [n] -> (data string [n], label int32 [n]).
+  load_batch: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None
+  # data string -> encoded image (tf.io.read_file for folders, else identity).
+  load_example: Callable[[tf.Tensor], tf.Tensor]
+  # index -> human-readable location, for error messages.
+  describe: Callable[[int], str]
+  # Streaming: (process_index, process_count, seed, shuffle) -> tf.data of
+  # dict(data=encoded image, label=int32), one pass over this process's part.
+  stream: Callable[[int, int, int, bool], tf.data.Dataset] | None = None
+  skipped: list[str] = dataclasses.field(default_factory=list)
+  _bad: set[int] = dataclasses.field(default_factory=set)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def unreadable_reason(self, index: int) -> str | None:
+    """Why example `index` cannot be decoded, or None if it can."""
+    try:
+      data, _ = self.load_batch(tf.constant([index], tf.int64))
+      decode_image(self.load_example(data[0]))
+    except (tf.errors.OpError, ValueError) as e:
+      return f"{type(e).__name__}: {getattr(e, 'message', str(e))}"
+    return None
+
+  def mark_bad(self, index: int, reason: str) -> None:
+    self._bad.add(index)
+    self.skipped.append(self.describe(index))
+    logging.warning("Skipping unreadable image %s (%s); %d skipped so far.",
+                    self.describe(index), reason, len(self.skipped))
+
+  def substitute(self, indices: tf.Tensor, mask: tf.Tensor):
+    """Replaces known-bad indices by the next readable index; their mask -> 0.
+
+    Returns (indices, mask). The replacement depends only on the index and the
+    set of bad files, so it is the same on every process.
+    """
+    if not self._bad:
+      return indices, mask
+    bad = np.array(sorted(self._bad), np.int64)
+    good = np.setdiff1d(np.arange(self.num_examples), bad)
+    if good.size == 0:
+      raise ValueError(f"Every image of {self.name} {self.split} is "
+                       "unreadable.")
+    repl = good[np.searchsorted(good, bad) % good.size]  # next, cyclically
+    pos = tf.searchsorted(bad, indices)
+    pos_c = tf.minimum(pos, len(bad) - 1)
+    is_bad = tf.gather(bad, pos_c) == indices
+    indices = tf.where(is_bad, tf.gather(repl, pos_c), indices)
+    mask = tf.where(is_bad, tf.zeros_like(mask), mask)
+    return indices, mask
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP of any mode -> uint8 RGB [h, w, 3]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False,
+                             dtype=tf.uint8)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _listing(path: str, limit: int = 20) -> str:
+  try:
+    entries = sorted(tf.io.gfile.listdir(path))
+  except tf.errors.OpError:
+    return "(cannot list it)"
+  entries = [e.rstrip("/") for e in entries]
+  more = f" ... ({len(entries)} in all)" if len(entries) > limit else ""
+  return (", ".join(entries[:limit]) + more) if entries else "(empty)"
+
+
+def get_source(dataset: str, data_dir: str | None, split: str,
+               skip_bad_images: bool = False,
+               random_access: bool | None = None) -> Source:
+  """The `split` of `dataset`, checked at once (missing data fails here).
+
+  Args:
+    dataset: "folder:<root>" for root/<split>/<class>/<image> (.jpg, .jpeg,
+      .png; labels from sorted class names); "imagenet100" for the 100 CMC
+      classes of TFDS imagenet2012 (labels in sorted-wnid order); or any TFDS
+      name ("cifar10", "imagenet2012", "name:version", ...).
+    data_dir: TFDS data_dir (None: TFDS's default); unused for folders.
+    split: split name ("train", "test", "validation"; TFDS slicing allowed).
+    skip_bad_images: an unreadable image is logged, counted in
+      `Source.skipped` and replaced by the next readable example (masked out
+      of eval batches) instead of raising an error naming the file.
+    random_access: TFDS only. None: use `tfds.data_source` when the data is
+      ArrayRecord, else stream with a warning; False: always stream.
+  """
+  if dataset.startswith("folder:"):
+    return _folder_source(dataset, dataset[len("folder:"):], split,
+                          skip_bad_images)
+  if dataset == "imagenet100":
+    return _tfds_source(dataset, "imagenet2012", data_dir, split,
+                        skip_bad_images, random_access,
+                        subset=imagenet100_classes())
+  return _tfds_source(dataset, dataset, data_dir, split, skip_bad_images,
+                      random_access)
+
+
+def imagenet100_classes() -> list[str]:
+  """The 100 WordNet ids of ImageNet-100 (CMC), sorted: label i is entry i."""
+  with open(IMAGENET100_CLASSES_FILE) as f:
+    wnids = [line.strip() for line in f if line.strip()]
+  if len(set(wnids)) != 100:
+    raise ValueError(f"{IMAGENET100_CLASSES_FILE} must hold 100 distinct "
+                     f"wnids, holds {len(set(wnids))}.")
+  return sorted(wnids)
+
+
+def _folder_source(dataset: str, root: str, split: str,
+                   skip_bad_images: bool) -> Source:
+  if not root or not os.path.isdir(root):
+    parent = os.path.dirname(os.path.abspath(root or "."))
+    raise ValueError(f"Image folder root {root!r} does not exist"
+                     + (f"; {parent} holds: {_listing(parent)}."
+                        if os.path.isdir(parent) else "."))
+  split_dir = os.path.join(root, split)
+  splits = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  if not os.path.isdir(split_dir):
+    raise ValueError(f"Image folder {root!r} has no split {split!r}; splits "
+                     f"found: {splits or '(none)'}.")
+  classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  paths, labels, ignored = [], [], 0
+  for label, name in enumerate(classes):
+    files = sorted(e.name for e in os.scandir(os.path.join(split_dir, name))
+                   if e.is_file())
+    for f in files:
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(split_dir, name, f))
+        labels.append(label)
+      else:
+        ignored += 1
+  if not paths:
+    raise ValueError(
+        f"Split {split_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images in "
+        f"class directories (expected {split}/<class>/<image>); it holds: "
+        f"{_listing(split_dir)}. Splits found: {splits}.")
+  if ignored:
+    logging.info("%s: ignored %d files without an image extension %s.",
+                 split_dir, ignored, IMAGE_EXTENSIONS)
+  empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(
+      classes))) if n == 0]
+  if empty:
+    logging.warning("%s: classes without images (labels kept): %s", split_dir,
+                    empty)
+  logging.info("%s: %d images in %d classes.", split_dir, len(paths),
+               len(classes))
+  paths_t = tf.constant(paths)  # captured by reference, not copied per graph
+  labels_t = tf.constant(labels, tf.int32)
+
+  def load_batch(indices):
+    return tf.gather(paths_t, indices), tf.gather(labels_t, indices)
+
+  return Source(name=dataset, split=split, num_examples=len(paths),
+                class_names=tuple(classes), random_access=True,
+                skip_bad_images=skip_bad_images, load_batch=load_batch,
+                load_example=tf.io.read_file,
+                describe=lambda i: paths[int(i)])
+
+
+def _tfds_builder(dataset: str, tfds_name: str, data_dir: str | None):
+  if data_dir is not None and not tf.io.gfile.isdir(data_dir):
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    raise ValueError(f"TFDS data_dir {data_dir!r} does not exist"
+                     + (f"; {parent} holds: {_listing(parent)}."
+                        if os.path.isdir(parent) else "."))
+  try:
+    return tfds.builder(tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(tfds_name.split(":")[0],
+                                      tfds.list_builders(), n=5)
+    raise ValueError(
+        f"Unknown data set {dataset!r}. Use 'folder:<root>' for an image "
+        f"folder, 'imagenet100', or a TFDS name (tfds.list_builders()); "
+        f"closest TFDS names: {close}.") from None
+
+
+def _not_prepared(dataset, builder, split, error=None) -> ValueError:
+  """The error for a TFDS data set that cannot be read, saying what exists."""
+  root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  held = ([e.rstrip("/") for e in tf.io.gfile.listdir(root)
+           if tf.io.gfile.isdir(os.path.join(root, e))]
+          if tf.io.gfile.isdir(root) else None)
+  name_dir = os.path.join(root, builder.name)
+  versions = (sorted(e.rstrip("/") for e in tf.io.gfile.listdir(name_dir))
+              if tf.io.gfile.isdir(name_dir) else [])
+  if not builder.is_prepared():
+    what = (f"{builder.name} {builder.version} is not prepared in {root}"
+            + (f" (versions there: {versions})" if versions else "")
+            + f"; data sets there: {sorted(held) if held else '(none)'}."
+            " Prepare it first (tfds build, or download_and_prepare).")
+  else:
+    what = f"{error}"
+  splits = list(builder.info.splits) if builder.info.splits else []
+  return ValueError(f"Cannot read {dataset!r} split {split!r}: {what}"
+                    + (f" Splits: {splits}." if splits else ""))
+
+
+def _tfds_source(dataset, tfds_name, data_dir, split, skip_bad_images,
+                 random_access, subset=None) -> Source:
+  builder = _tfds_builder(dataset, tfds_name, data_dir)
+  features = builder.info.features
+  image_keys = [k for k, f in features.items()
+                if isinstance(f, tfds.features.Image)]
+  image_key = "image" if "image" in image_keys else (image_keys or [None])[0]
+  label = features["label"] if "label" in features.keys() else None
+  if image_key is None or not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(f"TFDS {tfds_name!r} needs an Image feature and a "
+                     f"ClassLabel 'label'; it has {dict(features.items())}.")
+  if builder.info.splits and _base_split(split) not in builder.info.splits:
+    raise ValueError(f"TFDS {tfds_name!r} has no split {split!r}; splits: "
+                     f"{list(builder.info.splits)}.")
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+  names = list(label.names)
+  if subset is None:
+    class_names, label_map = tuple(names), np.arange(len(names), dtype=np.int32)
+  else:  # labels of the subset, in sorted-wnid order; other classes -> -1
+    missing = sorted(set(subset) - set(names))
+    if missing:
+      raise ValueError(f"{tfds_name!r} lacks the classes {missing[:5]}...")
+    class_names = tuple(subset)
+    label_map = np.full(len(names), -1, np.int32)
+    for new, wnid in enumerate(subset):
+      label_map[names.index(wnid)] = new
+
+  data_source = None
+  if random_access is not False:
+    try:
+      data_source = builder.as_data_source(split=split, decoders=decoders)
+    except NotImplementedError as e:
+      if not builder.is_prepared():
+        raise _not_prepared(dataset, builder, split, e) from None
+      logging.warning(
+          "%s is not prepared as ArrayRecord (%s); streaming it instead. The "
+          "streamed data order depends on the process count and resuming "
+          "skips through the stream.", tfds_name, builder.info.file_format)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _not_prepared(dataset, builder, split, e) from None
+
+  if data_source is not None:
+    return _random_access_tfds(dataset, split, data_source, image_key,
+                               class_names, label_map, subset is not None,
+                               skip_bad_images, builder)
+  return _streaming_tfds(dataset, split, builder, decoders, image_key,
+                         class_names, label_map, subset is not None,
+                         skip_bad_images, data_dir)
+
+
+def _base_split(split: str) -> str:
+  return re.split(r"[\[+]", split)[0].strip()
+
+
+def _subset_cache_path(builder, split: str) -> str | None:
+  data_dir = str(builder.data_dir)
+  if not builder.is_prepared() or not tf.io.gfile.isdir(data_dir):
+    return None
+  tag = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
+  return os.path.join(data_dir, f"corinfomax_labels_{tag}.npy")
+
+
+def _all_labels(builder, split, compute: Callable[[], np.ndarray],
+                expected: int | None = None):
+  """Labels of every example of the split, cached next to the TFDS data."""
+  path = _subset_cache_path(builder, split)
+  if path and tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, "rb") as f:
+      labels = np.load(f)
+    if expected is None or len(labels) == expected:
+      return labels
+  logging.info("Reading all labels of %s %s once to select ImageNet-100.",
+               builder.name, split)
+  labels = compute()
+  if path:
+    try:
+      with tf.io.gfile.GFile(path, "wb") as f:
+        np.save(f, labels)
+    except (tf.errors.OpError, OSError) as e:
+      logging.info("Could not cache labels at %s: %s", path, e)
+  return labels
+
+
+def _random_access_tfds(dataset, split, data_source, image_key, class_names,
+                        label_map, is_subset, skip_bad_images, builder):
+  if is_subset:
+    def read_labels():
+      def chunk(start):
+        keys = list(range(start, min(start + 1024, len(data_source))))
+        try:
+          records = data_source.__getitems__(keys)  # batched ArrayRecord read
+        except Exception:  # pylint: disable=broad-except
+          records = [data_source[i] for i in keys]
+        return [int(r["label"]) for r in records]
+      with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        parts = pool.map(chunk, range(0, len(data_source), 1024))
+        return np.array([x for part in parts for x in part], np.int64)
+    all_labels = _all_labels(builder, split, read_labels, len(data_source))
+    base_index = np.flatnonzero(label_map[all_labels] >= 0).astype(np.int64)
+  else:
+    base_index = None
+  num_examples = len(base_index) if is_subset else len(data_source)
+  if num_examples == 0:
+    raise ValueError(f"{dataset!r} split {split!r} is empty.")
+
+  def read(indices):
+    if base_index is not None:
+      indices = base_index[indices]
+    records = [data_source[int(i)] for i in indices]
+    images = np.array([r[image_key] for r in records], dtype=object)
+    labels = label_map[np.array([r["label"] for r in records], np.int64)]
+    return images, labels.astype(np.int32)
+
+  def load_batch(indices):
+    images, labels = tf.numpy_function(read, [indices], (tf.string, tf.int32),
+                                       stateful=False)
+    images.set_shape(indices.shape)
+    labels.set_shape(indices.shape)
+    return images, labels
+
+  def describe(i):
+    base = int(base_index[i]) if base_index is not None else int(i)
+    return f"record {base} of TFDS {builder.name} split {split!r}"
+
+  return Source(name=dataset, split=split, num_examples=num_examples,
+                class_names=class_names, random_access=True,
+                skip_bad_images=skip_bad_images, load_batch=load_batch,
+                load_example=lambda x: x, describe=describe)
+
+
+def _streaming_tfds(dataset, split, builder, decoders, image_key, class_names,
+                    label_map, is_subset, skip_bad_images, data_dir):
+  label_map_t = tf.constant(label_map)
+
+  def read(split_arg, seed, shuffle, keep_all=False):
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+    ds = builder.as_dataset(split=split_arg, decoders=decoders,
+                            shuffle_files=shuffle, read_config=read_config)
+    ds = ds.map(lambda ex: dict(data=ex[image_key], label=ex["label"]))
+    if keep_all:
+      return ds
+    ds = ds.map(lambda ex: dict(data=ex["data"], label=tf.gather(
+        label_map_t, ex["label"])))
+    if is_subset:
+      ds = ds.filter(lambda ex: ex["label"] >= 0)
+    return ds
+
+  try:
+    probe = read(split, 0, False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _not_prepared(dataset, builder, split, e) from None
+  if is_subset:
+    def read_labels():
+      ds = read(split, 0, False, keep_all=True).map(lambda ex: ex["label"])
+      return np.concatenate(list(ds.batch(8192).as_numpy_iterator()))
+    all_labels = _all_labels(builder, split, read_labels)
+    num_examples = int(np.sum(label_map[all_labels] >= 0))
+  else:
+    num_examples = int(probe.cardinality())
+    if num_examples < 0:  # unknown: count once
+      num_examples = int(probe.reduce(np.int64(0), lambda n, _: n + 1))
+  if num_examples == 0:
+    raise ValueError(f"{dataset!r} split {split!r} is empty.")
+  if skip_bad_images:
+    logging.warning("skip_bad_images needs random access; streamed %s raises "
+                    "on an unreadable image instead.", dataset)
+
+  def stream(process_index, process_count, seed, shuffle):
+    part = tfds.even_splits(split, process_count)[process_index]
+    return read(part, seed, shuffle)
+
+  return Source(name=dataset, split=split, num_examples=num_examples,
+                class_names=class_names, random_access=False,
+                skip_bad_images=skip_bad_images, load_batch=None,
+                load_example=lambda x: x,
+                describe=lambda i: f"an example of {dataset} {split!r}",
+                stream=stream)
+
+

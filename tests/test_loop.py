@@ -1,0 +1,110 @@
+"""The loop skeleton: action order, last step, preemption, NaN guard, checkpoints, profile."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from corinfomax_jax import loop
+from corinfomax_jax.errors import NonFiniteLossError
+
+
+class _Writer:
+
+  def __init__(self):
+    self.written = []
+
+  def scalars(self, step, values):
+    self.written.append((step, dict(values)))
+
+
+def _step(state, batch):
+  return state + batch, {"loss": jnp.asarray(batch, jnp.float32)}
+
+
+class _Recorder:
+
+  def __init__(self, log, name):
+    self.log, self.name = log, name
+
+  def __call__(self, step, state, metrics, is_last):
+    self.log.append((self.name, step, int(state), is_last))
+
+
+def test_actions_run_in_order_after_each_step_and_know_the_last():
+  log = []
+  state, preempted = loop.run(0, _step, iter(range(1, 100)), start_step=2, num_steps=5,
+                              actions=[_Recorder(log, "a"), _Recorder(log, "b")])
+  assert not preempted and state == 1 + 2 + 3
+  assert log == [("a", 3, 1, False), ("b", 3, 1, False), ("a", 4, 3, False),
+                 ("b", 4, 3, False), ("a", 5, 6, True), ("b", 5, 6, True)]
+
+
+def test_preemption_makes_that_step_the_last():
+  log = []
+  preemption = loop.Preemption()
+
+  class PreemptAt2:
+
+    def __call__(self, step, state, metrics, is_last):
+      if step == 2:
+        preemption.requested = True
+
+  _, preempted = loop.run(0, _step, iter(range(1, 100)), start_step=0, num_steps=10,
+                          actions=[PreemptAt2(), _Recorder(log, "a")],
+                          preemption=preemption)
+  # The notice arrives during step 2's actions; step 3 is the last one run.
+  assert preempted and log[-1] == ("a", 3, 6, True) and len(log) == 3
+
+
+def test_report_averages_logs_and_writes_every_n_steps():
+  writer = _Writer()
+  report = loop.ReportProgress(name="t", num_steps=6, every_steps=3, batch_size=4,
+                               steps_per_epoch=2, writer=writer, prefix="train/")
+  loop.run(0, _step, iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), start_step=0, num_steps=6,
+           actions=[report])
+  assert [s for s, _ in writer.written] == [3, 6]
+  assert writer.written[0][1]["train/loss"] == pytest.approx(2.0)
+  assert writer.written[1][1]["train/loss"] == pytest.approx(5.0)
+  assert writer.written[1][1]["train/epoch"] == pytest.approx(3.0)
+  assert writer.written[1][1]["train/images_per_s"] > 0
+
+
+def test_nan_guard_names_the_step_and_runs_before_a_save():
+  saved = []
+
+  class Manager:
+
+    def save(self, step, args):
+      del args
+      saved.append(step)
+
+  report = loop.ReportProgress(name="t", num_steps=8, every_steps=100, batch_size=1,
+                               steps_per_epoch=1, writer=_Writer(), prefix="",
+                               nonfinite_hint=lambda: "HINT")
+  checkpoint = loop.Checkpoint(Manager(), 2, lambda: {}, before_save=report.flush)
+  batches = iter([1.0, 1.0, 1.0, float("nan"), 1.0, 1.0, 1.0, 1.0])
+  with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 4.*HINT"):
+    loop.run(0.0, _step, batches, start_step=0, num_steps=8,
+             actions=[report, checkpoint])
+  assert saved == [2]  # step 4's state followed a NaN: never saved
+
+
+def test_durations():
+  assert loop.epochs_to_steps(0, 100) == 0
+  assert loop.epochs_to_steps(0.001, 100) == 1
+  assert loop.epochs_to_steps(2.5, 10) == 25
+  assert [s for s in range(1, 8) if loop.due(s, 3, s == 7)] == [3, 6, 7]
+  assert [s for s in range(1, 8) if loop.due(s, 0, False)] == []
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
+  step = jax.jit(lambda s, b: (s + b, {"loss": s.sum()}))
+  state = jnp.zeros(4)
+  profile = loop.Profile(str(tmp_path), start_step=0, num_steps=2, warmup=1)
+  loop.run(state, step, iter([jnp.ones(4)] * 6), start_step=0, num_steps=6,
+           actions=[profile])
+  traces = glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*"))
+  assert traces, os.listdir(tmp_path)
+  assert not loop.Profile(str(tmp_path / "off"), 0, 0)._on  # pylint: disable=protected-access
