@@ -58,7 +58,8 @@ def test_keys_are_torchvisions(backbone):
   _, variables = _random_variables(backbone, cifar_stem=False, width=4, image_size=32)
   state_dict = export.torchvision_state_dict(variables, backbone=backbone, cifar_stem=False)
   assert list(state_dict) == _torchvision_keys(backbone)
-  assert len(state_dict) == {"resnet18": 120, "resnet50": 318}[backbone]  # torchvision: 122, 320 with fc
+  # torchvision: 122 and 320 keys, fc.weight and fc.bias included.
+  assert len(state_dict) == {"resnet18": 120, "resnet50": 318}[backbone]
 
 
 def test_resnet18_shapes_and_parameter_count():
