@@ -11,7 +11,7 @@ Splits, as the CorInfoMax reference prepares them
   train/  the 500 official training images per class (flat, no images/ level;
           the *_boxes.txt files are left out);
   val/    25 of the 50 official validation images per class;
-  test/   the other 25 (the paper's Tiny ImageNet accuracy is on this half).
+  test/   the other 25.
 The official test/ images are unlabelled and not used.
 
 Which 25: the reference moves the files in `glob` order (the directory's order,
