@@ -1,7 +1,7 @@
 """The package's layers only point down, and no two modules import each other.
 
 The layers, bottom to top (README, Layout):
-  maths        errors, mesh, objective, models, augment, knn
+  maths        errors, mesh, objective, models, augment, augment_device, knn, export
   data         sources, pipeline
   run          configuration, checkpoints, metrics, loop, train_state
   loops        evaluators, linear_probe, pretrain
@@ -16,7 +16,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "corinfomax_jax"
 LAYERS = [
-    ("maths", {"errors", "mesh", "objective", "models", "augment", "knn"}),
+    ("maths", {"errors", "mesh", "objective", "models", "augment", "augment_device",
+               "knn", "export"}),
     ("data", {"sources", "pipeline"}),
     ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state"}),
     ("loops", {"evaluators", "linear_probe", "pretrain"}),
