@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from corinfomax_jax import augment  # noqa: E402
 from corinfomax_jax import configuration  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax import models  # noqa: E402
@@ -58,11 +59,15 @@ def main():
   state = train_state_lib.create_train_state(config, model, tx, mesh)
   step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
 
+  # What the host pipeline sends: uint8 crops and each example's draws, per view.
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   rng = np.random.default_rng(0)
-  batch = jax.device_put(
-      {k: rng.normal(size=shape).astype(np.float32) for k in ("view1", "view2")},
-      mesh_lib.batch_sharded(mesh))
+  batch = {}
+  for k in ("view1", "view2"):
+    batch[k] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    batch[f"{k}_draws"] = rng.uniform(size=(config.batch_size, augment.NUM_DRAWS)
+                                      ).astype(np.float32)
+  batch = jax.device_put(batch, mesh_lib.batch_sharded(mesh))
 
   t0 = time.perf_counter()
   for _ in range(args.warmup):
@@ -74,11 +79,21 @@ def main():
     state, metrics = step(state, batch)
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0
+  # The device augmentation alone (both views), on the same batch and sharding.
+  views = jax.jit(pretrain.make_views(config))
+  jax.block_until_ready(views(batch))
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    out = views(batch)
+  jax.block_until_ready(out)
+  augment_s = time.perf_counter() - t0
   m = config.model
   print(f"{m.backbone} width {m.width} {config.image_size}px projector "
         f"{m.projector} batch {config.batch_size} {m.dtype} on "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}: warmup {compile_s:.1f} s, "
-        f"{elapsed / args.steps * 1e3:.1f} ms/step, loss {float(metrics['loss']):.4f}")
+        f"{elapsed / args.steps * 1e3:.1f} ms/step, loss {float(metrics['loss']):.4f}; "
+        f"device augmentation {augment_s / args.steps * 1e3:.1f} ms "
+        f"({100 * augment_s / elapsed:.1f}% of a step)")
   print(f"images_per_s={config.batch_size * args.steps / elapsed:.1f}")
 
 

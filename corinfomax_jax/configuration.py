@@ -12,6 +12,7 @@ import re
 
 from absl import logging
 
+from corinfomax_jax import augment
 from corinfomax_jax import models
 from corinfomax_jax.errors import ConfigError
 
@@ -94,6 +95,20 @@ def aug_overrides(config) -> dict | None:
   return config.aug.to_dict() or None
 
 
+def aug_recipe(config) -> dict:
+  """The two-view recipe of config.dataset with config.aug applied, checked."""
+  try:
+    return augment.resolve(config.dataset, aug_overrides(config))
+  except ValueError as e:
+    raise ConfigError(f"config.aug: {e}") from None
+
+
+def normalization(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel that the device applies to every image."""
+  recipe = aug_recipe(config)
+  return tuple(recipe["mean"]), tuple(recipe["std"])
+
+
 def _checker(section, prefix):
   def need(ok, key, accepted):
     if not ok:
@@ -133,6 +148,7 @@ def validate_config(config) -> None:
   need(is_number("r_init") and config.r_init > 0, "r_init", "a positive number")
   need(isinstance(config.dataset, str) and config.dataset, "dataset",
        "a TFDS name, 'imagenet100', or 'folder:<root>'")
+  aug_recipe(config)
   validate_eval_config(config)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from corinfomax_jax import augment
 from corinfomax_jax import configuration
 from corinfomax_jax import knn
 from corinfomax_jax import loop
@@ -63,11 +64,12 @@ def _evenly_spaced_subset(source, num: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _features_fn(model: nn.Module, mesh: jax.sharding.Mesh):
-  """Backbone features of a global batch, jitted like the train step (cached per model)."""
+def _features_fn(model: nn.Module, mesh: jax.sharding.Mesh, mean, std):
+  """Backbone features of a uint8 global batch, jitted like the train step (cached)."""
 
   def features(variables, images):
-    return model.apply(variables, images, train=False)[0]
+    return model.apply(variables, augment.normalize_uint8(images, mean, std),
+                       train=False)[0]
 
   return jax.jit(features, in_shardings=(mesh_lib.replicated(mesh),
                                          mesh_lib.batch_sharded(mesh)),
@@ -96,7 +98,8 @@ def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, sourc
       pipeline.eval_batches(source, global_batch_size=batch_size, image_size=image_size,
                             aug_config=aug_config),
       mesh_lib.batch_sharded(mesh))
-  features_fn = _features_fn(model, mesh)
+  recipe = augment.resolve(source.name, aug_config)
+  features_fn = _features_fn(model, mesh, tuple(recipe["mean"]), tuple(recipe["std"]))
   feats, labels = [], []
 
   def fetch(pending):

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from corinfomax_jax import augment
 from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import evaluators
@@ -173,13 +174,14 @@ def create_probe_state(num_features: int, num_classes: int,
 
 
 def probe_train_step(probe: ProbeState, variables, batch, *, model, tx,
-                     learning_rate_fn):
+                     learning_rate_fn, mean, std):
   """One SGD step of the probe on {"image", "label"}: (new probe, metrics).
 
   The backbone runs in inference mode (BatchNorm uses its running statistics, which
   stay as they are) and its features are cut from the gradient: only the probe trains.
   """
-  features = jax.lax.stop_gradient(model.apply(variables, batch["image"], train=False)[0])
+  images = augment.normalize_uint8(batch["image"], mean, std)
+  features = jax.lax.stop_gradient(model.apply(variables, images, train=False)[0])
 
   def loss_fn(params):
     logits = _linear_logits(params, features)
@@ -196,9 +198,10 @@ def probe_train_step(probe: ProbeState, variables, batch, *, model, tx,
                        opt_state=opt_state), metrics
 
 
-def _probe_eval_hits(params, variables, batch, *, model):
+def _probe_eval_hits(params, variables, batch, *, model, mean, std):
   """[top-1 hits, top-5 hits, real rows] of one padded eval batch."""
-  features = model.apply(variables, batch["image"], train=False)[0]
+  images = augment.normalize_uint8(batch["image"], mean, std)
+  features = model.apply(variables, images, train=False)[0]
   valid = batch["mask"] > 0
   return jnp.concatenate([knn.topk_hits(_linear_logits(params, features), batch["label"],
                                      valid), valid.sum()[None]])
@@ -249,6 +252,8 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
       models.backbone_feature_dim(config.model.backbone, config.model.width),
       train_source.num_classes, tx, mesh, config.seed)
 
+  mean, std = configuration.normalization(config)
+
   # --- Resume: the data position is the probe's step.
   manager = checkpoints.create_manager(probe_checkpoint_dir(workdir), keep=2)
   try:
@@ -265,7 +270,7 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
     replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
     step_fn = jax.jit(
         functools.partial(probe_train_step, model=model, tx=tx,
-                          learning_rate_fn=learning_rate_fn),
+                          learning_rate_fn=learning_rate_fn, mean=mean, std=std),
         in_shardings=(replicated, replicated, data), out_shardings=(replicated, replicated),
         donate_argnums=(0,))
     logging.info("Linear probe (%s): steps %d to %d, batch %d, %d steps per epoch, lr %g "
@@ -295,7 +300,7 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
     manager.close()
 
   # --- Test: resize + centre crop, padding masked.
-  p_eval = jax.jit(functools.partial(_probe_eval_hits, model=model),
+  p_eval = jax.jit(functools.partial(_probe_eval_hits, model=model, mean=mean, std=std),
                    in_shardings=(replicated, replicated, data), out_shardings=replicated)
   hits = np.zeros(3, np.int64)
   for batch in pipeline.global_batches(

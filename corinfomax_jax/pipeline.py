@@ -16,7 +16,6 @@ to resume); that order depends on the process count.
 import atexit
 import collections
 import dataclasses
-import functools
 import math
 import weakref
 from typing import Any, Iterable, Iterator, Mapping
@@ -25,13 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from corinfomax_jax import augment
+from corinfomax_jax import crops
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.sources import Source
 from corinfomax_jax.sources import decode_image
-
-_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
-_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Tags folded into the seed so that data order and augmentation never share
 # random numbers.
@@ -39,24 +35,7 @@ _ORDER_TAG, _AUG_TAG = 1, 2
 # View ids folded into the augmentation seed.
 _VIEW_IDS = {"view1": 1, "view2": 2, "probe": 3}
 _SHUFFLE_BUFFER = 10_000  # examples; the streaming fallback's shuffle
-
-
-def normalization_stats(dataset: str) -> tuple[tuple[float, ...],
-                                               tuple[float, ...]]:
-  """(mean, std) per RGB channel for `dataset` (a `get_source` data set name).
-
-  CIFAR-10 and CIFAR-100 have their own; everything else (ImageNet, ImageNet-100,
-  image folders) gets ImageNet's. Override `mean`/`std` in the aug config for a
-  folder of another distribution.
-  """
-  name = "" if dataset.startswith("folder:") else dataset.split(":")[0]
-  return {"cifar10": _CIFAR10_STATS,
-          "cifar100": _CIFAR100_STATS}.get(name, _IMAGENET_STATS)
-
-
-def default_aug_config(dataset: str) -> dict[str, Any]:
-  """The paper's augmentation numbers with `dataset`'s normalisation."""
-  return augment.paper_config(*normalization_stats(dataset))
+_NUM_DRAWS = crops.HOST_DRAWS + augment.NUM_DRAWS
 
 
 # ----------------------------------------------------------------- data order
@@ -154,36 +133,25 @@ class View:
 
 def _crop(image, u, crop):
   if isinstance(crop, RandomCrop):
-    return augment.random_resized_crop(image, augment.crop_draws(u), crop.size,
-                                       crop.scale, crop.ratio)
-  return augment.resize_center_crop(image, crop.size, crop.resize_ratio)
+    return crops.random_resized_crop(image, u[crops.CROP_COLUMNS[0]:crops.CROP_COLUMNS[1]],
+                                     crop.size, crop.scale, crop.ratio)
+  return crops.resize_center_crop(image, crop.size, crop.resize_ratio)
 
 
-def _finish(x, u, view: View):
-  if view.recipe is not None:
-    return augment.augment_batch(x, u, view.recipe)
-  if view.flip_p > 0:
-    return augment.flip(x, augment.flip_draws(u), view.flip_p)
-  return x
+def draws_key(view_key: str) -> str:
+  """The batch key of a view's device draws: "view1" -> "view1_draws"."""
+  return f"{view_key}_draws"
 
 
-@functools.lru_cache(maxsize=64)
-def _finish_fn(views: tuple[View, ...], mean, std):
-  """The after-crop augmentation of one example, compiled once per setting.
+def view_draws(seed: tf.Tensor, rows: tf.Tensor, global_batch_size: int) -> tf.Tensor:
+  """Uniform draws [len(rows), HOST_DRAWS + augment.NUM_DRAWS] of rows of a global batch.
 
-  One XLA computation per example (4x faster than TF's op-by-op execution on
-  CPU, and ops whose draw says no are skipped), the same executable whatever
-  the batch size: the output is bitwise the same for any process count.
+  `seed` is a stateless seed (shape [2]) specific to (step, view); a row's draws do not
+  depend on which process asks for it. The first crops.HOST_DRAWS columns crop and flip
+  on the host, the rest travel with the batch to the device ops of `augment`.
   """
-  @tf.function(jit_compile=True)
-  def finish(crops, draws):
-    out = {}
-    for v in views:
-      u = None if v.view_id is None else draws[v.key][None]
-      x = _finish(crops[v.key][None], u, v)
-      out[v.key] = augment.normalize(x, mean, std)[0]
-    return out
-  return finish
+  u = tf.random.stateless_uniform([global_batch_size, _NUM_DRAWS], seed=seed)
+  return tf.gather(u, rows)
 
 
 def _process_slice(global_batch_size, process_index, process_count):
@@ -212,21 +180,25 @@ def _options(num_threads: int | None) -> tf.data.Options:
 def _add_draws(element, views, seed, global_batch_size, rows):
   for v in views:
     if v.view_id is not None:
-      element["u_" + v.key] = augment.view_draws(
-          _fold(seed, _AUG_TAG, element["step"], v.view_id), rows,
-          global_batch_size)
+      element["u_" + v.key] = view_draws(
+          _fold(seed, _AUG_TAG, element["step"], v.view_id), rows, global_batch_size)
   return element
 
 
-def _examples_to_batches(ds, source, views, local_batch, mean, std):
-  """Unbatched step elements -> decoded, cropped, augmented, batched views."""
-  finish = _finish_fn(tuple(views), tuple(mean), tuple(std))
+def _examples_to_batches(ds, source, views, local_batch):
+  """Unbatched step elements -> decoded once, cropped and flipped per view, uint8."""
 
   def per_example(ex):
     image = decode_image(source.load_example(ex["data"]))
-    draws = {v.key: ex["u_" + v.key] for v in views if v.view_id is not None}
-    crops = {v.key: _crop(image, draws.get(v.key), v.crop) for v in views}
-    return dict(finish(crops, draws), label=ex["label"], mask=ex["mask"])
+    out = dict(label=ex["label"], mask=ex["mask"])
+    for v in views:
+      u = ex.get("u_" + v.key)
+      crop = _crop(image, u, v.crop)
+      flip_p = v.recipe.flip_p if v.recipe is not None else v.flip_p
+      out[v.key] = crops.flip(crop, u[crops.FLIP_COLUMN], flip_p) if flip_p > 0 else crop
+      if v.recipe is not None:
+        out[draws_key(v.key)] = u[crops.HOST_DRAWS:]
+    return out
 
   ds = ds.unbatch().map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(local_batch, drop_remainder=True)
@@ -309,7 +281,7 @@ class _Batches:
 
 def _batches(source: Source, views: list[View], *, global_batch_size,
              process_index, process_count, seed, start_step, order,
-             aug_config, num_threads, keys, first_step=0, stop_step=None):
+             num_threads, keys, first_step=0, stop_step=None):
   """Shared body of the pipelines: global steps [first_step, stop_step).
 
   stop_step None: endless. A finite range is one padded pass (eval).
@@ -317,7 +289,6 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
   p, num_p, b = _process_slice(global_batch_size, process_index,
                                process_count)
   rows = tf.range(p * b, (p + 1) * b, dtype=tf.int64)
-  mean, std = aug_config["mean"], aug_config["std"]
 
   if source.random_access:
     def step_element(step):
@@ -332,7 +303,7 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
       ds = tf.data.Dataset.range(start, end)
       ds = ds.map(step_element, num_parallel_calls=tf.data.AUTOTUNE)
       ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "step"})
-      ds = _examples_to_batches(ds, source, views, b, mean, std)
+      ds = _examples_to_batches(ds, source, views, b)
       return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
 
     def indices_for_step(step):
@@ -354,7 +325,7 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
           lambda step, e: _add_draws(dict(e, step=step), views, seed,
                                      global_batch_size, rows))
       ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "step"})
-      ds = _examples_to_batches(ds, source, views, b, mean, std)
+      ds = _examples_to_batches(ds, source, views, b)
       return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
     indices_for_step = None
 
@@ -362,9 +333,7 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
 
 
 def _checked_config(source, aug_config):
-  config = augment.with_overrides(default_aug_config(source.name), aug_config)
-  augment.check_config(config)
-  return config
+  return augment.resolve(source.name, aug_config)
 
 
 def _random_crop(view: augment.ViewSettings, image_size: int) -> RandomCrop:
@@ -380,10 +349,12 @@ def pretrain_batches(source: Source, *, global_batch_size: int,
                      ) -> Iterator[dict[str, np.ndarray]]:
   """Endless two-view batches of this process, from global step `start_step`.
 
-  Yields dict(view1=float32 [b, S, S, 3], view2=float32 [b, S, S, 3],
-  label=int32 [b]) with b = global_batch_size / process_count, normalised
-  NHWC. `aug_config`: keys of `augment.paper_config` overriding the paper's
-  numbers with this data set's mean/std (`default_aug_config`); None: none.
+  Yields dict(view1=uint8 [b, S, S, 3], view1_draws=float32 [b, augment.NUM_DRAWS],
+  view2=..., view2_draws=..., label=int32 [b]) with b = global_batch_size /
+  process_count: each view cropped and flipped on the host, with the draws of the
+  device ops that make the rest of it (`augment.view`). `aug_config`: keys of
+  `augment.paper_config` overriding the paper's numbers with this data set's
+  mean/std (`augment.default_aug_config`); None: none.
   `num_threads` caps tf.data's threads. The iterator's `.step` is the global
   step of the next batch.
   """
@@ -397,8 +368,8 @@ def pretrain_batches(source: Source, *, global_batch_size: int,
       process_index=process_index, process_count=process_count, seed=seed,
       start_step=start_step,
       order=_train_order(source.num_examples, global_batch_size, seed),
-      aug_config=config, num_threads=num_threads,
-      keys=("view1", "view2", "label"))
+      num_threads=num_threads,
+      keys=("view1", draws_key("view1"), "view2", draws_key("view2"), "label"))
 
 
 def _probe_view(config, image_size):
@@ -416,8 +387,9 @@ def probe_train_batches(source: Source, *, global_batch_size: int,
                         ) -> Iterator[dict[str, np.ndarray]]:
   """Endless linear-probe training batches (random resized crop + flip).
 
-  Same order and resumption as `pretrain_batches`. Yields dict(image=float32
-  [b, S, S, 3], label=int32 [b]).
+  Same order and resumption as `pretrain_batches`. Yields dict(image=uint8
+  [b, S, S, 3], label=int32 [b]), to be normalised on the device
+  (`augment.normalize_uint8`).
   """
   config = _checked_config(source, aug_config)
   return _batches(
@@ -425,7 +397,7 @@ def probe_train_batches(source: Source, *, global_batch_size: int,
       global_batch_size=global_batch_size, process_index=process_index,
       process_count=process_count, seed=seed, start_step=start_step,
       order=_train_order(source.num_examples, global_batch_size, seed),
-      aug_config=config, num_threads=num_threads, keys=("image", "label"))
+      num_threads=num_threads, keys=("image", "label"))
 
 
 def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
@@ -437,7 +409,7 @@ def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the whole split: `eval_steps(...)` batches.
 
-  Yields dict(image=float32 [b, S, S, 3], label=int32 [b], mask=float32 [b]);
+  Yields dict(image=uint8 [b, S, S, 3], label=int32 [b], mask=float32 [b]);
   the last global batch is padded and mask is 1 on real rows, 0 on padding
   (and on images skipped as unreadable), so each example counts exactly once.
   train_augment=False: index order, resize to int(S * test_resize_ratio)
@@ -459,8 +431,7 @@ def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
       source, [view], global_batch_size=global_batch_size,
       process_index=process_index, process_count=process_count, seed=seed,
       start_step=epoch * num_steps, first_step=epoch * num_steps,
-      stop_step=(epoch + 1) * num_steps, order=order, aug_config=config,
-      num_threads=num_threads, keys=("image", "label", "mask"))
+      stop_step=(epoch + 1) * num_steps, order=order, num_threads=num_threads, keys=("image", "label", "mask"))
 
 
 # ------------------------------------------------------------------- devices

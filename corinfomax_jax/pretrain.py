@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from corinfomax_jax import augment
 from corinfomax_jax import configuration
 from corinfomax_jax import evaluators as evaluators_lib
 from corinfomax_jax import loop
@@ -31,14 +32,34 @@ def loss_kwargs(config) -> dict:
               normalize=config.normalize)
 
 
-def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw):
-  """One CorInfoMax step on the global batch {"view1", "view2"}: (new state, metrics)."""
+def make_views(config):
+  """batch -> (view 1, view 2): the device's share of the paper's two views.
+
+  The batch holds uint8 crops (already flipped on the host) and each example's draws
+  ("view1", "view1_draws", ...); colour jitter, grayscale, blur, solarisation and
+  normalisation run here, per example, on the sharded batch.
+  """
+  recipe = configuration.aug_recipe(config)
+  mean, std = tuple(recipe["mean"]), tuple(recipe["std"])
+  settings = {k: augment.view_config(recipe, k) for k in ("view1", "view2")}
+
+  def views(batch):
+    return tuple(augment.view(batch[k], batch[f"{k}_draws"], settings[k], mean=mean,
+                              std=std) for k in ("view1", "view2"))
+
+  return views
+
+
+def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw,
+               views_fn):
+  """One CorInfoMax step on the global batch (see make_views): (new state, metrics)."""
+  x1, x2 = views_fn(batch)
 
   def loss_fn(params):
     # Each view passes separately, so BatchNorm statistics are per view (the reference).
     (_, z1), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   batch["view1"], train=True, mutable=["batch_stats"])
-    (_, z2), updates = model.apply({"params": params, **updates}, batch["view2"],
+                                   x1, train=True, mutable=["batch_stats"])
+    (_, z2), updates = model.apply({"params": params, **updates}, x2,
                                    train=True, mutable=["batch_stats"])
     loss, loss_state, metrics = objective.corinfomax_loss(z1, z2, state.loss_state,
                                                           **loss_kw)
@@ -57,7 +78,8 @@ def jit_train_step(config, model, tx, learning_rate_fn, mesh):
   """train_step jitted over `mesh`: batch sharded on "data", state replicated, donated."""
   replicated = mesh_lib.replicated(mesh)
   step = functools.partial(train_step, model=model, tx=tx,
-                           learning_rate_fn=learning_rate_fn, loss_kw=loss_kwargs(config))
+                           learning_rate_fn=learning_rate_fn, loss_kw=loss_kwargs(config),
+                           views_fn=make_views(config))
   return jax.jit(step, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 

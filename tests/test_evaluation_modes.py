@@ -131,10 +131,11 @@ def test_probe_step_leaves_the_backbone_alone(pretrained):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   before = jax.device_get(variables)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+  batch = {"image": rng.integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8),
            "label": rng.integers(0, _NUM_CLASSES, 16).astype(np.int32)}
+  mean, std = configuration.normalization(config)
   step = jax.jit(lambda p, v, b: linear_probe.probe_train_step(
-      p, v, b, model=model, tx=tx, learning_rate_fn=lambda s: 0.5),
+      p, v, b, model=model, tx=tx, learning_rate_fn=lambda s: 0.5, mean=mean, std=std),
                  in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P()),
                                NamedSharding(mesh, P("data"))))
   probe0 = jax.device_get(probe.params)
@@ -144,14 +145,16 @@ def test_probe_step_leaves_the_backbone_alone(pretrained):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), before)
   # The loss is that of the inference-mode features (running statistics, not the
   # batch's), and the probe moved.
-  features = model.apply(before, batch["image"], train=False)[0]
+  images = (batch["image"] / 255.0 - np.array(mean)) / np.array(std)
+  features = model.apply(before, images.astype(np.float32), train=False)[0]
   logits = features @ probe0["kernel"] + probe0["bias"]
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   np.testing.assert_allclose(metrics["loss"], expected.mean(), rtol=1e-4)
   assert not np.allclose(new_probe.params["kernel"], probe0["kernel"])
   # No gradient reaches the backbone.
   grads = jax.grad(lambda v: linear_probe.probe_train_step(
-      probe, v, batch, model=model, tx=tx, learning_rate_fn=lambda s: 0.5)[1]["loss"])(
+      probe, v, batch, model=model, tx=tx, learning_rate_fn=lambda s: 0.5, mean=mean,
+      std=std)[1]["loss"])(
           variables)
   assert all(not np.any(g) for g in jax.tree.leaves(grads))
 
@@ -171,6 +174,8 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
   batches = list(pipeline.eval_batches(test_source, global_batch_size=16,
                                              image_size=16))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+  mean, std = configuration.normalization(config)
+  images = ((images / 255.0 - np.array(mean)) / np.array(std)).astype(np.float32)
   direct = model.apply(jax.device_get(variables), images, train=False)[0]
   assert feats.shape == (_NUM_CLASSES * _PER_CLASS, _FEATURE_DIM)
   np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)

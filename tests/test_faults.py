@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
+from corinfomax_jax import augment
 from corinfomax_jax import errors
 from corinfomax_jax import pipeline
 from corinfomax_jax import pretrain
@@ -153,8 +154,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
-      if i == 5:  # global step 5 sees a NaN image
-        batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+      if i == 5:  # global step 5 draws a NaN blur sigma, hence NaN images
+        draws = np.zeros_like(batch["view1_draws"])  # every op applies
+        draws[:, augment.DRAWS["blur"][0] + 1] = np.nan
+        batch = dict(batch, view1_draws=draws)
       yield batch
 
   monkeypatch.setattr(pipeline, "pretrain_batches", poisoned)

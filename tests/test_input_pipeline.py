@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from corinfomax_jax import augment
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import pipeline
 from corinfomax_jax import sources
@@ -93,7 +94,7 @@ def test_folder_labels_from_sorted_class_names(mixed):
                                process_index=0, process_count=1))
   assert batch["label"].tolist() == [0, 0, 0, 1, 1, 2]
   assert batch["image"].shape == (6, 8, 8, 3)
-  assert batch["image"].dtype == np.float32
+  assert batch["image"].dtype == np.uint8
 
 
 def test_every_image_mode_decodes_to_rgb(mixed):
@@ -132,7 +133,8 @@ def test_skip_mode_logs_and_counts(tmp_path, caplog):
   assert batches[0]["mask"].tolist() == [1, 1, 1, 0]  # the bad file counts 0
   assert source.skipped == [str(tmp_path / "train" / "b" / "bad.jpg")]
   assert "bad.jpg" in caplog.text and "1 skipped" in caplog.text
-  assert np.isfinite(pretrain["view1"]).all()
+  assert pretrain["view1"].dtype == np.uint8
+  assert np.isfinite(pretrain["view1_draws"]).all()
 
 
 def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
@@ -152,14 +154,14 @@ def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
 
 
 def test_normalization_stats_and_default_config():
-  assert pipeline.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
+  assert augment.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
                                                (0.247, 0.243, 0.261))
-  assert pipeline.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
+  assert augment.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
                                                 (0.2673, 0.2564, 0.2762))
   imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
   for name in ("imagenet2012", "imagenet100", "folder:/x/cifar10"):
-    assert pipeline.normalization_stats(name) == imagenet
-  assert pipeline.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
+    assert augment.normalization_stats(name) == imagenet
+  assert augment.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
 
 
 def test_imagenet100_class_list():
@@ -199,7 +201,9 @@ def test_pretrain_reads_batch_indices_and_augments(unique):
     assert batch["label"].tolist() == pipeline.batch_indices(NUM_UNIQUE, 4, 5,
                                                        step).tolist()
     assert batch["view1"].shape == batch["view2"].shape == (4, 16, 16, 3)
-    assert batch["view1"].dtype == np.float32
+    assert batch["view1"].dtype == batch["view2"].dtype == np.uint8
+    assert batch["view1_draws"].shape == (4, augment.NUM_DRAWS)
+    assert batch["view1_draws"].dtype == np.float32
     assert batch["label"].dtype == np.int32
     # Same source image everywhere: views, rows and steps differ by
     # augmentation alone.
@@ -220,9 +224,12 @@ def test_aug_config_overrides_the_paper_defaults(unique):
   batch = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
                                    seed=0, process_index=0, process_count=1,
                                    aug_config=config))
-  mean, std = pipeline.normalization_stats(unique.name)
-  for view in ("view1", "view2"):  # grayscale p=1: the channels agree
-    rgb = batch[view] * np.array(std) + np.array(mean)
+  recipe = augment.resolve(unique.name, config)
+  mean, std = recipe["mean"], recipe["std"]
+  for view in ("view1", "view2"):  # grayscale p=1 on the device: the channels agree
+    out = augment.view(batch[view], batch[f"{view}_draws"],
+                       augment.view_config(recipe, view), mean=mean, std=std)
+    rgb = np.asarray(out) * np.array(std) + np.array(mean)
     np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)
   with pytest.raises(ValueError, match="Unknown augmentation key 'grey_p'"):
     pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8, seed=0,
@@ -239,7 +246,7 @@ def test_process_count_invariance_and_resume(unique):
   for count in (2, 4):
     resumed = _global(make(3), count, 3)  # resume at step 3
     for step, batch in enumerate(resumed, start=3):
-      for key in ("view1", "view2", "label"):
+      for key in ("view1", "view1_draws", "view2", "view2_draws", "label"):
         assert np.array_equal(batch[key], reference[step][key]), (count, step)
 
 
@@ -337,10 +344,10 @@ class CorinfomaxTinyImages(tfds.core.GeneratorBasedBuilder):
 
 
 def _identities(batches, name):
-  mean, std = pipeline.normalization_stats(name)
+  del name
   ids = []
   for batch in batches:
-    value = (batch["image"][:, 0, 0, 0] * std[0] + mean[0]) * 255 / 20
+    value = batch["image"][:, 0, 0, 0] / 20
     ids += np.round(value[batch["mask"] > 0]).astype(int).tolist()
   return ids
 

@@ -1,8 +1,8 @@
 """The package's layers only point down, and no two modules import each other.
 
 The layers, bottom to top (README, Layout):
-  maths        errors, mesh, objective, models, augment, augment_device, knn, export
-  data         sources, pipeline
+  maths        errors, mesh, objective, models, augment, knn, export
+  data         sources, crops, pipeline
   run          configuration, checkpoints, metrics, loop, train_state
   loops        evaluators, linear_probe, pretrain
   main.py
@@ -16,9 +16,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "corinfomax_jax"
 LAYERS = [
-    ("maths", {"errors", "mesh", "objective", "models", "augment", "augment_device",
-               "knn", "export"}),
-    ("data", {"sources", "pipeline"}),
+    ("maths", {"errors", "mesh", "objective", "models", "augment", "knn", "export"}),
+    ("data", {"sources", "crops", "pipeline"}),
     ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state"}),
     ("loops", {"evaluators", "linear_probe", "pretrain"}),
 ]

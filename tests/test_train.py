@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from corinfomax_jax import objective
+from corinfomax_jax import augment
 from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
@@ -24,6 +25,16 @@ from corinfomax_jax import train_state as train_state_lib
 
 def _folder_config(image_folder, **overrides):
   return tiny_config(f"folder:{image_folder}", **overrides)
+
+
+def _two_view_batch(n, size, seed=0):
+  """What the host pipeline sends: uint8 crops and each example's draws, per view."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for k in ("view1", "view2"):
+    batch[k] = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    batch[f"{k}_draws"] = rng.uniform(size=(n, augment.NUM_DRAWS)).astype(np.float32)
+  return batch
 
 
 def _leaves_close(a, b, rtol, atol):
@@ -69,8 +80,7 @@ def test_train_step_on_8_devices_equals_one_device():
   model = configuration.create_model(config)
   lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
   tx = train_state_lib.create_optimizer(config, lr_fn)
-  rng = np.random.default_rng(0)
-  batch = {k: rng.normal(size=(16, 16, 16, 3)).astype(np.float32) for k in ("view1", "view2")}
+  batch = _two_view_batch(16, 16)
 
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
@@ -104,10 +114,11 @@ def test_bfloat16_runs_network_in_bf16_with_float32_state():
   tx = train_state_lib.create_optimizer(config, lr_fn)
   mesh = mesh_lib.make_mesh()
   state = train_state_lib.create_train_state(config, model, tx, mesh)
-  batch = {k: jnp.ones((16, 16, 16, 3)) for k in ("view1", "view2")}
+  batch = _two_view_batch(16, 16)
   jaxpr = str(jax.make_jaxpr(functools.partial(
       pretrain.train_step, model=model, tx=tx, learning_rate_fn=lr_fn,
-      loss_kw=pretrain.loss_kwargs(config)))(state, batch))
+      loss_kw=pretrain.loss_kwargs(config), views_fn=pretrain.make_views(config)))(
+          state, batch))
   assert "bf16" in jaxpr  # the convolutions run in bfloat16
   state, metrics = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)(state, batch)
   assert np.isfinite(float(metrics["loss"]))

@@ -1,0 +1,111 @@
+"""Tests of corinfomax_jax.crops: the host's crops against torchvision and PIL."""
+import math
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from corinfomax_jax import crops
+
+CIFAR_IMAGE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+               / "train" / "cat" / "0003.jpg")
+
+
+def _draws(batch, seed=0, columns=crops.HOST_DRAWS):
+  return tf.random.stateless_uniform([batch, columns], seed=[seed, 7])
+
+
+def _smooth_uint8(height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  small = rng.uniform(0, 255, size=(1, 5, 5, 3)).astype(np.float32)
+  image = tf.image.resize(small, [height, width], method="bilinear")[0]
+  return np.round(image.numpy()).astype(np.uint8)
+
+
+def _torchvision_window(h, w, u, scale, ratio):
+  """torchvision RandomResizedCrop.get_params with the given draws."""
+  n = crops.CROP_ATTEMPTS
+  area = h * w
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for k in range(n):
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[k])
+    aspect = math.exp(log_lo + (log_hi - log_lo) * u[n + k])
+    cw = round(math.sqrt(target * aspect))
+    ch = round(math.sqrt(target / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      return (int(u[2 * n + k] * (h - ch + 1)), int(u[3 * n + k] * (w - cw + 1)),
+              ch, cw)
+  in_ratio = w / h
+  if in_ratio < min(ratio):
+    cw, ch = w, round(w / min(ratio))
+  elif in_ratio > max(ratio):
+    ch, cw = h, round(h * max(ratio))
+  else:
+    cw, ch = w, h
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+# ---------------------------------------------------------------- crops
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (20, 50), (375, 500)])
+def test_crop_window_matches_torchvision(height, width):
+  u = _draws(40, seed=height)[:, :4 * crops.CROP_ATTEMPTS].numpy()
+  for scale, ratio in [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (3.0, 4.0))]:
+    for row in u:
+      got = [int(v) for v in crops.crop_window(height, width, row, scale,
+                                                 ratio)]
+      want = _torchvision_window(height, width, row.astype(np.float64), scale,
+                                 ratio)
+      assert got == list(want), (row, scale, ratio)
+      top, left, h, w = got
+      assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+
+
+def test_crop_window_falls_back_to_centre_crop():
+  # No box of full area with aspect 2 fits a square: centred 32x16.
+  u = _draws(1)[0, :4 * crops.CROP_ATTEMPTS]
+  got = [int(v) for v in crops.crop_window(32, 32, u, (1.0, 1.0), (2.0, 2.0))]
+  assert got == [8, 0, 16, 32]
+
+
+def test_random_resized_crop_shape_range_and_bicubic_like_pil():
+  image = _smooth_uint8(40, 30)
+  u = _draws(3)
+  for row in u:
+    out = crops.random_resized_crop(image, row[:4 * crops.CROP_ATTEMPTS], 24,
+                                      (0.08, 1.0), (3 / 4, 4 / 3))
+    assert out.shape == (24, 24, 3) and out.dtype == tf.uint8
+  # Whole-image "crop" (scale 1, ratio of the image) is PIL's bicubic resize.
+  square = _smooth_uint8(40, 40)
+  out = crops.random_resized_crop(square, u[0, :4 * crops.CROP_ATTEMPTS], 24,
+                                  (1.0, 1.0), (1.0, 1.0)).numpy()
+  ref = np.asarray(Image.fromarray(square).resize((24, 24), Image.BICUBIC))
+  assert np.abs(out.astype(int) - ref).max() <= 1  # both round to uint8
+
+
+def test_resize_center_crop_matches_pil():
+  if os.path.exists(CIFAR_IMAGE):
+    image = np.asarray(Image.open(CIFAR_IMAGE).convert("RGB"))
+  else:
+    image = _smooth_uint8(32, 32)
+  out = crops.resize_center_crop(image, 32, 8 / 7).numpy()
+  assert out.shape == (32, 32, 3)
+  ref = np.asarray(Image.fromarray(image).resize((36, 36), Image.BICUBIC))
+  assert out.dtype == np.uint8
+  assert np.abs(out.astype(int) - ref[2:34, 2:34]).max() <= 1
+  # Non-square: the shorter side becomes int(size * ratio).
+  wide = _smooth_uint8(30, 60)
+  out = crops.resize_center_crop(wide, 16, 1.5).numpy()
+  ref = np.asarray(Image.fromarray(wide).resize((48, 24), Image.BICUBIC))
+  assert np.abs(out.astype(int) - ref[4:20, 16:32]).max() <= 1
+
+
+def test_flip_reverses_columns_where_the_draw_says():
+  image = _smooth_uint8(4, 6)
+  np.testing.assert_array_equal(np.asarray(crops.flip(image, 0.3, 0.5)), image[:, ::-1])
+  np.testing.assert_array_equal(np.asarray(crops.flip(image, 0.7, 0.5)), image)
+  np.testing.assert_array_equal(crops.flip(image, 0.0, 0.0), image)
