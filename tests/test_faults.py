@@ -164,3 +164,22 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder
     pretrain.train_and_evaluate(config, str(tmp_path))
   assert "last good checkpoint is step 4" in str(info.value)
   assert committed_steps(str(tmp_path)) == [2, 4]
+
+
+def test_nan_at_a_checkpoint_step_saves_nothing_of_it(image_folder, tmp_path, monkeypatch):
+  """The NaN lands on a checkpoint step (4) with reports rare: the guard runs first."""
+  real = pipeline.pretrain_batches
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
+      if i == 4:
+        batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(pipeline, "pretrain_batches", poisoned)
+  config = tiny_config(f"folder:{image_folder}", max_steps=8, checkpoint_every_steps=2,
+                       log_every_steps=100)
+  with pytest.raises(errors.NonFiniteLossError, match="at step 4"):
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  assert committed_steps(str(tmp_path)) == [2]
+  assert not glob.glob(str(tmp_path / "checkpoints" / "4*"))  # not even a temporary one
