@@ -23,6 +23,7 @@ from corinfomax_jax import metrics as metrics_lib
 from corinfomax_jax import objective
 from corinfomax_jax.train_state import TrainState
 from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax import workdir as workdir_lib
 
 
 def loss_kwargs(config) -> dict:
@@ -97,6 +98,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
   configuration.validate_config(config)
+  workdir_lib.check_workdir(workdir)
   batch_size = config.batch_size
   mesh_lib.check_batch_divides(batch_size, jax.device_count(), jax.process_count())
   mesh = mesh_lib.make_mesh()
@@ -124,7 +126,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   state = train_state_lib.create_train_state(config, model, tx, mesh)
 
   # --- Checkpoint: resume where the workdir left off.
-  os.makedirs(workdir, exist_ok=True)
   manager = train_state_lib.create_checkpoint_manager(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
   try:
