@@ -183,3 +183,68 @@ def test_nan_at_a_checkpoint_step_saves_nothing_of_it(image_folder, tmp_path, mo
     pretrain.train_and_evaluate(config, str(tmp_path))
   assert committed_steps(str(tmp_path)) == [2]
   assert not glob.glob(str(tmp_path / "checkpoints" / "4*"))  # not even a temporary one
+
+
+def test_first_ctrl_c_saves_like_sigterm(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      main_command(image_folder, workdir, "--config.max_steps=100000",
+                   "--config.checkpoint_every_steps=5"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: committed_steps(workdir), proc)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "finishing this step and saving; press Ctrl-C again to abort" in stderr
+  last = max(committed_steps(workdir))
+  assert f"Preempted: checkpoint at step {last} written" in stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
+def test_second_ctrl_c_aborts_in_one_line(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      main_command(image_folder, workdir, "--config.max_steps=100000",
+                   "--config.checkpoint_every_steps=5"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: committed_steps(workdir), proc)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)  # two signals at once would merge into one
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+  assert "Traceback" not in stderr
+
+
+def probe_steps(workdir):
+  names = (os.path.basename(os.path.dirname(p)) for p in glob.glob(
+      os.path.join(workdir, "linear_eval", "checkpoints", "*", "commit_success.txt")))
+  return sorted(int(n) for n in names if n.isdigit())  # not <step>.orbax-checkpoint-tmp
+
+
+def test_linear_eval_sigterm_saves_the_probe_and_resumes(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), workdir)
+  probe_flags = ["--mode=linear_eval", "--config.eval.linear_batch_size=16",
+                 "--config.eval.batch_size=16", "--config.eval.linear_epochs=100000"]
+  proc = subprocess.Popen(main_command(image_folder, workdir, *probe_flags),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: probe_steps(workdir), proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  last = max(probe_steps(workdir))
+  assert f"Linear probe preempted at step {last}" in stderr
+  leftovers = [p for p in os.listdir(os.path.join(workdir, "linear_eval", "checkpoints"))
+               if not p.isdigit()]
+  assert not leftovers, leftovers  # no temporary directory left behind
+  assert not os.path.exists(os.path.join(workdir, "linear_eval.json"))
+
+  rerun = subprocess.run(
+      main_command(image_folder, workdir, *probe_flags,
+                   f"--config.eval.linear_max_steps={last + 2}"),
+      capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resumed from" in rerun.stderr and f"at step {last} of {last + 2}" in rerun.stderr
+  assert os.path.exists(os.path.join(workdir, "linear_eval.json"))
