@@ -7,6 +7,9 @@ temporary directory that the next run removes.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging as logging_std
 import os
 from typing import Any, Callable
 
@@ -42,43 +45,65 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
   `check_record(record, step)` raises ConfigError for a checkpoint this run must not use
   (another model); that error propagates. A record of an older layout is refused the
   same way. A checkpoint that cannot be read (a file truncated by a crash) is skipped
-  with one warning in favour of the one before it and, when `set_aside` (a writer of
+  in favour of the one before it, with one warning and, when `set_aside` (a writer of
   new checkpoints), renamed `<step>.unreadable`: nothing is deleted and no good
   checkpoint is overwritten.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  unreadable = []
+  unreadable = {}  # step -> why
   found = None, None
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      record = manager.restore(
-          step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    except Exception as e:  # pylint: disable=broad-except
-      record, error = None, e
-    if record is not None:
-      if record.get("format") != FORMAT:
-        raise ConfigError(
-            f"The checkpoints in {manager.directory} were written by an older version of "
-            f"corinfomax-jax (checkpoint format {record.get('format', 1)}, this version "
-            f"reads format {FORMAT}). Use a new --workdir, or the version that wrote them.")
-      check_record(record, step)
+  with _unretrieved_futures_silenced():
+    for step in sorted(manager.all_steps(), reverse=True):
       try:
-        state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
-        found = state, record
-        break
+        record = manager.restore(
+            step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
       except Exception as e:  # pylint: disable=broad-except
-        error = e
-    logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
-                    step, manager.directory, type(error).__name__,
-                    str(error).splitlines()[0][:200] if str(error) else "")
-    unreadable.append(step)
-  if unreadable and set_aside:
-    _set_aside(manager, unreadable)
-    if found[0] is None:
-      logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
+        record, error = None, e
+      if record is not None:
+        if record.get("format") != FORMAT:
+          raise ConfigError(
+              f"The checkpoints in {manager.directory} were written by an older version "
+              f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
+              f"version reads format {FORMAT}). Use a new --workdir, or the version that "
+              "wrote them.")
+        check_record(record, step)
+        try:
+          state = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract)))["state"]
+          found = state, record
+          break
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      unreadable[step] = (f"{type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+  moved = _set_aside(manager, list(unreadable)) if unreadable and set_aside else {}
+  for step, why in unreadable.items():  # one line each
+    logging.warning("Checkpoint step %d in %s is unreadable (%s); %s.", step,
+                    manager.directory, why,
+                    f"moved to {moved[step]}" if step in moved else "skipped")
+  if unreadable and found[0] is None and set_aside:
+    logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
   return found
+
+
+class _UnretrievedFutures(logging_std.Filter):
+  def filter(self, record):
+    return "exception was never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _unretrieved_futures_silenced():
+  """A failed restore leaves orbax's sibling asyncio futures failed and unread; asyncio
+  logs a traceback for each when they are collected. The warning above says it once."""
+  quiet = _UnretrievedFutures()
+  asyncio_logger = logging_std.getLogger("asyncio")
+  asyncio_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    gc.collect()  # collect them while the filter is on
+    asyncio_logger.removeFilter(quiet)
 
 
 def check_same(saved: dict, expected: dict, step: int, directory, prefix: str = "") -> None:
@@ -92,8 +117,10 @@ def check_same(saved: dict, expected: dict, step: int, directory, prefix: str = 
         f"configuration ({detail}). Use another --workdir, or the original configuration.")
 
 
-def _set_aside(manager, steps):
-  """Renames unreadable step directories so that new saves never collide with them."""
+def _set_aside(manager, steps) -> dict:
+  """Renames unreadable step directories so that new saves never collide with them:
+  {step: new path}."""
+  moved = {}
   if jax.process_index() == 0:
     for step in steps:
       path = os.path.join(str(manager.directory), str(step))
@@ -102,8 +129,9 @@ def _set_aside(manager, steps):
       while os.path.exists(target):
         target, suffix = f"{path}.unreadable{suffix}", suffix + 1
       os.rename(path, target)
-      logging.warning("Moved unreadable checkpoint %s to %s.", path, target)
+      moved[step] = target
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("corinfomax_set_aside_unreadable_checkpoints")
   manager.reload()
+  return moved

@@ -248,3 +248,29 @@ def test_linear_eval_sigterm_saves_the_probe_and_resumes(image_folder, tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed from" in rerun.stderr and f"at step {last} of {last + 2}" in rerun.stderr
   assert os.path.exists(os.path.join(workdir, "linear_eval.json"))
+
+
+def test_every_checkpoint_unreadable_gives_one_warning_each(image_folder, tmp_path, capfd,
+                                                           caplog):
+  config = tiny_config(f"folder:{image_folder}", max_steps=4, checkpoint_every_steps=2)
+  workdir = str(tmp_path)
+  pretrain.train_and_evaluate(config, workdir)
+  for step in (2, 4):
+    data_files = [p for p in glob.glob(f"{workdir}/checkpoints/{step}/state/**/*",
+                                       recursive=True) if os.path.isfile(p)]
+    biggest = max(data_files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  capfd.readouterr()
+  config.max_steps = 1
+  with caplog.at_level("WARNING"):
+    state = pretrain.train_and_evaluate(config, workdir)
+    import gc  # pylint: disable=g-import-not-at-top
+    gc.collect()  # "exception was never retrieved" is logged when a future is collected
+  assert int(state.step) == 1  # from scratch
+  messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert sum("unreadable" in m for m in messages) == 2, messages  # one per checkpoint
+  assert sum("starting from scratch" in m for m in messages) == 1, messages
+  text = caplog.text + capfd.readouterr().err
+  assert "never retrieved" not in text and "Traceback" not in text, text[-3000:]
+  assert {"2.unreadable", "4.unreadable"} <= set(os.listdir(f"{workdir}/checkpoints"))
