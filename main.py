@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
@@ -55,7 +56,8 @@ def _fail(error: BaseException, workdir: str | None) -> None:
   trace = "".join(traceback.format_exception(error))
   logging.debug("%s", trace)  # shown with --verbosity=1
   message = " ".join(str(error).split()) or type(error).__name__
-  if not isinstance(error, (errors.ConfigError, errors.NonFiniteLossError)):
+  if not isinstance(error, (errors.ConfigError, errors.NonFiniteLossError,
+                            errors.CheckpointSaveError)):
     message = f"{message} ({type(error).__name__})"
   if workdir and os.path.isdir(workdir) and jax.process_index() == 0:
     try:
@@ -72,6 +74,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # A failed asynchronous save leaves orbax's sibling futures unread; asyncio would log
+  # a traceback for each at exit. The one error line names the cause.
+  logging_std.getLogger("asyncio").addFilter(checkpoints.UnretrievedFutures())
   try:
     if FLAGS.coordinator_address:
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

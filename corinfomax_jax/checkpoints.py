@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
+from corinfomax_jax.errors import CheckpointSaveError
 from corinfomax_jax.errors import ConfigError
 
 # Version of the checkpoint layout; a record without it comes from an older layout.
@@ -30,12 +31,40 @@ def create_manager(directory: str, *, keep: int):
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "run"))
 
 
+_pending_step = {}  # id(manager) -> the step of its latest asynchronous save
+
+
 def save(manager, step: int, state: Any, record: dict) -> None:
-  """Starts an asynchronous save of (state, record) as `step`."""
+  """Starts an asynchronous save of (state, record) as `step`.
+
+  The previous save must have finished first (orbax waits for it anyway): if it failed,
+  CheckpointSaveError says so now, instead of a pile of tracebacks at the end.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  finish(manager)
+  _pending_step[id(manager)] = step
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       run=ocp.args.JsonSave({**record, "format": FORMAT})))
+
+
+def finish(manager) -> None:
+  """Waits for the pending save; CheckpointSaveError (one line) if it failed."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    step = _pending_step.pop(id(manager), None)
+    manager.reload()
+    good = [s for s in manager.all_steps() if s != step]
+    cause = " ".join(str(e).split()) or type(e).__name__
+    if len(cause) > 300:  # the OS's reason ("File too large") ends the message
+      cause = "..." + cause[-240:]
+    raise CheckpointSaveError(
+        f"Saving the checkpoint of step {step} in {manager.directory} failed ({cause}); "
+        f"the last good checkpoint is "
+        f"{f'step {max(good)}' if good else 'none'}. Free space there (or use another "
+        "--workdir) and run again to resume.") from None
 
 
 def restore_latest(manager, template: Any, check_record: Callable[[dict, int], None], *,
@@ -87,7 +116,9 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
   return found
 
 
-class _UnretrievedFutures(logging_std.Filter):
+class UnretrievedFutures(logging_std.Filter):
+  """Drops asyncio's "exception was never retrieved" records (orbax's failed futures)."""
+
   def filter(self, record):
     return "exception was never retrieved" not in record.getMessage()
 
@@ -96,7 +127,7 @@ class _UnretrievedFutures(logging_std.Filter):
 def _unretrieved_futures_silenced():
   """A failed restore leaves orbax's sibling asyncio futures failed and unread; asyncio
   logs a traceback for each when they are collected. The warning above says it once."""
-  quiet = _UnretrievedFutures()
+  quiet = UnretrievedFutures()
   asyncio_logger = logging_std.getLogger("asyncio")
   asyncio_logger.addFilter(quiet)
   try:

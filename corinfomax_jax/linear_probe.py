@@ -287,8 +287,10 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
       if preempted:
         return {"preempted": True, "step": int(probe.step)}
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    try:
+      checkpoints.finish(manager)
+    finally:
+      manager.close()
 
   # --- Test: resize + centre crop, padding masked.
   p_eval = jax.jit(functools.partial(_probe_eval_hits, model=model),

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import evaluators as evaluators_lib
 from corinfomax_jax import loop
@@ -168,8 +169,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
                                 num_steps=num_steps, actions=actions)
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    try:
+      checkpoints.finish(manager)
+    finally:
+      manager.close()
     writer.close()
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))

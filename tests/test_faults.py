@@ -274,3 +274,35 @@ def test_every_checkpoint_unreadable_gives_one_warning_each(image_folder, tmp_pa
   text = caplog.text + capfd.readouterr().err
   assert "never retrieved" not in text and "Traceback" not in text, text[-3000:]
   assert {"2.unreadable", "4.unreadable"} <= set(os.listdir(f"{workdir}/checkpoints"))
+
+
+DISK_FULL_AFTER_FIRST_SAVE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+from corinfomax_jax import checkpoints
+real_save = checkpoints.save
+def save(manager, step, state, record):
+  if step > 2:  # the disk is full from the second save on: 'File too large'
+    checkpoints.finish(manager)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+  real_save(manager, step, state, record)
+checkpoints.save = save
+sys.argv = sys.argv[1:]
+exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"))
+"""
+
+
+def test_a_failed_save_stops_in_one_line_and_keeps_the_last_good(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  command = main_command(image_folder, workdir, "--config.max_steps=8",
+                         "--config.checkpoint_every_steps=2")
+  command[1:1] = ["-c", DISK_FULL_AFTER_FIRST_SAVE]
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert lines[-1].startswith("error: Saving the checkpoint of step 4"), proc.stderr[-3000:]
+  assert workdir in lines[-1] and "last good checkpoint is step 2" in lines[-1]
+  assert "File too large" in lines[-1]
+  assert committed_steps(workdir) == [2]
+  assert proc.stderr.count("Traceback") <= 1, proc.stderr[-5000:]
