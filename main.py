@@ -8,7 +8,9 @@ topology. Elsewhere pass --coordinator_address, --num_processes and --process_id
 """
 
 import logging as logging_std
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -16,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
@@ -37,6 +40,8 @@ flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+ERROR_LOG = "error.log"  # the traceback of the error main.py printed in one line
+
 
 class _QuietLibraries(logging_std.Filter):
   """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
@@ -45,33 +50,97 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
+def _fail(error: BaseException, workdir: str | None) -> None:
+  """Prints `error: ...` as one line on stderr and exits 1; the traceback goes to the log
+  at --verbosity=1 and to <workdir>/error.log when the workdir can take it."""
+  trace = "".join(traceback.format_exception(error))
+  logging.debug("%s", trace)  # shown with --verbosity=1
+  message = " ".join(str(error).split()) or type(error).__name__
+  if not isinstance(error, (errors.ConfigError, errors.NonFiniteLossError,
+                            errors.CheckpointSaveError)):
+    message = f"{message} ({type(error).__name__})"
+  if workdir and os.path.isdir(workdir) and jax.process_index() == 0:
+    try:
+      with open(os.path.join(workdir, ERROR_LOG), "a") as f:
+        f.write(f"error: {message}\n{trace}\n")
+    except OSError:
+      pass  # an unwritable workdir may be the error itself
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
-  elif FLAGS.distributed:
-    jax.distributed.initialize()
-  logging.info("JAX process %d of %d, %d local of %d devices (%s).", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  # A failed asynchronous save leaves orbax's sibling futures unread; asyncio would log
+  # a traceback for each at exit. The one error line names the cause.
+  logging_std.getLogger("asyncio").addFilter(checkpoints.UnretrievedFutures())
   try:
+    if FLAGS.coordinator_address:
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                 num_processes=FLAGS.num_processes,
+                                 process_id=FLAGS.process_id)
+    elif FLAGS.distributed:
+      jax.distributed.initialize()
+    logging.info("JAX process %d of %d, %d local of %d devices (%s).", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
     if FLAGS.mode == "pretrain":
       pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "knn_eval":
       evaluators.knn_eval(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "linear_eval":
       linear_probe.linear_eval(FLAGS.config, FLAGS.workdir)
-  except (errors.ConfigError, errors.NonFiniteLossError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+  except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
+    sys.stderr.write("error: interrupted; nothing was saved since the last checkpoint.\n")
+    sys.stderr.flush()
+    os._exit(130)  # background threads (checkpointing, input) must not keep it alive
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(e, FLAGS.workdir)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with an unknown --config.<key> reported in one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception:  # pylint: disable=broad-except
+    message = None
+    path = _config_path(argv)
+    if path:
+      try:
+        config = _load_config(path)
+        message = configuration.unknown_override(config, argv)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    if message is None:
+      raise
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(1)
+
+
+def _load_config(path: str):
+  """get_config() of a config file "path[:argument]", as --config loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  file, *args = path.split(":", 1)
+  spec = importlib.util.spec_from_file_location("corinfomax_config_check", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def _config_path(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
   # config_flags reads overrides from sys.argv itself: translate it in place.
   sys.argv = configuration.translate_moved_flags(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

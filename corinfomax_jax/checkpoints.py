@@ -7,12 +7,16 @@ temporary directory that the next run removes.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging as logging_std
 import os
 from typing import Any, Callable
 
 import jax
 from absl import logging
 
+from corinfomax_jax.errors import CheckpointSaveError
 from corinfomax_jax.errors import ConfigError
 
 # Version of the checkpoint layout; a record without it comes from an older layout.
@@ -27,12 +31,40 @@ def create_manager(directory: str, *, keep: int):
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "run"))
 
 
+_pending_step = {}  # id(manager) -> the step of its latest asynchronous save
+
+
 def save(manager, step: int, state: Any, record: dict) -> None:
-  """Starts an asynchronous save of (state, record) as `step`."""
+  """Starts an asynchronous save of (state, record) as `step`.
+
+  The previous save must have finished first (orbax waits for it anyway): if it failed,
+  CheckpointSaveError says so now, instead of a pile of tracebacks at the end.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  finish(manager)
+  _pending_step[id(manager)] = step
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       run=ocp.args.JsonSave({**record, "format": FORMAT})))
+
+
+def finish(manager) -> None:
+  """Waits for the pending save; CheckpointSaveError (one line) if it failed."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    step = _pending_step.pop(id(manager), None)
+    manager.reload()
+    good = [s for s in manager.all_steps() if s != step]
+    cause = " ".join(str(e).split()) or type(e).__name__
+    if len(cause) > 300:  # the OS's reason ("File too large") ends the message
+      cause = "..." + cause[-240:]
+    raise CheckpointSaveError(
+        f"Saving the checkpoint of step {step} in {manager.directory} failed ({cause}); "
+        f"the last good checkpoint is "
+        f"{f'step {max(good)}' if good else 'none'}. Free space there (or use another "
+        "--workdir) and run again to resume.") from None
 
 
 def restore_latest(manager, template: Any, check_record: Callable[[dict, int], None], *,
@@ -42,43 +74,67 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
   `check_record(record, step)` raises ConfigError for a checkpoint this run must not use
   (another model); that error propagates. A record of an older layout is refused the
   same way. A checkpoint that cannot be read (a file truncated by a crash) is skipped
-  with one warning in favour of the one before it and, when `set_aside` (a writer of
+  in favour of the one before it, with one warning and, when `set_aside` (a writer of
   new checkpoints), renamed `<step>.unreadable`: nothing is deleted and no good
   checkpoint is overwritten.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  unreadable = []
+  unreadable = {}  # step -> why
   found = None, None
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      record = manager.restore(
-          step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    except Exception as e:  # pylint: disable=broad-except
-      record, error = None, e
-    if record is not None:
-      if record.get("format") != FORMAT:
-        raise ConfigError(
-            f"The checkpoints in {manager.directory} were written by an older version of "
-            f"corinfomax-jax (checkpoint format {record.get('format', 1)}, this version "
-            f"reads format {FORMAT}). Use a new --workdir, or the version that wrote them.")
-      check_record(record, step)
+  with _unretrieved_futures_silenced():
+    for step in sorted(manager.all_steps(), reverse=True):
       try:
-        state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
-        found = state, record
-        break
+        record = manager.restore(
+            step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
       except Exception as e:  # pylint: disable=broad-except
-        error = e
-    logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
-                    step, manager.directory, type(error).__name__,
-                    str(error).splitlines()[0][:200] if str(error) else "")
-    unreadable.append(step)
-  if unreadable and set_aside:
-    _set_aside(manager, unreadable)
-    if found[0] is None:
-      logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
+        record, error = None, e
+      if record is not None:
+        if record.get("format") != FORMAT:
+          raise ConfigError(
+              f"The checkpoints in {manager.directory} were written by an older version "
+              f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
+              f"version reads format {FORMAT}). Use a new --workdir, or the version that "
+              "wrote them.")
+        check_record(record, step)
+        try:
+          state = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract)))["state"]
+          found = state, record
+          break
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      unreadable[step] = (f"{type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+  moved = _set_aside(manager, list(unreadable)) if unreadable and set_aside else {}
+  for step, why in unreadable.items():  # one line each
+    logging.warning("Checkpoint step %d in %s is unreadable (%s); %s.", step,
+                    manager.directory, why,
+                    f"moved to {moved[step]}" if step in moved else "skipped")
+  if unreadable and found[0] is None and set_aside:
+    logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
   return found
+
+
+class UnretrievedFutures(logging_std.Filter):
+  """Drops asyncio's "exception was never retrieved" records (orbax's failed futures)."""
+
+  def filter(self, record):
+    return "exception was never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _unretrieved_futures_silenced():
+  """A failed restore leaves orbax's sibling asyncio futures failed and unread; asyncio
+  logs a traceback for each when they are collected. The warning above says it once."""
+  quiet = UnretrievedFutures()
+  asyncio_logger = logging_std.getLogger("asyncio")
+  asyncio_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    gc.collect()  # collect them while the filter is on
+    asyncio_logger.removeFilter(quiet)
 
 
 def check_same(saved: dict, expected: dict, step: int, directory, prefix: str = "") -> None:
@@ -92,8 +148,10 @@ def check_same(saved: dict, expected: dict, step: int, directory, prefix: str = 
         f"configuration ({detail}). Use another --workdir, or the original configuration.")
 
 
-def _set_aside(manager, steps):
-  """Renames unreadable step directories so that new saves never collide with them."""
+def _set_aside(manager, steps) -> dict:
+  """Renames unreadable step directories so that new saves never collide with them:
+  {step: new path}."""
+  moved = {}
   if jax.process_index() == 0:
     for step in steps:
       path = os.path.join(str(manager.directory), str(step))
@@ -102,8 +160,9 @@ def _set_aside(manager, steps):
       while os.path.exists(target):
         target, suffix = f"{path}.unreadable{suffix}", suffix + 1
       os.rename(path, target)
-      logging.warning("Moved unreadable checkpoint %s to %s.", path, target)
+      moved[step] = target
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("corinfomax_set_aside_unreadable_checkpoints")
   manager.reload()
+  return moved

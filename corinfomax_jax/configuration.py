@@ -7,6 +7,7 @@ translated on the command line by `translate_moved_flags`.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 
@@ -55,6 +56,38 @@ def translate_moved_flags(argv: list[str]) -> list[str]:
       value = "(" + ",".join(value.split("-")) + ",)"
     out.append(f"--config.{key}={value}")
   return out
+
+
+def dotted_keys(config, prefix: str = "") -> list[str]:
+  """Every key path of a ConfigDict, sections and leaves: ["eval", "eval.knn_k", ...]."""
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if hasattr(value, "items") and not isinstance(value, dict):  # a nested ConfigDict
+      out.extend(dotted_keys(value, prefix + key + "."))
+  return out
+
+
+def unknown_override(config, argv: list[str]) -> str | None:
+  """A one-line error for the first `--config.<key>` in argv that config lacks, or None.
+
+  It names the key and the closest existing key paths.
+  """
+  known = dotted_keys(config)
+  for arg in argv[1:]:
+    match = re.fullmatch(r"--config\.([^=\[]+)(\[.*)?(=.*)?", arg)
+    if not match or match.group(1) in known:
+      continue
+    key = match.group(1)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:  # a typo in the section name: compare the last part alone
+      last = {k.rsplit(".", 1)[-1]: k for k in known}
+      close = [last[k] for k in difflib.get_close_matches(key.rsplit(".", 1)[-1], last,
+                                                           n=3, cutoff=0.6)]
+    close = close or difflib.get_close_matches(key, known, n=3, cutoff=0.0)
+    return (f"unknown config key config.{key} ({arg}); closest existing keys: "
+            f"{', '.join('config.' + k for k in close)}.")
+  return None
 
 
 def model_kwargs(config) -> dict:

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full disk); the earlier ones are intact."""

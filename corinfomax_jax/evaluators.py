@@ -25,6 +25,7 @@ from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import metrics as metrics_lib
 from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
 
 KNN_RESULT_FILE = "knn_eval.json"
@@ -196,6 +197,8 @@ def knn_eval(config, workdir: str) -> dict:
   random_init, num_bank_examples, num_query_examples, k, temperature, dataset, splits.
   """
   configuration.validate_config(config)
+  # Without random_init the workdir must hold a checkpoint: load_pretrained says so.
+  workdir_lib.check_workdir(workdir, create=config.eval.random_init)
   mesh_lib.check_batch_divides(config.eval.batch_size, jax.device_count(),
                                jax.process_count(), key="eval.batch_size")
   train_source, eval_source = open_sources(config)

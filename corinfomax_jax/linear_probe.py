@@ -29,6 +29,7 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import metrics as metrics_lib
 from corinfomax_jax import models
 from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
 
 LINEAR_VARIANT = "frozen_backbone_random_resized_crop"  # the paper's protocol
@@ -234,11 +235,6 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
   from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
   ev = config.eval
   batch_size = ev.linear_batch_size
-  if batch_size > train_source.num_examples:
-    raise ConfigError(
-        f"config.eval.linear_batch_size = {batch_size} exceeds the "
-        f"{train_source.num_examples} examples of {config.dataset} "
-        f"{config.train_split!r}: use a smaller batch.")
   steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, batch_size)
   num_steps = ev.linear_epochs * steps_per_epoch
   if ev.linear_max_steps != -1:
@@ -296,8 +292,10 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
       if preempted:
         return {"preempted": True, "step": int(probe.step)}
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    try:
+      checkpoints.finish(manager)
+    finally:
+      manager.close()
 
   # --- Test: resize + centre crop, padding masked.
   p_eval = jax.jit(functools.partial(_probe_eval_hits, model=model, mean=mean, std=std),
@@ -354,13 +352,20 @@ def linear_eval(config, workdir: str) -> dict:
   (<workdir>/linear_eval) and <workdir>/linear_eval.json, and returns that dict.
   """
   configuration.validate_config(config)
+  workdir_lib.check_workdir(workdir, create=False)  # it must hold the pretraining
   ev = config.eval
   mesh_lib.check_batch_divides(ev.batch_size, jax.device_count(), jax.process_count(),
                                key="eval.batch_size")
   if not ev.linear_precomputed:
     mesh_lib.check_batch_divides(ev.linear_batch_size, jax.device_count(),
                                  jax.process_count(), key="eval.linear_batch_size")
+  # Every split and size check comes before the network is built and restored.
   train_source, eval_source = evaluators.open_sources(config)
+  if not ev.linear_precomputed and ev.linear_batch_size > train_source.num_examples:
+    raise ConfigError(
+        f"config.eval.linear_batch_size = {ev.linear_batch_size} exceeds the "
+        f"{train_source.num_examples} examples of {config.dataset} "
+        f"{config.train_split!r}: use a smaller batch.")
   mesh = mesh_lib.make_mesh()
   model = configuration.create_model(config)
   state = train_state_lib.load_pretrained(config, model, mesh, workdir)

@@ -43,32 +43,42 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
 class Preemption:
   """A preemption notice asks the loop to checkpoint and stop after the current step.
 
-  With one process a Python handler notes SIGTERM. With several, every process must
+  With one process a Python handler notes SIGTERM, and a first Ctrl-C (SIGINT) alike;
+  a second Ctrl-C raises KeyboardInterrupt at once. With several, every process must
   stop at the same step: JAX's distributed runtime receives the notice on any host and
   `reached_preemption_sync_point` agrees on the step, so no handler is installed.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() == 1:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: nothing to install or restore
-        self._previous = None
+      for sig, handler in ((signal.SIGTERM, self._handle_term),
+                           (signal.SIGINT, self._handle_int)):
+        try:
+          self._previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: nothing to install or restore
+          pass
     return self
 
-  def _handle(self, signum, frame):
+  def _handle_term(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: finishing this step, checkpointing, and exiting.")
     self.requested = True
 
+  def _handle_int(self, signum, frame):
+    del signum, frame
+    if self.requested:  # the second Ctrl-C
+      raise KeyboardInterrupt
+    logging.warning("Ctrl-C: finishing this step and saving; press Ctrl-C again to abort.")
+    self.requested = True
+
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:

@@ -156,6 +156,11 @@ def _global_count(n: int, axis_name) -> int | jax.Array:
   return n if axis_name is None else n * jax.lax.axis_size(axis_name)
 
 
+def _is_number(value) -> bool:
+  """A Python or NumPy number (checked eagerly), not a traced array."""
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
 def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Rows divided by their L2 norm, floored at eps (torch.nn.functional.normalize)."""
   # Flooring the squared norm keeps the gradient finite for an all-zero row.
@@ -219,6 +224,15 @@ def corinfomax_loss(z1: jax.Array,
 
   Statistics are computed in float32 whatever the dtype of z (e.g. bfloat16).
 
+  A NaN or infinity in z enters the returned state, which carries it for many steps
+  (with la_R = 0.01 its weight shrinks only 100-fold a step, and NaN never shrinks):
+  a NaN loss must stop training before that state is saved, as the trainer's NaN guard
+  (loop.ReportProgress.flush, run by loop.Checkpoint before each save) does.
+
+  Raises ValueError for a global batch N < 2 (no covariance; a local shard of one
+  under `axis_name` is fine), or for la_R, la_mu outside [0, 1) or eps < 0 given as
+  Python numbers (traced values are not checked).
+
   Args:
     z1, z2: (N, D) projector outputs of the two views (the local shard under
       `axis_name`).
@@ -242,6 +256,16 @@ def corinfomax_loss(z1: jax.Array,
     raise ValueError(
         f"corinfomax_loss: state is for dimension {state.cov1.shape[0]} but z has "
         f"D={dim}; create it with init_state({dim})")
+  n = _global_count(z1.shape[0], axis_name)
+  if isinstance(n, int) and n < 2:
+    raise ValueError(
+        f"corinfomax_loss: the global batch has N={n} rows; the covariance needs N >= 2")
+  for name, value in (("la_R", la_R), ("la_mu", la_mu)):
+    if _is_number(value) and not 0 <= value < 1:
+      raise ValueError(f"corinfomax_loss: {name} = {value!r} must be in [0, 1) (the "
+                       "weight of the previous estimate)")
+  if _is_number(eps) and not eps >= 0:
+    raise ValueError(f"corinfomax_loss: eps = {eps!r} must be >= 0")
   z1 = z1.astype(jnp.float32)
   z2 = z2.astype(jnp.float32)
   if normalize:
@@ -258,7 +282,6 @@ def corinfomax_loss(z1: jax.Array,
   logdet2 = psd_logdet(cov2 + eps * eye, floor)
   cov_loss = -(logdet1 + logdet2) / dim
 
-  n = _global_count(z1.shape[0], axis_name)
   sim_loss = jnp.sum(_global_sum((z1 - z2)**2, axis_name)) / (n * dim)
   loss = alpha * sim_loss + cov_loss
 

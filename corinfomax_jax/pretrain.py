@@ -16,6 +16,7 @@ import optax
 from absl import logging
 
 from corinfomax_jax import augment
+from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import evaluators as evaluators_lib
 from corinfomax_jax import loop
@@ -24,6 +25,7 @@ from corinfomax_jax import metrics as metrics_lib
 from corinfomax_jax import objective
 from corinfomax_jax.train_state import TrainState
 from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax import workdir as workdir_lib
 
 
 def loss_kwargs(config) -> dict:
@@ -119,6 +121,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
   configuration.validate_config(config)
+  workdir_lib.check_workdir(workdir)
   batch_size = config.batch_size
   mesh_lib.check_batch_divides(batch_size, jax.device_count(), jax.process_count())
   mesh = mesh_lib.make_mesh()
@@ -146,7 +149,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   state = train_state_lib.create_train_state(config, model, tx, mesh)
 
   # --- Checkpoint: resume where the workdir left off.
-  os.makedirs(workdir, exist_ok=True)
   manager = train_state_lib.create_checkpoint_manager(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
   try:
@@ -189,8 +191,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
                                 num_steps=num_steps, actions=actions)
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    try:
+      checkpoints.finish(manager)
+    finally:
+      manager.close()
     writer.close()
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))

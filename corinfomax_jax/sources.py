@@ -169,13 +169,16 @@ def _folder_source(dataset: str, root: str, split: str,
     raise ValueError(f"Image folder {root!r} has no split {split!r}; splits "
                      f"found: {splits or '(none)'}.")
   classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-  paths, labels, ignored = [], [], 0
+  paths, labels, ignored, broken = [], [], 0, 0
   for label, name in enumerate(classes):
-    files = sorted(e.name for e in os.scandir(os.path.join(split_dir, name))
-                   if e.is_file())
-    for f in files:
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(split_dir, name, f))
+    entries = sorted(os.scandir(os.path.join(split_dir, name)), key=lambda e: e.name)
+    for e in entries:
+      if e.is_symlink() and not os.path.exists(e.path):  # a link to a missing file
+        broken += 1
+      elif not e.is_file():
+        continue
+      elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(split_dir, name, e.name))
         labels.append(label)
       else:
         ignored += 1
@@ -184,9 +187,12 @@ def _folder_source(dataset: str, root: str, split: str,
         f"Split {split_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images in "
         f"class directories (expected {split}/<class>/<image>); it holds: "
         f"{_listing(split_dir)}. Splits found: {splits}.")
-  if ignored:
-    logging.info("%s: ignored %d files without an image extension %s.",
-                 split_dir, ignored, IMAGE_EXTENSIONS)
+  if ignored or broken:
+    # A broken link is a lost image, not a stray README: worth a warning.
+    logging.log(logging.WARNING if broken else logging.INFO,
+        "%s: ignored %d files: %d without an image extension %s, %d broken "
+        "links (symlinks to missing files).", split_dir, ignored + broken,
+        ignored, IMAGE_EXTENSIONS, broken)
   empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(
       classes))) if n == 0]
   if empty:

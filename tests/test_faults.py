@@ -167,3 +167,147 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder
     pretrain.train_and_evaluate(config, str(tmp_path))
   assert "last good checkpoint is step 4" in str(info.value)
   assert committed_steps(str(tmp_path)) == [2, 4]
+
+
+def test_nan_at_a_checkpoint_step_saves_nothing_of_it(image_folder, tmp_path, monkeypatch):
+  """The NaN lands on a checkpoint step (4) with reports rare: the guard runs first."""
+  real = pipeline.pretrain_batches
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
+      if i == 4:
+        batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(pipeline, "pretrain_batches", poisoned)
+  config = tiny_config(f"folder:{image_folder}", max_steps=8, checkpoint_every_steps=2,
+                       log_every_steps=100)
+  with pytest.raises(errors.NonFiniteLossError, match="at step 4"):
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  assert committed_steps(str(tmp_path)) == [2]
+  assert not glob.glob(str(tmp_path / "checkpoints" / "4*"))  # not even a temporary one
+
+
+def test_first_ctrl_c_saves_like_sigterm(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      main_command(image_folder, workdir, "--config.max_steps=100000",
+                   "--config.checkpoint_every_steps=5"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: committed_steps(workdir), proc)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "finishing this step and saving; press Ctrl-C again to abort" in stderr
+  last = max(committed_steps(workdir))
+  assert f"Preempted: checkpoint at step {last} written" in stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
+def test_second_ctrl_c_aborts_in_one_line(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      main_command(image_folder, workdir, "--config.max_steps=100000",
+                   "--config.checkpoint_every_steps=5"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: committed_steps(workdir), proc)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)  # two signals at once would merge into one
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+  assert "Traceback" not in stderr
+
+
+def probe_steps(workdir):
+  names = (os.path.basename(os.path.dirname(p)) for p in glob.glob(
+      os.path.join(workdir, "linear_eval", "checkpoints", "*", "commit_success.txt")))
+  return sorted(int(n) for n in names if n.isdigit())  # not <step>.orbax-checkpoint-tmp
+
+
+def test_linear_eval_sigterm_saves_the_probe_and_resumes(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), workdir)
+  probe_flags = ["--mode=linear_eval", "--config.eval.linear_batch_size=16",
+                 "--config.eval.batch_size=16", "--config.eval.linear_epochs=100000"]
+  proc = subprocess.Popen(main_command(image_folder, workdir, *probe_flags),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: probe_steps(workdir), proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  last = max(probe_steps(workdir))
+  assert f"Linear probe preempted at step {last}" in stderr
+  leftovers = [p for p in os.listdir(os.path.join(workdir, "linear_eval", "checkpoints"))
+               if not p.isdigit()]
+  assert not leftovers, leftovers  # no temporary directory left behind
+  assert not os.path.exists(os.path.join(workdir, "linear_eval.json"))
+
+  rerun = subprocess.run(
+      main_command(image_folder, workdir, *probe_flags,
+                   f"--config.eval.linear_max_steps={last + 2}"),
+      capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resumed from" in rerun.stderr and f"at step {last} of {last + 2}" in rerun.stderr
+  assert os.path.exists(os.path.join(workdir, "linear_eval.json"))
+
+
+def test_every_checkpoint_unreadable_gives_one_warning_each(image_folder, tmp_path, capfd,
+                                                           caplog):
+  config = tiny_config(f"folder:{image_folder}", max_steps=4, checkpoint_every_steps=2)
+  workdir = str(tmp_path)
+  pretrain.train_and_evaluate(config, workdir)
+  for step in (2, 4):
+    data_files = [p for p in glob.glob(f"{workdir}/checkpoints/{step}/state/**/*",
+                                       recursive=True) if os.path.isfile(p)]
+    biggest = max(data_files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  capfd.readouterr()
+  config.max_steps = 1
+  with caplog.at_level("WARNING"):
+    state = pretrain.train_and_evaluate(config, workdir)
+    import gc  # pylint: disable=g-import-not-at-top
+    gc.collect()  # "exception was never retrieved" is logged when a future is collected
+  assert int(state.step) == 1  # from scratch
+  messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert sum("unreadable" in m for m in messages) == 2, messages  # one per checkpoint
+  assert sum("starting from scratch" in m for m in messages) == 1, messages
+  text = caplog.text + capfd.readouterr().err
+  assert "never retrieved" not in text and "Traceback" not in text, text[-3000:]
+  assert {"2.unreadable", "4.unreadable"} <= set(os.listdir(f"{workdir}/checkpoints"))
+
+
+DISK_FULL_AFTER_FIRST_SAVE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+from corinfomax_jax import checkpoints
+real_save = checkpoints.save
+def save(manager, step, state, record):
+  if step > 2:  # the disk is full from the second save on: 'File too large'
+    checkpoints.finish(manager)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+  real_save(manager, step, state, record)
+checkpoints.save = save
+sys.argv = sys.argv[1:]
+exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"))
+"""
+
+
+@pytest.mark.xfail(strict=False, reason="issue 13 item 6, unfinished: the 4 KiB file-size "
+                   "limit also hits other writers (TensorBoard events), not only the save")
+def test_a_failed_save_stops_in_one_line_and_keeps_the_last_good(image_folder, tmp_path):
+  workdir = str(tmp_path)
+  command = main_command(image_folder, workdir, "--config.max_steps=8",
+                         "--config.checkpoint_every_steps=2")
+  command[1:1] = ["-c", DISK_FULL_AFTER_FIRST_SAVE]
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert lines[-1].startswith("error: Saving the checkpoint of step 4"), proc.stderr[-3000:]
+  assert workdir in lines[-1] and "last good checkpoint is step 2" in lines[-1]
+  assert "File too large" in lines[-1]
+  assert committed_steps(workdir) == [2]
+  assert proc.stderr.count("Traceback") <= 1, proc.stderr[-5000:]

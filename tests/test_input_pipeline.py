@@ -97,6 +97,24 @@ def test_folder_labels_from_sorted_class_names(mixed):
   assert batch["image"].dtype == np.uint8
 
 
+def test_broken_symlinks_are_counted_with_the_ignored_files(tmp_path, caplog):
+  root = tmp_path / "links"
+  for i in range(3):
+    (root / "train" / "a").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_texture(8, 8, seed=i)).save(root / "train" / "a" / f"{i}.png")
+  (root / "train" / "a" / "notes.txt").write_text("not an image")
+  os.symlink(root / "gone.png", root / "train" / "a" / "lost.png")
+  os.symlink(root / "gone2.jpg", root / "train" / "a" / "lost2.jpg")
+  os.symlink(root / "train" / "a" / "0.png", root / "train" / "a" / "alias.png")  # works
+  with caplog.at_level("INFO", logger="absl"):
+    source = sources.get_source(f"folder:{root}", None, "train")
+  assert source.num_examples == 4  # three images and the working link
+  lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+  assert len(lines) == 1 and "ignored 3 files" in lines[0], lines
+  assert "2 broken links" in lines[0] and "1 without an image extension" in lines[0]
+  assert [r.levelname for r in caplog.records if "ignored" in r.getMessage()] == ["WARNING"]
+
+
 def test_every_image_mode_decodes_to_rgb(mixed):
   files = sorted((mixed / "train").glob("*/*.*"))
   checked = 0

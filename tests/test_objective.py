@@ -282,7 +282,39 @@ def test_collapsed_rows_n_smaller_than_d_and_zero_rows_stay_finite():
     z1, z2 = views(rng, 16, 256)
     _, state = _finite_step(z1, z2, state)
   _finite_step(jnp.zeros((16, 256)), jnp.zeros((16, 256)), state)  # all-zero rows
-  _finite_step(jnp.ones((1, 256)), jnp.ones((1, 256)), state)  # a batch of one
+  _finite_step(jnp.ones((2, 256)), jnp.ones((2, 256)), state)  # the smallest batch
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_a_global_batch_under_two_is_refused(n):
+  with pytest.raises(ValueError, match=f"N={n} rows"):
+    cim.corinfomax_loss(jnp.ones((n, 8)), jnp.ones((n, 8)), cim.init_state(8))
+
+
+def test_a_local_shard_of_one_is_a_legitimate_batch():
+  rng = np.random.default_rng(3)
+  z1, z2 = views(rng, 8, 4)
+  state = cim.init_state(4)
+  local = lambda a, b: cim.corinfomax_loss(a[None], b[None], state, axis_name="data")[0]
+  mapped = jax.vmap(local, axis_name="data")(z1, z2)
+  np.testing.assert_allclose(mapped, cim.corinfomax_loss(z1, z2, state)[0], rtol=1e-5)
+  with pytest.raises(ValueError, match="N=1 rows"):  # one device, one row: one in all
+    jax.vmap(local, axis_name="data")(z1[:1], z2[:1])
+
+
+@pytest.mark.parametrize("kw", [dict(la_R=1.5), dict(la_R=-1), dict(la_R=1.0),
+                                dict(la_mu=1.5), dict(la_mu=-0.1), dict(eps=-1.0),
+                                dict(eps=float("nan"))])
+def test_forgetting_factors_and_eps_out_of_range_are_refused(kw):
+  name = next(iter(kw))
+  with pytest.raises(ValueError, match=name):
+    cim.corinfomax_loss(jnp.ones((4, 8)), jnp.ones((4, 8)), cim.init_state(8), **kw)
+
+
+def test_traced_hyperparameters_are_not_checked():
+  z = jnp.asarray(np.random.default_rng(4).normal(size=(4, 8)), jnp.float32)
+  loss = jax.jit(lambda la: cim.corinfomax_loss(z, z, cim.init_state(8), la_R=la)[0])(0.5)
+  assert np.isfinite(float(loss))
 
 
 def test_bfloat16_inputs_use_float32_statistics():

@@ -1,0 +1,120 @@
+"""main.py as a user meets it: every error is one `error: ...` line and exit status 1."""
+
+import os
+import subprocess
+
+import pytest
+from conftest import make_image_folder
+from test_faults import committed_steps
+from test_faults import main_command
+
+
+def run_main(*args, **kwargs):
+  return subprocess.run(main_command(*args), capture_output=True, text=True, timeout=300,
+                        **kwargs)
+
+
+def assert_one_error_line(proc, *fragments):
+  """Exit 1; one `error:` line, the last on stderr, with the fragments; no traceback."""
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert [l for l in lines if l.startswith("error:")] == lines[-1:], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[-1], lines[-1]
+  return lines[-1]
+
+
+def test_missing_data_folder(tmp_path):
+  proc = run_main(tmp_path / "nowhere", tmp_path / "w")
+  assert_one_error_line(proc, "does not exist", str(tmp_path / "nowhere"))
+
+
+def test_empty_split(tmp_path):
+  folder = make_image_folder(tmp_path / "data")
+  for p in (folder / "train").glob("*/*"):
+    p.unlink()
+  proc = run_main(folder, tmp_path / "w")
+  assert_one_error_line(proc, "no", "images", "train")
+
+
+def test_unknown_tfds_name(tmp_path, image_folder):
+  proc = run_main(image_folder, tmp_path / "w", "--config.dataset=no_such_dataset_xyz")
+  assert_one_error_line(proc, "no_such_dataset_xyz")
+
+
+def test_batch_larger_than_the_data_set(tmp_path, image_folder):
+  proc = run_main(image_folder, tmp_path / "w", "--config.batch_size=64",
+                  "--config.eval.batch_size=64")
+  assert_one_error_line(proc, "64")
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "knn_eval", "linear_eval"])
+def test_workdir_that_is_a_file_fails_first_in_every_mode(tmp_path, image_folder, mode):
+  workdir = tmp_path / "a_file"
+  workdir.write_text("")
+  # A missing data folder too: the workdir check comes first, before any data or model.
+  proc = run_main(tmp_path / "nowhere", workdir, f"--mode={mode}")
+  assert_one_error_line(proc, "--workdir", str(workdir), "is a file")
+
+
+def test_workdir_that_cannot_be_created_names_it(tmp_path, image_folder):
+  # A directory under a file: no chmod, which does not stop root (tests may run as root).
+  (tmp_path / "a_file").write_text("")
+  workdir = tmp_path / "a_file" / "run"
+  proc = run_main(tmp_path / "nowhere", workdir)
+  assert_one_error_line(proc, "--workdir", str(workdir), "cannot be created")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 555 directory")
+def test_workdir_that_is_not_writable(tmp_path, image_folder):
+  workdir = tmp_path / "ro"
+  workdir.mkdir()
+  workdir.chmod(0o555)
+  proc = run_main(image_folder, workdir)
+  assert_one_error_line(proc, "--workdir", "not writable")
+
+
+def test_traceback_goes_to_error_log_and_to_the_log_at_verbosity_1(tmp_path):
+  workdir = tmp_path / "w"
+  proc = run_main(tmp_path / "nowhere", workdir)
+  assert_one_error_line(proc)
+  assert "Traceback" in (workdir / "error.log").read_text()
+  verbose = run_main(tmp_path / "nowhere", tmp_path / "w2", "--verbosity=1")
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+  assert sum(l.startswith("error:") for l in verbose.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, key, closest", [
+    ("--config.nonexistent=1", "config.nonexistent", None),
+    ("--config.eval.knn_kk=5", "config.eval.knn_kk", "config.eval.knn_k"),
+    ("--config.evall.knn_k=5", "config.evall.knn_k", "config.eval.knn_k"),
+])
+def test_unknown_config_key_names_the_closest_keys(tmp_path, image_folder, flag, key,
+                                                   closest):
+  proc = run_main(image_folder, tmp_path / "w", flag)
+  line = assert_one_error_line(proc, key, "closest")
+  if closest:
+    assert closest in line
+  assert not (tmp_path / "w").exists()  # refused before anything ran
+
+
+def test_eval_split_missing_fails_before_any_training(tmp_path):
+  """kNN monitor on, no test/ split: fails at once, no checkpoint, no training step."""
+  folder = make_image_folder(tmp_path / "data", splits=("train",))
+  workdir = tmp_path / "w"
+  proc = run_main(folder, workdir, "--config.eval.knn_every_epochs=1",
+                  "--config.max_steps=4", "--config.checkpoint_every_steps=1")
+  assert_one_error_line(proc, "no split 'test'")
+  assert not (workdir / "checkpoints").exists() and committed_steps(str(workdir)) == []
+  assert "pretrain step" not in proc.stderr  # no progress line: no step ran
+
+
+@pytest.mark.parametrize("mode", ["knn_eval", "linear_eval"])
+def test_eval_modes_open_their_splits_before_the_model(tmp_path, mode):
+  """No pretraining in the workdir either: the split error comes first."""
+  folder = make_image_folder(tmp_path / "data", splits=("train",))
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  proc = run_main(folder, workdir, f"--mode={mode}")
+  assert_one_error_line(proc, "no split 'test'")
