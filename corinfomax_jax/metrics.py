@@ -21,6 +21,8 @@ class MetricWriter:
     self._writer = None
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+      sources.hide_accelerators_from_tensorflow()  # before the writer's first TF op
       self._tf = tf
       self._writer = tf.summary.create_file_writer(logdir)
 
