@@ -34,6 +34,18 @@ class MetricWriter:
         self._tf.summary.scalar(name, float(value), step=step)
     self._writer.flush()
 
+  def hparams(self, values: dict) -> None:
+    """The run's configuration as TensorBoard hparams (skipped without the plugin)."""
+    if self._writer is None:
+      return
+    try:
+      from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return
+    with self._writer.as_default():
+      hp.hparams(values)
+    self._writer.flush()
+
   def close(self):
     if self._writer is not None:
       self._writer.close()
