@@ -90,3 +90,23 @@ def test_aug_leaves_the_data_set_statistics_unless_set():
   recipe = augment.with_overrides(pipeline.default_aug_config(cpu.dataset),
                                   configuration.aug_overrides(cpu))
   assert recipe["mean"] == pipeline.normalization_stats("cifar10")[0]  # a folder of CIFAR
+
+
+def test_cifar10_cpu_reads_the_folder_beside_the_checkout_when_there(tmp_path, monkeypatch,
+                                                                    caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_cpu  # pylint: disable=g-import-not-at-top
+  assert pathlib.Path(cifar10_cpu.BESIDE_CHECKOUT) == ROOT.parent / "shared/data/cifar10"
+  folder = tmp_path / "cifar10"
+  monkeypatch.setattr(cifar10_cpu, "BESIDE_CHECKOUT", str(folder))
+  monkeypatch.chdir(tmp_path)  # the working directory plays no part
+  with caplog.at_level(logging.INFO):
+    assert cifar10_cpu.get_config().dataset == "cifar10"
+  assert "using TFDS cifar10" in caplog.text
+  folder.mkdir()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    config = cifar10_cpu.get_config()
+  assert config.dataset == f"folder:{folder}"
+  assert f"reading the CIFAR-10 folder {folder}" in caplog.text
+  configuration.validate_config(config)
