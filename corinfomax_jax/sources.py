@@ -59,6 +59,8 @@ class Source:
     class_names: label i is class_names[i].
     random_access: whether the data order is process-count invariant
       (indexable source); False for the streaming TFDS fallback.
+    unlabelled: an image folder split without class directories (one class "",
+      every label 0): it serves for pretraining, not for evaluation.
     skip_bad_images: replace unreadable images instead of raising.
     skipped: descriptions of the files skipped so far (each also logged).
   """
@@ -77,6 +79,8 @@ class Source:
   # Streaming: (process_index, process_count, seed, shuffle) -> tf.data of
   # dict(data=encoded image, label=int32), one pass over this process's part.
   stream: Callable[[int, int, int, bool], tf.data.Dataset] | None = None
+  # Images without class directories: one class "", every label 0 (pretraining only).
+  unlabelled: bool = False
   skipped: list[str] = dataclasses.field(default_factory=list)
   _bad: set[int] = dataclasses.field(default_factory=set)
 
@@ -191,20 +195,19 @@ def _folder_source(dataset: str, root: str, split: str,
     raise ValueError(f"Image folder {root!r} has no split {split!r}; splits "
                      f"found: {splits or '(none)'}.")
   classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  unlabelled = not classes  # images directly in root/<split>/: one class ""
   paths, labels, ignored = [], [], 0
-  for label, name in enumerate(classes):
-    files = sorted(e.name for e in os.scandir(os.path.join(split_dir, name))
-                   if e.is_file())
-    for f in files:
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(split_dir, name, f))
-        labels.append(label)
-      else:
-        ignored += 1
+  for label, name in enumerate(classes or [""]):
+    files, ignored_here = _images_below(os.path.join(split_dir, name))
+    paths.extend(os.path.join(split_dir, name, f) for f in files)
+    labels.extend([label] * len(files))
+    ignored += ignored_here
+  classes = classes or [""]
   if not paths:
     raise ValueError(
         f"Split {split_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images in "
-        f"class directories (expected {split}/<class>/<image>); it holds: "
+        f"class directories (expected {split}/<class>/<image>, or "
+        f"{split}/<image> without labels); it holds: "
         f"{_listing(split_dir)}. Splits found: {splits}.")
   if ignored:
     logging.info("%s: ignored %d files without an image extension %s.",
@@ -214,8 +217,12 @@ def _folder_source(dataset: str, root: str, split: str,
   if empty:
     logging.warning("%s: classes without images (labels kept): %s", split_dir,
                     empty)
-  logging.info("%s: %d images in %d classes.", split_dir, len(paths),
-               len(classes))
+  if unlabelled:
+    logging.info("%s: %d images without class directories (unlabelled).",
+                 split_dir, len(paths))
+  else:
+    logging.info("%s: %d images in %d classes.", split_dir, len(paths),
+                 len(classes))
   paths_t = tf.constant(paths)  # captured by reference, not copied per graph
   labels_t = tf.constant(labels, tf.int32)
 
@@ -226,7 +233,25 @@ def _folder_source(dataset: str, root: str, split: str,
                 class_names=tuple(classes), random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=tf.io.read_file,
-                describe=lambda i: paths[int(i)])
+                describe=lambda i: paths[int(i)], unlabelled=unlabelled)
+
+
+def _images_below(class_dir: str) -> tuple[list[str], int]:
+  """(image paths relative to `class_dir`, sorted; count of other files) below it.
+
+  Recursive, following directory links, as torchvision's ImageFolder: the official
+  Tiny ImageNet layout train/<wnid>/images/<image> reads as is.
+  """
+  images, ignored = [], 0
+  for parent, dirs, files in os.walk(class_dir, followlinks=True):
+    dirs.sort()
+    for f in files:
+      relative = os.path.relpath(os.path.join(parent, f), class_dir)
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        images.append(relative)
+      else:
+        ignored += 1
+  return sorted(images), ignored
 
 
 def _tfds_builder(dataset: str, tfds_name: str, data_dir: str | None):
