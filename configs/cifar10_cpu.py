@@ -4,13 +4,33 @@ The paper's method and recipe with a CPU budget: a ResNet-18 of a quarter width,
 smaller projector, and a few epochs on a subset. It exists so that a new user without
 an accelerator sees the method learn (see README: kNN top-1 against random init).
 """
+import os
+
+from absl import logging
+
 from configs import default
+
+# The CIFAR-10 image folder beside the checkout (<repository>/../shared/data/cifar10),
+# found from this file's place, not the working directory.
+BESIDE_CHECKOUT = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10"))
+
+
+def dataset_name() -> str:
+  """The folder beside the checkout when it is there, else TFDS cifar10 (downloads)."""
+  if os.path.isdir(BESIDE_CHECKOUT):
+    logging.info("cifar10_cpu: reading the CIFAR-10 folder %s.", BESIDE_CHECKOUT)
+    return f"folder:{BESIDE_CHECKOUT}"
+  logging.info("cifar10_cpu: no folder at %s; using TFDS cifar10 (downloaded and "
+               "prepared in the TFDS data_dir on first use).", BESIDE_CHECKOUT)
+  return "cifar10"
 
 
 def get_config():
   c = default.get_config()
-  c.dataset = "folder:../shared/data/cifar10"
-  # A folder gets ImageNet's mean/std by default; these images are CIFAR-10's.
+  c.dataset = dataset_name()
+  # A folder gets ImageNet's mean/std by default; these images are CIFAR-10's (the
+  # same as TFDS cifar10's, so both sources normalise alike).
   c.aug.mean = (0.4914, 0.4822, 0.4465)
   c.aug.std = (0.247, 0.243, 0.261)
   c.model.width = 8  # an eighth of ResNet-18's channels: ~170 images/s on 2 cores

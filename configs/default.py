@@ -6,6 +6,9 @@ place (corinfomax_jax/configuration.py checks them all). Override any key on the
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+from corinfomax_jax import augment
 
 
 def get_config():
@@ -15,12 +18,19 @@ def get_config():
   # A TFDS name (cifar10, cifar100, imagenet2012, ...), "imagenet100", or
   # "folder:<root>" for an image folder root/<split>/<class>/<image>.
   c.dataset = "cifar10"
-  c.data_dir = None  # TFDS data_dir; ignored for folder datasets
+  # A key that may be unset is a typed placeholder (None until set): the command line
+  # can override it, which it cannot for a plain None.
+  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; unset: TFDS's default
   c.train_split = "train"
   c.eval_split = "test"
   c.image_size = 32
   c.skip_bad_images = False  # True: log and count unreadable images instead of failing
-  c.aug = ml_collections.ConfigDict()  # overrides of the paper's two-view recipe
+  # The paper's augmentation recipe, every number a key (augment.paper_config): shared
+  # keys apply to both views, view1/view2/probe hold what differs from them. mean/std
+  # unset: the data set's own (augment.normalization_stats decides).
+  c.aug = ml_collections.ConfigDict({
+      **augment.paper_config(mean=(), std=()),
+      "mean": config_dict.placeholder(tuple), "std": config_dict.placeholder(tuple)})
 
   # --- Model: models.create_model(**c.model) ------------------------------------------
   c.model = ml_collections.ConfigDict()

@@ -124,8 +124,12 @@ def model_record(config) -> dict:
 
 
 def aug_overrides(config) -> dict | None:
-  """config.aug: overrides of the paper's augmentation numbers (None: the paper's)."""
-  return config.aug.to_dict() or None
+  """config.aug: overrides of the paper's augmentation numbers (None: the paper's).
+
+  The configs hold the whole recipe, so every key overrides; an unset key (mean and
+  std by default) leaves the data set's own value.
+  """
+  return {k: v for k, v in config.aug.to_dict().items() if v is not None} or None
 
 
 def aug_recipe(config) -> dict:

@@ -38,6 +38,12 @@ def open_sources(config):
                                     skip_bad_images=config.skip_bad_images)
   eval_source = sources.get_source(config.dataset, config.data_dir, config.eval_split,
                                    skip_bad_images=config.skip_bad_images)
+  for source in (train_source, eval_source):
+    if source.unlabelled:
+      raise ConfigError(
+          f"{config.dataset} split {source.split!r} has no class directories: it serves "
+          "for pretraining, but evaluation (kNN, linear probe) needs labels; give it "
+          f"{source.split}/<class>/<image> or set config.eval.knn_every_epochs = 0.")
   if train_source.class_names != eval_source.class_names:
     only_train = sorted(set(train_source.class_names) - set(eval_source.class_names))
     only_eval = sorted(set(eval_source.class_names) - set(train_source.class_names))

@@ -14,7 +14,7 @@ torchvision's `resnet18` / `resnet50` (no `fc.*`: the backbone has no classifier
     net.load_state_dict(load_file("backbone.safetensors"), strict=True)
     features = net.eval()(images_nchw)  # == Flax features (train=False)
 
-Images are normalised as in pretraining (`input_pipeline.normalization_stats`) and
+Images are normalised as in pretraining (`augment.normalization_stats`) and
 laid out NCHW in torch, NHWC in Flax.
 
 BatchNorm running variance: Flax's running average holds the biased batch variance,

@@ -21,6 +21,8 @@ class MetricWriter:
     self._writer = None
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+      sources.hide_accelerators_from_tensorflow()  # before the writer's first TF op
       self._tf = tf
       self._writer = tf.summary.create_file_writer(logdir)
 
@@ -30,6 +32,18 @@ class MetricWriter:
     with self._writer.as_default():
       for name, value in values.items():
         self._tf.summary.scalar(name, float(value), step=step)
+    self._writer.flush()
+
+  def hparams(self, values: dict) -> None:
+    """The run's configuration as TensorBoard hparams (skipped without the plugin)."""
+    if self._writer is None:
+      return
+    try:
+      from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return
+    with self._writer.as_default():
+      hp.hparams(values)
     self._writer.flush()
 
   def close(self):

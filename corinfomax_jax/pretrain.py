@@ -23,6 +23,7 @@ from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import metrics as metrics_lib
 from corinfomax_jax import objective
+from corinfomax_jax import run_record
 from corinfomax_jax.train_state import TrainState
 from corinfomax_jax import train_state as train_state_lib
 from corinfomax_jax import workdir as workdir_lib
@@ -152,6 +153,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   manager = train_state_lib.create_checkpoint_manager(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
   try:
+    run_record.write_run_config(config, workdir, writer)
     restored, record = train_state_lib.restore(manager, state, config)
     spectra = []
     if restored is not None:

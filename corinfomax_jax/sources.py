@@ -7,7 +7,8 @@ process's share. Opening a source checks that the data is there and readable in
 outline; a missing directory, split or data set fails here with a message that says
 what does exist.
 
-TensorFlow is imported here, in `pipeline` and in `augment` only.
+TensorFlow is imported here, in `pipeline` and in `augment` only; importing this
+module hides the GPUs and TPUs from it (`hide_accelerators_from_tensorflow`).
 """
 import concurrent.futures
 import dataclasses
@@ -20,6 +21,27 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+
+def hide_accelerators_from_tensorflow(config=None) -> None:
+  """Keeps TensorFlow (data and event files only) off the GPUs and TPUs that JAX uses.
+
+  Without this, TF would reserve GPU memory the moment it first runs an op. Called
+  where TF first enters for data (here, at import; `pipeline` imports this module).
+  """
+  config = config or tf.config
+  for kind in ("GPU", "TPU"):
+    try:
+      if config.list_physical_devices(kind) and config.get_visible_devices(kind):
+        config.set_visible_devices([], kind)
+    except RuntimeError:  # TF already initialised its devices: too late to hide them
+      logging.warning("TensorFlow already holds its %s devices; they stay visible to it.",
+                      kind)
+    except ValueError:  # this TF build has no such device type
+      pass
+
+
+hide_accelerators_from_tensorflow()
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET100_CLASSES_FILE = os.path.join(
@@ -37,6 +59,8 @@ class Source:
     class_names: label i is class_names[i].
     random_access: whether the data order is process-count invariant
       (indexable source); False for the streaming TFDS fallback.
+    unlabelled: an image folder split without class directories (one class "",
+      every label 0): it serves for pretraining, not for evaluation.
     skip_bad_images: replace unreadable images instead of raising.
     skipped: descriptions of the files skipped so far (each also logged).
   """
@@ -55,6 +79,8 @@ class Source:
   # Streaming: (process_index, process_count, seed, shuffle) -> tf.data of
   # dict(data=encoded image, label=int32), one pass over this process's part.
   stream: Callable[[int, int, int, bool], tf.data.Dataset] | None = None
+  # Images without class directories: one class "", every label 0 (pretraining only).
+  unlabelled: bool = False
   skipped: list[str] = dataclasses.field(default_factory=list)
   _bad: set[int] = dataclasses.field(default_factory=set)
 
@@ -169,23 +195,20 @@ def _folder_source(dataset: str, root: str, split: str,
     raise ValueError(f"Image folder {root!r} has no split {split!r}; splits "
                      f"found: {splits or '(none)'}.")
   classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  unlabelled = not classes  # images directly in root/<split>/: one class ""
   paths, labels, ignored, broken = [], [], 0, 0
-  for label, name in enumerate(classes):
-    entries = sorted(os.scandir(os.path.join(split_dir, name)), key=lambda e: e.name)
-    for e in entries:
-      if e.is_symlink() and not os.path.exists(e.path):  # a link to a missing file
-        broken += 1
-      elif not e.is_file():
-        continue
-      elif e.name.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(split_dir, name, e.name))
-        labels.append(label)
-      else:
-        ignored += 1
+  for label, name in enumerate(classes or [""]):
+    files, ignored_here, broken_here = _images_below(os.path.join(split_dir, name))
+    paths.extend(os.path.join(split_dir, name, f) for f in files)
+    labels.extend([label] * len(files))
+    ignored += ignored_here
+    broken += broken_here
+  classes = classes or [""]
   if not paths:
     raise ValueError(
         f"Split {split_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images in "
-        f"class directories (expected {split}/<class>/<image>); it holds: "
+        f"class directories (expected {split}/<class>/<image>, or "
+        f"{split}/<image> without labels); it holds: "
         f"{_listing(split_dir)}. Splits found: {splits}.")
   if ignored or broken:
     # A broken link is a lost image, not a stray README: worth a warning.
@@ -198,8 +221,12 @@ def _folder_source(dataset: str, root: str, split: str,
   if empty:
     logging.warning("%s: classes without images (labels kept): %s", split_dir,
                     empty)
-  logging.info("%s: %d images in %d classes.", split_dir, len(paths),
-               len(classes))
+  if unlabelled:
+    logging.info("%s: %d images without class directories (unlabelled).",
+                 split_dir, len(paths))
+  else:
+    logging.info("%s: %d images in %d classes.", split_dir, len(paths),
+                 len(classes))
   paths_t = tf.constant(paths)  # captured by reference, not copied per graph
   labels_t = tf.constant(labels, tf.int32)
 
@@ -210,7 +237,28 @@ def _folder_source(dataset: str, root: str, split: str,
                 class_names=tuple(classes), random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=tf.io.read_file,
-                describe=lambda i: paths[int(i)])
+                describe=lambda i: paths[int(i)], unlabelled=unlabelled)
+
+
+def _images_below(class_dir: str) -> tuple[list[str], int, int]:
+  """(image paths relative to `class_dir`, sorted; other files; broken links) below it.
+
+  Recursive, following directory links, as torchvision's ImageFolder: the official
+  Tiny ImageNet layout train/<wnid>/images/<image> reads as is. A symlink to a missing
+  file is counted apart: it is a lost image, not a stray file.
+  """
+  images, ignored, broken = [], 0, 0
+  for parent, dirs, files in os.walk(class_dir, followlinks=True):
+    dirs.sort()
+    for f in files:
+      path = os.path.join(parent, f)
+      if os.path.islink(path) and not os.path.exists(path):
+        broken += 1
+      elif f.lower().endswith(IMAGE_EXTENSIONS):
+        images.append(os.path.relpath(path, class_dir))
+      else:
+        ignored += 1
+  return sorted(images), ignored, broken
 
 
 def _tfds_builder(dataset: str, tfds_name: str, data_dir: str | None):

@@ -3,7 +3,7 @@
 The layers, bottom to top (README, Layout):
   maths        errors, mesh, objective, models, augment, knn, export
   data         sources, crops, pipeline
-  run          configuration, checkpoints, metrics, loop, train_state, workdir
+  run          configuration, checkpoints, metrics, loop, train_state, workdir, run_record
   loops        evaluators, linear_probe, pretrain
   main.py
 A module may import modules of its own layer or below, and the import graph is acyclic.
@@ -19,7 +19,7 @@ LAYERS = [
     ("maths", {"errors", "mesh", "objective", "models", "augment", "knn", "export"}),
     ("data", {"sources", "crops", "pipeline"}),
     ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state",
-             "workdir"}),
+             "workdir", "run_record"}),
     ("loops", {"evaluators", "linear_probe", "pretrain"}),
 ]
 

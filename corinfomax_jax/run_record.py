@@ -1,0 +1,69 @@
+"""The run record: the whole resolved configuration in workdir/config.json.
+
+Written by process 0 when pretraining starts, and as TensorBoard hparams. A resume
+whose configuration differs from the record in a key that changes results says so in
+one warning line, naming each changed key with its old and new value.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+import jax
+
+from corinfomax_jax import metrics
+
+RECORD = "config.json"
+# Keys whose change makes a resumed run differ from an uninterrupted one.
+RESULT_KEYS = frozenset((
+    "alpha", "la_R", "la_mu", "eps", "r_init", "normalize", "learning_rate",
+    "base_batch_size", "batch_size", "optimizer", "momentum", "weight_decay",
+    "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size"))
+RESULT_PREFIXES = ("model.", "aug.")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"model": {"width": 8}} -> {"model.width": 8}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def changed_result_keys(old: dict, new: dict) -> list[str]:
+  """'key old -> new' for each key that changes results and differs (flat dicts)."""
+  keys = sorted(k for k in old.keys() | new.keys()
+                if k in RESULT_KEYS or k.startswith(RESULT_PREFIXES))
+  return [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys
+          if old.get(k, "(absent)") != new.get(k, "(absent)")]
+
+
+def write_run_config(config, workdir: str, writer: metrics.MetricWriter | None = None
+                     ) -> dict:
+  """Writes workdir/config.json (and hparams to `writer`); returns the record.
+
+  An existing record that differs is kept as config.json.prev: the steps already in
+  the checkpoint were trained under it, and overwriting alone would lose that.
+  """
+  record = json.loads(config.to_json_best_effort())
+  if jax.process_index() != 0:
+    return record
+  path = os.path.join(workdir, RECORD)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != record:
+      changed = changed_result_keys(flatten(previous), flatten(record))
+      if changed:
+        logging.warning("%s: this run changes keys that change results: %s (previous "
+                        "record kept as %s.prev).", path, "; ".join(changed), RECORD)
+      metrics.write_json(path + ".prev", previous)
+  metrics.write_json(path, record)
+  if writer is not None:
+    writer.hparams({k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                    for k, v in flatten(record).items() if v is not None})
+  return record

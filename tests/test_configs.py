@@ -1,0 +1,111 @@
+"""configs/: every file passes the checks, and every key can be set on the command line."""
+import pathlib
+
+from absl import flags
+from ml_collections import config_dict
+from ml_collections import config_flags
+import pytest
+
+from corinfomax_jax import configuration
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                      if p.name != "__init__.py")
+
+
+def _parse(name, *overrides):
+  """The config of configs/<name> after `--config.<key>=<value>` flags, as main.py parses."""
+  argv = ["main.py", f"--config={ROOT / 'configs' / name}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _leaves(config, prefix=""):
+  for key, value in config.items(preserve_field_references=True):
+    if isinstance(value, config_dict.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _flag_value(value):
+  return value if isinstance(value, str) else repr(value)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_file_passes_the_checks(name):
+  configuration.validate_config(_parse(name))
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_no_key_is_a_plain_none(name):
+  plain_none = [k for k, v in _leaves(_parse(name)) if v is None]
+  assert not plain_none, f"{name}: use config_dict.placeholder(type) for {plain_none}"
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_key_overrides_on_the_command_line(name):
+  config = _parse(name)
+  leaves = dict(_leaves(config))
+  unset = {"data_dir": "/tmp/tfds", "aug.mean": "(0.5,0.5,0.5)", "aug.std": "(0.2,0.2,0.2)"}
+  flags_ = []
+  for key, value in leaves.items():
+    if isinstance(value, config_dict.FieldReference):
+      value = value.get()
+    flags_.append(f"--config.{key}={unset[key] if value is None else _flag_value(value)}")
+  parsed = dict(_leaves(_parse(name, *flags_)))
+  assert parsed.keys() == leaves.keys()
+  for key, old in leaves.items():
+    if isinstance(old, config_dict.FieldReference):
+      old = old.get()
+    expected = old if old is not None else _parse(name, f"--config.{key}={unset[key]}")
+    if old is None:
+      expected = dict(_leaves(expected))[key]
+      assert expected is not None, key
+    assert parsed[key] == expected, key
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_data_dir_and_augmentation_numbers_override(name):
+  config = _parse(name, "--config.data_dir=/data/tfds", "--config.aug.view2.solarize_p=0.3",
+                  "--config.aug.crop_scale=(0.2,1.0)")
+  assert config.data_dir == "/data/tfds"
+  aug = configuration.aug_overrides(config)
+  assert aug["view2"] == {"blur_p": 0.1, "solarize_p": 0.3}
+  assert aug["crop_scale"] == (0.2, 1.0)
+  configuration.validate_config(config)
+
+
+def test_aug_leaves_the_data_set_statistics_unless_set():
+  from corinfomax_jax import augment  # pylint: disable=g-import-not-at-top
+  cifar100 = _parse("cifar100.py")
+  recipe = augment.with_overrides(augment.default_aug_config("cifar100"),
+                                  configuration.aug_overrides(cifar100))
+  assert recipe == augment.default_aug_config("cifar100")  # the paper's, CIFAR-100's stats
+  assert recipe["mean"] == augment.normalization_stats("cifar100")[0]
+  cpu = _parse("cifar10_cpu.py", "--config.dataset=folder:/anywhere")
+  recipe = augment.with_overrides(augment.default_aug_config(cpu.dataset),
+                                  configuration.aug_overrides(cpu))
+  assert recipe["mean"] == augment.normalization_stats("cifar10")[0]  # a folder of CIFAR
+
+
+def test_cifar10_cpu_reads_the_folder_beside_the_checkout_when_there(tmp_path, monkeypatch,
+                                                                    caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_cpu  # pylint: disable=g-import-not-at-top
+  assert pathlib.Path(cifar10_cpu.BESIDE_CHECKOUT) == ROOT.parent / "shared/data/cifar10"
+  folder = tmp_path / "cifar10"
+  monkeypatch.setattr(cifar10_cpu, "BESIDE_CHECKOUT", str(folder))
+  monkeypatch.chdir(tmp_path)  # the working directory plays no part
+  with caplog.at_level(logging.INFO):
+    assert cifar10_cpu.get_config().dataset == "cifar10"
+  assert "using TFDS cifar10" in caplog.text
+  folder.mkdir()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    config = cifar10_cpu.get_config()
+  assert config.dataset == f"folder:{folder}"
+  assert f"reading the CIFAR-10 folder {folder}" in caplog.text
+  configuration.validate_config(config)

@@ -1,0 +1,77 @@
+"""The package builds into a wheel with its data file and the dependencies it declares.
+
+The wheel is built from a copy of the source tree (setuptools writes build/ and
+*.egg-info beside pyproject.toml), without build isolation so that no index is needed.
+"""
+import importlib.util
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORE = ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "etils")
+TRAIN = ("tensorflow-cpu", "tensorflow-datasets", "tensorboard", "ml-collections",
+         "absl-py", "matplotlib", "pillow")
+
+
+def _name(requirement):
+  return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+  if importlib.util.find_spec("setuptools") is None:
+    pytest.skip("setuptools is not installed: cannot build the wheel without an index")
+  src = tmp_path_factory.mktemp("src")
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, src / name)
+  shutil.copytree(ROOT / "corinfomax_jax", src / "corinfomax_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  out = tmp_path_factory.mktemp("wheel")
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(out), str(src)], check=True, cwd=src)
+  (path,) = out.glob("corinfomax_jax-*.whl")
+  return zipfile.ZipFile(path)
+
+
+def _metadata(wheel):
+  (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+  return wheel.read(name).decode()
+
+
+def test_wheel_holds_every_module_and_the_class_list(wheel):
+  names = set(wheel.namelist())
+  modules = {f"corinfomax_jax/{p.name}" for p in (ROOT / "corinfomax_jax").glob("*.py")}
+  assert modules <= names, sorted(modules - names)
+  assert "corinfomax_jax/imagenet100_classes.txt" in names
+  assert not any(n.startswith(("tests/", "configs/")) for n in names)
+
+
+def test_core_dependencies_plain_and_tensorflow_only_under_the_train_extra(wheel):
+  requires = re.findall(r"^Requires-Dist: (.*)$", _metadata(wheel), re.M)
+  core = {_name(r) for r in requires if "extra ==" not in r}
+  train = {_name(r) for r in requires if 'extra == "train"' in r}
+  assert core == set(CORE)
+  assert train == set(TRAIN)
+  assert not any(name.startswith("tensorflow") for name in core)
+  assert re.search(r"^Requires-Python: >=3.11$", _metadata(wheel), re.M)
+
+
+def test_requirements_txt_lists_what_pyproject_declares(wheel):
+  requires = re.findall(r"^Requires-Dist: ([^;\n]*)", _metadata(wheel), re.M)
+  declared = {r.strip().replace(" ", "") for r in requires
+              if not r.startswith("corinfomax-jax")}
+  listed = {line.split("#")[0].strip() for line in
+            (ROOT / "requirements.txt").read_text().splitlines()}
+  listed.discard("")
+
+  def normal(requirement):  # setuptools reorders the bounds: compare them as sets
+    name = _name(requirement)
+    return name, frozenset(re.findall(r"[<>=!]=?[^,]+", requirement[len(name):]))
+
+  assert {normal(r) for r in listed} == {normal(r) for r in declared}

@@ -1,0 +1,113 @@
+"""sources: TensorFlow kept off the accelerators, recursive and unlabelled image folders."""
+import pathlib
+import subprocess
+import sys
+
+from corinfomax_jax import sources
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _RecordingTfConfig:
+  """A stand-in for tf.config with a GPU and a TPU, recording what is hidden."""
+
+  def __init__(self, devices=("GPU", "TPU"), initialised=False):
+    self.visible = {kind: [f"/physical_device:{kind}:0"] for kind in devices}
+    self.initialised = initialised
+    self.calls = []
+
+  def list_physical_devices(self, kind):
+    return list(self.visible.get(kind, []))
+
+  def get_visible_devices(self, kind):
+    return list(self.visible.get(kind, []))
+
+  def set_visible_devices(self, devices, kind):
+    self.calls.append((list(devices), kind))
+    if self.initialised:
+      raise RuntimeError("Visible devices cannot be modified after being initialized")
+    self.visible[kind] = list(devices)
+
+
+def test_helper_hides_gpus_and_tpus():
+  config = _RecordingTfConfig()
+  sources.hide_accelerators_from_tensorflow(config)
+  assert config.calls == [([], "GPU"), ([], "TPU")]
+  assert config.visible == {"GPU": [], "TPU": []}
+  sources.hide_accelerators_from_tensorflow(config)  # already hidden: no second call
+  assert len(config.calls) == 2
+
+
+def test_helper_leaves_absent_kinds_alone_and_survives_initialised_tf(caplog):
+  config = _RecordingTfConfig(devices=("GPU",), initialised=True)
+  sources.hide_accelerators_from_tensorflow(config)
+  assert config.calls == [([], "GPU")]  # no TPU listed: not touched
+  assert config.visible["GPU"]  # too late, and said so
+  assert "GPU devices" in caplog.text
+
+
+def test_importing_the_pipeline_leaves_tensorflow_no_gpu():
+  code = ("import corinfomax_jax.pipeline, tensorflow as tf; "
+          "assert tf.config.get_visible_devices('GPU') == [], "
+          "tf.config.get_visible_devices('GPU')")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _png(path, colour):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(path)
+
+
+def test_class_directories_are_read_recursively_in_relative_path_order(tmp_path):
+  # The official Tiny ImageNet layout: train/<wnid>/images/<image>, plus a boxes file.
+  for wnid in ("n02", "n01"):
+    for name in ("images/b.png", "images/a.png", "z.png", "images/deeper/c.JPG"):
+      _png(tmp_path / "train" / wnid / name, 10)
+    (tmp_path / "train" / wnid / f"{wnid}_boxes.txt").write_text("boxes\n")
+  source = sources.get_source(f"folder:{tmp_path}", None, "train")
+  assert source.class_names == ("n01", "n02") and not source.unlabelled
+  described = [source.describe(i) for i in range(source.num_examples)]
+  below = ["images/a.png", "images/b.png", "images/deeper/c.JPG", "z.png"]
+  assert described == [str(tmp_path / "train" / w / f) for w in ("n01", "n02")
+                       for f in below]
+  _, labels = source.load_batch(tf_indices(range(8)))
+  assert labels.numpy().tolist() == [0] * 4 + [1] * 4
+  assert sources._images_below(str(tmp_path / "train" / "n01")) == (below, 1)
+
+
+def tf_indices(values):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.constant(list(values), tf.int64)
+
+
+def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import errors  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import evaluators  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import linear_probe  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import pretrain  # pylint: disable=g-import-not-at-top
+  for split in ("train", "test"):
+    for i in range(16):
+      _png(tmp_path / "data" / split / f"{i:02d}.png", 16 * i)
+  dataset = f"folder:{tmp_path / 'data'}"
+  source = sources.get_source(dataset, None, "train")
+  assert source.unlabelled and source.class_names == ("",)
+  assert source.num_examples == 16
+  _, labels = source.load_batch(tf_indices(range(16)))
+  assert set(labels.numpy().tolist()) == {0}
+
+  state = pretrain.train_and_evaluate(tiny_config(dataset, max_steps=1),
+                                      str(tmp_path / "run"))
+  assert int(state.step) == 1
+  for run in (lambda c: pretrain.train_and_evaluate(c, str(tmp_path / "knn_monitor")),
+              lambda c: evaluators.knn_eval(c, str(tmp_path / "run")),
+              lambda c: linear_probe.linear_eval(c, str(tmp_path / "run"))):
+    config = tiny_config(dataset, max_steps=1)
+    config.eval.knn_every_epochs = 1
+    with pytest.raises(errors.ConfigError, match=r"split 'train' has no class "
+                       r"directories: .* needs labels") as e:
+      run(config)
+    assert "\n" not in str(e.value)
