@@ -44,10 +44,19 @@ ERROR_LOG = "error.log"  # the traceback of the error main.py printed in one lin
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show).
+
+  Errors that orbax's background threads log (a failed save) keep their one-line message
+  but lose their traceback, unless --verbosity=1: main.py names the cause in its one
+  `error:` line.
+  """
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno >= logging_std.ERROR and FLAGS.verbosity < 1:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging_std.WARNING
 
 
 def _fail(error: BaseException, workdir: str | None) -> None:
@@ -67,6 +76,10 @@ def _fail(error: BaseException, workdir: str | None) -> None:
       pass  # an unwritable workdir may be the error itself
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
+  if isinstance(error, errors.CheckpointSaveError):
+    # orbax's background threads may still be failing on the same disk; the last good
+    # checkpoint is intact and a partial one is removed at the next start.
+    os._exit(1)
   sys.exit(1)
 
 
