@@ -105,8 +105,13 @@ def create_checkpoint_manager(workdir: str, config):
 
 
 def checkpoint_record(config) -> dict:
-  """What a checkpoint says about the run that wrote it."""
-  return {"model": configuration.model_record(config), "optimizer": config.optimizer}
+  """What a checkpoint says about the run that wrote it (load_encoder reads "model").
+
+  "data" (the data set, hence its normalisation, and the image size) is informative:
+  a resumed run is not checked against it.
+  """
+  return {"model": configuration.model_record(config), "optimizer": config.optimizer,
+          "data": {"dataset": config.dataset, "image_size": config.image_size}}
 
 
 def restore(manager, template: TrainState, config, *, set_aside: bool = True):

@@ -3,7 +3,7 @@
 The layers, bottom to top (README, Layout):
   maths        errors, mesh, objective, models, augment, augment_device, knn, export
   data         sources, pipeline
-  run          configuration, checkpoints, metrics, loop, train_state
+  run          configuration, checkpoints, metrics, loop, train_state, encoder
   loops        evaluators, linear_probe, pretrain
   main.py
 A module may import modules of its own layer or below, and the import graph is acyclic.
@@ -19,7 +19,8 @@ LAYERS = [
     ("maths", {"errors", "mesh", "objective", "models", "augment", "augment_device",
                "knn", "export"}),
     ("data", {"sources", "pipeline"}),
-    ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state"}),
+    ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state",
+             "encoder"}),
     ("loops", {"evaluators", "linear_probe", "pretrain"}),
 ]
 
