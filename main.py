@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
+from corinfomax_jax import exporting
 from corinfomax_jax import linear_probe
 from corinfomax_jax import pretrain
 
@@ -26,9 +27,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, plots and results.")
-flags.DEFINE_enum("mode", "pretrain", ["pretrain", "knn_eval", "linear_eval"],
-                  "pretrain (resumes from the workdir); knn_eval or linear_eval of the "
-                  "workdir's latest pretraining checkpoint.")
+MODES = {
+    "pretrain": pretrain.train_and_evaluate,  # resumes from the workdir
+    "knn_eval": evaluators.knn_eval,
+    "linear_eval": linear_probe.linear_eval,
+    "export": exporting.export_backbone,
+    "embed": exporting.embed,
+}
+flags.DEFINE_enum("mode", "pretrain", list(MODES),
+                  "pretrain (resumes from the workdir); the others read the workdir's "
+                  "latest pretraining checkpoint: knn_eval, linear_eval, export (backbone "
+                  "for PyTorch and Flax), embed (features of a split).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs JAX cannot discover.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -59,12 +68,7 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    if FLAGS.mode == "pretrain":
-      pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "knn_eval":
-      evaluators.knn_eval(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "linear_eval":
-      linear_probe.linear_eval(FLAGS.config, FLAGS.workdir)
+    MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except (errors.ConfigError, errors.NonFiniteLossError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None

@@ -81,5 +81,6 @@ def get_config():
   c.eval.linear_weight_decay = 0.0
   c.eval.linear_momentum = 0.9
   c.eval.linear_precomputed = False  # faster variant: train on centre-crop features
+  c.eval.embed_split = None  # --mode=embed reads this split; None: eval_split
   c.eval.linear_max_steps = -1  # stop the probe after this many steps; -1: linear_epochs
   return c

@@ -158,5 +158,7 @@ def validate_eval_config(config) -> None:
        f"one of {list(LINEAR_SCHEDULES)}")
   need(isinstance(ev.random_init, bool), "random_init", "True or False")
   need(isinstance(ev.linear_precomputed, bool), "linear_precomputed", "True or False")
+  need(ev.embed_split is None or (isinstance(ev.embed_split, str) and ev.embed_split),
+       "embed_split", "None (config.eval_split) or a split name")
   need(isinstance(ev.monitors, (tuple, list)) and set(ev.monitors) <= set(EVALUATORS),
        "monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")

@@ -74,49 +74,65 @@ def _features_fn(model: nn.Module, mesh: jax.sharding.Mesh):
                  out_shardings=mesh_lib.batch_sharded(mesh))
 
 
-def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, source, *,
-                     batch_size: int, image_size: int, aug_config=None,
-                     max_examples: int = -1) -> tuple[np.ndarray, np.ndarray]:
-  """(features [n, dim] float32, labels [n] int32) of `source`, centre crops, on every host.
+def feature_batches(model: nn.Module, variables, mesh: jax.sharding.Mesh, source, *,
+                    batch_size: int, image_size: int, aug_config=None):
+  """Yields (features [b, dim] float32, labels [b] int32, positions [b] int64) per batch.
 
-  Images go through pipeline.eval_batches (resize + centre crop) in global batches
-  sharded over the mesh's "data" axis; padding rows are dropped. Each batch's
-  features are gathered to every process (process_allgather), one batch behind the
-  computation, so devices hold one batch at a time while hosts hold all n rows:
-  n * dim * 4 bytes, 10.5 GB per host for ImageNet-1K with ResNet-50 (2048-d).
-  max_examples (-1: all) keeps that many examples spread evenly over the split.
+  One pass over `source` in index order (pipeline.eval_batches: resize + centre crop),
+  global batches sharded over the mesh's "data" axis, the network in inference mode.
+  Each batch is gathered to every process (process_allgather), one batch behind the
+  computation, so devices hold one batch at a time and hosts one batch's rows.
+  Padding rows and images skipped as unreadable are dropped; `positions` are the
+  surviving rows' places in the pass, which for a random-access source are their
+  example indices in the source (for a streamed source, their order of arrival).
   """
   from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
-  limit = source.num_examples if max_examples == -1 else min(max_examples,
-                                                             source.num_examples)
-  if limit < source.num_examples and source.random_access:
-    source = _evenly_spaced_subset(source, limit)
-  # A streamed source cannot be subset by index: it stops after its first `limit` rows.
   batches = pipeline.global_batches(
       pipeline.eval_batches(source, global_batch_size=batch_size, image_size=image_size,
                             aug_config=aug_config),
       mesh_lib.batch_sharded(mesh))
   features_fn = _features_fn(model, mesh)
-  feats, labels = [], []
 
-  def fetch(pending):
+  def fetch(pending, b):
     f, label, mask = multihost_utils.process_allgather(pending, tiled=True)
     keep = mask > 0
-    feats.append(np.asarray(f[keep], np.float32))
-    labels.append(np.asarray(label[keep], np.int32))
+    positions = b * batch_size + np.arange(len(mask), dtype=np.int64)
+    return (np.asarray(f[keep], np.float32), np.asarray(label[keep], np.int32),
+            positions[keep])
 
-  pending, count = None, 0
-  for batch in batches:
+  pending = None
+  for b, batch in enumerate(batches):
     computed = (features_fn(variables, batch["image"]), batch["label"], batch["mask"])
     if pending is not None:
-      fetch(pending)
-      count += len(labels[-1])
-      if count >= limit:  # same count on every process: they all stop here
-        pending = None
-        break
+      yield fetch(pending, b - 1)
     pending = computed
   if pending is not None:
-    fetch(pending)
+    yield fetch(pending, b)
+
+
+def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, source, *,
+                     batch_size: int, image_size: int, aug_config=None,
+                     max_examples: int = -1) -> tuple[np.ndarray, np.ndarray]:
+  """(features [n, dim] float32, labels [n] int32) of `source`, centre crops, on every host.
+
+  The batches of `feature_batches`, concatenated: hosts hold all n rows, n * dim * 4
+  bytes, 10.5 GB per host for ImageNet-1K with ResNet-50 (2048-d).
+  max_examples (-1: all) keeps that many examples spread evenly over the split.
+  """
+  limit = source.num_examples if max_examples == -1 else min(max_examples,
+                                                             source.num_examples)
+  if limit < source.num_examples and source.random_access:
+    source = _evenly_spaced_subset(source, limit)
+  # A streamed source cannot be subset by index: it stops after its first `limit` rows.
+  feats, labels, count = [], [], 0
+  for f, label, _ in feature_batches(model, variables, mesh, source,
+                                     batch_size=batch_size, image_size=image_size,
+                                     aug_config=aug_config):
+    feats.append(f)
+    labels.append(label)
+    count += len(label)
+    if count >= limit:  # same count on every process: they all stop here
+      break
   if not feats:
     raise ValueError(f"{source.name} split {source.split!r} gave no examples")
   return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
