@@ -68,8 +68,9 @@ def get_config():
   c.eval.batch_size = 512
   c.eval.monitors = ("knn",)  # evaluators run during pretraining (each has a cadence)
   c.eval.knn_every_epochs = 0  # kNN monitor during pretraining; 0: off
-  c.eval.knn_k = 200
-  c.eval.knn_temperature = 0.07
+  # kNN: every k and temperature in one pass; top1/top5 report k = 200, T = 0.07.
+  c.eval.knn_k = (10, 20, 100, 200)
+  c.eval.knn_temperature = (0.07,)  # one or several temperatures
   c.eval.max_train_examples = -1  # kNN memory bank size limit; -1: whole split
   c.eval.random_init = False  # knn_eval: evaluate the seeded random initialisation
   c.eval.linear_epochs = 100

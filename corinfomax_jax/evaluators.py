@@ -138,25 +138,53 @@ def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, sourc
   return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
 
 
+def knn_settings(config) -> tuple[tuple[int, ...], tuple[float, ...]]:
+  """(ks, temperatures) of config.eval.knn_k and knn_temperature (a number or a tuple)."""
+  as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)
+  return as_tuple(config.eval.knn_k), tuple(float(t) for t in
+                                            as_tuple(config.eval.knn_temperature))
+
+
+def knn_headline(ks, temperatures) -> tuple[int, float]:
+  """The (k, T) reported as top1/top5: InstDisc's k = 200, T = 0.07 where listed, else
+  the largest k and the first temperature."""
+  k = knn.KNN_K if knn.KNN_K in ks else max(ks)
+  t = knn.KNN_TEMPERATURE if knn.KNN_TEMPERATURE in temperatures else temperatures[0]
+  return k, t
+
+
+def knn_numbers(table: dict, ks, temperatures) -> dict[str, float]:
+  """Flat names of knn.knn_accuracies' table: top1/top5 at the headline (k, T), then
+  top1_k<k>/top5_k<k> at the headline T, and top1_k<k>_t<T> for other temperatures."""
+  k0, t0 = knn_headline(ks, temperatures)
+  out = dict(table[(k0, t0)])
+  for (k, t), acc in table.items():
+    suffix = f"_k{k}" if t == t0 else f"_k{k}_t{t:g}"
+    out.update({f"{name}{suffix}": v for name, v in acc.items()})
+  return out
+
+
 class KnnEvaluator:
   """Weighted kNN of the backbone features: train split as the bank, eval split queried.
 
   The bank is config.train_split (at most config.eval.max_train_examples of it, spread
   evenly), the queries config.eval_split, both centre crops through the network in
-  inference mode; k = config.eval.knn_k, temperature config.eval.knn_temperature.
-  Every process returns the same numbers.
+  inference mode; every k of config.eval.knn_k and temperature of
+  config.eval.knn_temperature in one pass (knn.knn_accuracies). Every process returns
+  the same numbers.
   """
   name = "knn"
 
   def __init__(self, config, model, mesh, train_source, eval_source):
     self._config, self._model, self._mesh = config, model, mesh
     self._train_source, self._eval_source = train_source, eval_source
+    self.ks, self.temperatures = knn_settings(config)
 
   def every_steps(self, steps_per_epoch: int) -> int:
     return loop.epochs_to_steps(self._config.eval.knn_every_epochs, steps_per_epoch)
 
-  def run(self, variables) -> dict:
-    """{"top1", "top5"} in percent, and the bank and query counts."""
+  def accuracies(self, variables) -> tuple[dict, dict]:
+    """({(k, T): {"top1", "top5"}} in percent, the bank and query counts)."""
     config = self._config
     kwargs = dict(batch_size=config.eval.batch_size, image_size=config.image_size,
                   aug_config=configuration.aug_overrides(config))
@@ -166,11 +194,16 @@ class KnnEvaluator:
                                          **kwargs)
     queries, query_labels = extract_features(self._model, variables, self._mesh,
                                              self._eval_source, **kwargs)
-    accuracy = knn.knn_accuracy(bank, bank_labels, queries, query_labels,
-                                self._train_source.num_classes, k=config.eval.knn_k,
-                                temperature=config.eval.knn_temperature)
-    return {**accuracy, "num_bank_examples": int(len(bank)),
-            "num_query_examples": int(len(queries))}
+    table = knn.knn_accuracies(bank, bank_labels, queries, query_labels,
+                               self._train_source.num_classes, ks=self.ks,
+                               temperatures=self.temperatures)
+    return table, {"num_bank_examples": int(len(bank)),
+                   "num_query_examples": int(len(queries))}
+
+  def run(self, variables) -> dict:
+    """`knn_numbers` of the accuracies, and the bank and query counts."""
+    table, counts = self.accuracies(variables)
+    return {**knn_numbers(table, self.ks, self.temperatures), **counts}
 
 
 _EVALUATORS = {"knn": KnnEvaluator}
@@ -193,6 +226,7 @@ def monitor_action(evaluator, every_steps: int, writer) -> loop.Periodic:
     start = time.time()
     result = evaluator.run(train_state_lib.backbone_variables(state))
     numbers = {k: v for k, v in result.items() if not k.startswith("num_")}
+    # TensorBoard: knn/top1, knn/top1_k20, ... (evaluator names, then its own).
     logging.info("%s monitor at step %d: %s (%.1f s).", evaluator.name, step,
                  " ".join(f"{k} {v:.2f}" for k, v in numbers.items()), time.time() - start)
     writer.scalars(step, {f"{evaluator.name}/{k}": v for k, v in numbers.items()})
@@ -205,7 +239,9 @@ def knn_eval(config, workdir: str) -> dict:
 
   With config.eval.random_init the network is the seeded initialisation
   (train_state.initial_state with config.seed) and no checkpoint is read. Writes
-  <workdir>/knn_eval.json and returns the same dict: top1, top5 (percent), step,
+  <workdir>/knn_eval.json and returns the same dict: top1, top5 (percent) at the
+  headline k and temperature (`knn_headline`: 200 and 0.07, InstDisc's), "by_k" {k:
+  {top1, top5}} at that temperature, "by_temperature" {T: {k: {top1, top5}}}, step,
   random_init, num_bank_examples, num_query_examples, k, temperature, dataset, splits.
   """
   configuration.validate_config(config)
@@ -222,10 +258,16 @@ def knn_eval(config, workdir: str) -> dict:
         config, model, mesh, workdir,
         ", or set config.eval.random_init=True to evaluate the random initialisation")
   evaluator = KnnEvaluator(config, model, mesh, train_source, eval_source)
-  result = evaluator.run(train_state_lib.backbone_variables(state))
-  result.update(step=int(state.step), random_init=random_init, k=config.eval.knn_k,
-                temperature=config.eval.knn_temperature, dataset=config.dataset,
-                train_split=config.train_split, eval_split=config.eval_split)
+  table, counts = evaluator.accuracies(train_state_lib.backbone_variables(state))
+  ks, temperatures = evaluator.ks, evaluator.temperatures
+  k, t = knn_headline(ks, temperatures)
+  result = {**table[(k, t)], **counts, "k": k, "temperature": t,
+            "by_k": {str(kk): table[(kk, t)] for kk in ks},
+            "by_temperature": {f"{tt:g}": {str(kk): table[(kk, tt)] for kk in ks}
+                               for tt in temperatures},
+            "step": int(state.step), "random_init": random_init,
+            "dataset": config.dataset, "train_split": config.train_split,
+            "eval_split": config.eval_split}
   path = os.path.join(workdir, KNN_RESULT_FILE)
   metrics_lib.write_json(path, result)
   logging.info("kNN (k=%d, T=%g) of %s at step %d: top-1 %.2f top-5 %.2f (%d bank, %d "
