@@ -5,6 +5,10 @@
 Imports no TensorFlow, so it runs on an accelerator machine that has none (the config
 files need ml_collections, a pure-Python wheel). "images" are training examples, each
 a pair of views through the network. The last line is `images_per_s=<number>`.
+
+  --online_probe: times the step without and with the online linear probe
+  (config.eval.online_probe, 1000 classes unless --num_classes) in one process and
+  prints the probe's share of the step; the last line is then the rate with the probe.
 """
 
 import argparse
@@ -40,6 +44,10 @@ def main():
   parser.add_argument("--image_size", type=int, default=None)
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile)")
+  parser.add_argument("--online_probe", action="store_true",
+                      help="time without and with the online linear probe")
+  parser.add_argument("--num_classes", type=int, default=1000,
+                      help="classes of the online probe")
   args = parser.parse_args()
 
   config = load_config(args.config)
@@ -52,17 +60,34 @@ def main():
   configuration.validate_config(config)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
+  runs = [False, True] if args.online_probe else [False]
+  ms = {}
+  for probe in runs:
+    ms[probe], line = time_step(config, mesh, probe, args)
+    print(line)
+  if args.online_probe:
+    print(f"online probe ({args.num_classes} classes): {ms[True] - ms[False]:+.2f} ms/step, "
+          f"{100 * (ms[True] - ms[False]) / ms[True]:.1f}% of the step with it")
+  print(f"images_per_s={config.batch_size / ms[runs[-1]] * 1e3:.1f}")
+
+
+def time_step(config, mesh, online_probe, args):
+  """(ms per step, a line that describes the run) of the jitted train step."""
+  config = config.copy_and_resolve_references()
+  config.eval.online_probe = online_probe
   model = configuration.create_model(config)
   lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
   tx = train_state_lib.create_optimizer(config, lr_fn)
-  state = train_state_lib.create_train_state(config, model, tx, mesh)
+  state = train_state_lib.create_train_state(
+      config, model, tx, mesh,
+      probe_classes=train_state_lib.online_probe_classes(config, args.num_classes))
   step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
 
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   rng = np.random.default_rng(0)
-  batch = jax.device_put(
-      {k: rng.normal(size=shape).astype(np.float32) for k in ("view1", "view2")},
-      mesh_lib.batch_sharded(mesh))
+  batch = {k: rng.normal(size=shape).astype(np.float32) for k in ("view1", "view2")}
+  batch["label"] = rng.integers(0, args.num_classes, config.batch_size).astype(np.int32)
+  batch = jax.device_put(batch, mesh_lib.batch_sharded(mesh))
 
   t0 = time.perf_counter()
   for _ in range(args.warmup):
@@ -75,11 +100,12 @@ def main():
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0
   m = config.model
-  print(f"{m.backbone} width {m.width} {config.image_size}px projector "
-        f"{m.projector} batch {config.batch_size} {m.dtype} on "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}: warmup {compile_s:.1f} s, "
-        f"{elapsed / args.steps * 1e3:.1f} ms/step, loss {float(metrics['loss']):.4f}")
-  print(f"images_per_s={config.batch_size * args.steps / elapsed:.1f}")
+  ms = elapsed / args.steps * 1e3
+  return ms, (f"{m.backbone} width {m.width} {config.image_size}px projector "
+              f"{m.projector} batch {config.batch_size} {m.dtype} online_probe "
+              f"{online_probe} on {jax.device_count()} x {jax.devices()[0].device_kind}: "
+              f"warmup {compile_s:.1f} s, {ms:.1f} ms/step, loss "
+              f"{float(metrics['loss']):.4f}")
 
 
 if __name__ == "__main__":

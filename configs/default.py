@@ -66,12 +66,17 @@ def get_config():
   # --- Evaluation --------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
-  c.eval.monitors = ("knn",)  # evaluators run during pretraining (each has a cadence)
+  # Evaluators run during pretraining at the kNN cadence: "knn", "online_probe".
+  c.eval.monitors = ("knn",)
   c.eval.knn_every_epochs = 0  # kNN monitor during pretraining; 0: off
   # kNN: every k and temperature in one pass; top1/top5 report k = 200, T = 0.07.
   c.eval.knn_k = (10, 20, 100, 200)
   c.eval.knn_temperature = (0.07,)  # one or several temperatures
   c.eval.max_train_examples = -1  # kNN memory bank size limit; -1: whole split
+  # Online linear probe: a Dense on stop-gradient features of view1, trained alongside
+  # pretraining with its own SGD (momentum 0.9, constant lr); train top-1 every log step.
+  c.eval.online_probe = False
+  c.eval.online_probe_lr = 0.1
   c.eval.random_init = False  # knn_eval: evaluate the seeded random initialisation
   c.eval.linear_epochs = 100
   c.eval.linear_batch_size = 256

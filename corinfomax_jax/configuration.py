@@ -17,7 +17,7 @@ from corinfomax_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
-EVALUATORS = ("knn",)  # what config.eval.monitors may list
+EVALUATORS = ("knn", "online_probe")  # what config.eval.monitors may list
 # Flat keys of earlier versions -> their place under config.model.
 MOVED_KEYS = {"model": "backbone", "cifar_stem": "cifar_stem", "width": "width",
               "projector": "projector", "projector_bn": "projector_bn", "dtype": "dtype"}
@@ -156,7 +156,7 @@ def validate_eval_config(config) -> None:
     values = ev[key] if isinstance(ev[key], (tuple, list)) else (ev[key],)
     need(len(values) > 0 and all(ok(v) for v in values), key,
          f"{what}, one or a tuple, e.g. {(10, 20, 100, 200) if key == 'knn_k' else 0.07}")
-  for key in ("linear_lr",):
+  for key in ("linear_lr", "online_probe_lr"):
     need(is_number(key) and ev[key] > 0, key, "a positive number")
   for key in ("linear_min_lr", "linear_weight_decay"):
     need(is_number(key) and ev[key] >= 0, key, "a number >= 0")
@@ -166,7 +166,10 @@ def validate_eval_config(config) -> None:
        f"one of {list(LINEAR_SCHEDULES)}")
   need(isinstance(ev.random_init, bool), "random_init", "True or False")
   need(isinstance(ev.linear_precomputed, bool), "linear_precomputed", "True or False")
+  need(isinstance(ev.online_probe, bool), "online_probe", "True or False")
   need(ev.embed_split is None or (isinstance(ev.embed_split, str) and ev.embed_split),
        "embed_split", "None (config.eval_split) or a split name")
   need(isinstance(ev.monitors, (tuple, list)) and set(ev.monitors) <= set(EVALUATORS),
        "monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")
+  need(ev.online_probe or "online_probe" not in ev.monitors, "monitors",
+       "no 'online_probe' unless config.eval.online_probe=True (the probe it tests)")

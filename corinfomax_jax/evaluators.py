@@ -138,6 +138,11 @@ def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, sourc
   return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
 
 
+def monitor_every_steps(config, steps_per_epoch: int) -> int:
+  """The monitors' cadence in steps: config.eval.knn_every_epochs (0: off)."""
+  return loop.epochs_to_steps(config.eval.knn_every_epochs, steps_per_epoch)
+
+
 def knn_settings(config) -> tuple[tuple[int, ...], tuple[float, ...]]:
   """(ks, temperatures) of config.eval.knn_k and knn_temperature (a number or a tuple)."""
   as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)
@@ -181,7 +186,7 @@ class KnnEvaluator:
     self.ks, self.temperatures = knn_settings(config)
 
   def every_steps(self, steps_per_epoch: int) -> int:
-    return loop.epochs_to_steps(self._config.eval.knn_every_epochs, steps_per_epoch)
+    return monitor_every_steps(self._config, steps_per_epoch)
 
   def accuracies(self, variables) -> tuple[dict, dict]:
     """({(k, T): {"top1", "top5"}} in percent, the bank and query counts)."""
@@ -205,8 +210,49 @@ class KnnEvaluator:
     table, counts = self.accuracies(variables)
     return {**knn_numbers(table, self.ks, self.temperatures), **counts}
 
+  def run_on_state(self, state) -> dict:
+    return self.run(train_state_lib.backbone_variables(state))
 
-_EVALUATORS = {"knn": KnnEvaluator}
+
+class OnlineProbeEvaluator:
+  """Test accuracy of the online linear probe that pretraining trains (state.probe).
+
+  Centre crops of config.eval_split through the backbone in inference mode, then the
+  probe's Dense layer; at the kNN monitor's cadence (config.eval.knn_every_epochs).
+  """
+  name = "online_probe"
+
+  def __init__(self, config, model, mesh, train_source, eval_source):
+    del train_source
+    self._config, self._model, self._mesh = config, model, mesh
+    self._eval_source = eval_source
+
+  def every_steps(self, steps_per_epoch: int) -> int:
+    return monitor_every_steps(self._config, steps_per_epoch)
+
+  def run_on_state(self, state) -> dict:
+    """{"test_top1", "test_top5"} in percent, and the test count."""
+    config = self._config
+    logits_fn = jax.jit(train_state_lib.online_probe_logits)
+    hits, count = np.zeros(2, np.int64), 0
+    for feats, labels, _ in feature_batches(
+        self._model, train_state_lib.backbone_variables(state), self._mesh,
+        self._eval_source, batch_size=config.eval.batch_size, image_size=config.image_size,
+        aug_config=configuration.aug_overrides(config)):
+      logits = logits_fn(state.probe["params"], feats)
+      hits += np.asarray(knn.topk_hits(logits, labels, np.ones(len(labels), bool)))
+      count += len(labels)
+    accuracy = knn.accuracy(hits, count)
+    return {"test_top1": accuracy["top1"], "test_top5": accuracy["top5"],
+            "num_test_examples": count}
+
+
+_EVALUATORS = {"knn": KnnEvaluator, "online_probe": OnlineProbeEvaluator}
+
+
+def monitors_on(config) -> bool:
+  """Whether pretraining runs any evaluator (config.eval.monitors, at the kNN cadence)."""
+  return bool(config.eval.monitors) and monitor_every_steps(config, 1) > 0
 
 
 def create_evaluators(config, model, mesh, train_source, eval_source) -> list:
@@ -224,7 +270,7 @@ def monitor_action(evaluator, every_steps: int, writer) -> loop.Periodic:
 
   def run(step, state):
     start = time.time()
-    result = evaluator.run(train_state_lib.backbone_variables(state))
+    result = evaluator.run_on_state(state)
     numbers = {k: v for k, v in result.items() if not k.startswith("num_")}
     # TensorBoard: knn/top1, knn/top1_k20, ... (evaluator names, then its own).
     logging.info("%s monitor at step %d: %s (%.1f s).", evaluator.name, step,
