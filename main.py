@@ -20,6 +20,7 @@ from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
 from corinfomax_jax import exporting
+from corinfomax_jax import finetune
 from corinfomax_jax import linear_probe
 from corinfomax_jax import pretrain
 
@@ -33,11 +34,13 @@ MODES = {
     "linear_eval": linear_probe.linear_eval,
     "export": exporting.export_backbone,
     "embed": exporting.embed,
+    "finetune": finetune.finetune,
 }
 flags.DEFINE_enum("mode", "pretrain", list(MODES),
                   "pretrain (resumes from the workdir); the others read the workdir's "
                   "latest pretraining checkpoint: knn_eval, linear_eval, export (backbone "
-                  "for PyTorch and Flax), embed (features of a split).")
+                  "for PyTorch and Flax), embed (features of a split), finetune (the whole "
+                  "network on a labelled subset).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs JAX cannot discover.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")

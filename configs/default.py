@@ -77,7 +77,7 @@ def get_config():
   # pretraining with its own SGD (momentum 0.9, constant lr); train top-1 every log step.
   c.eval.online_probe = False
   c.eval.online_probe_lr = 0.1
-  c.eval.random_init = False  # knn_eval: evaluate the seeded random initialisation
+  c.eval.random_init = False  # knn_eval, finetune: the seeded random initialisation
   c.eval.linear_epochs = 100
   c.eval.linear_batch_size = 256
   c.eval.linear_lr = 0.2
@@ -89,4 +89,13 @@ def get_config():
   c.eval.linear_precomputed = False  # faster variant: train on centre-crop features
   c.eval.embed_split = None  # --mode=embed reads this split; None: eval_split
   c.eval.linear_max_steps = -1  # stop the probe after this many steps; -1: linear_epochs
+  # --- Semi-supervised fine-tuning (--mode=finetune): the whole network on a subset.
+  c.eval.label_fraction = 0.1  # seeded class-balanced share of train_split, in (0, 1]
+  c.eval.label_file = None  # or a text file of image file names (SimCLR's 1%/10% lists)
+  c.eval.finetune_epochs = 30
+  c.eval.finetune_batch_size = 256
+  c.eval.finetune_backbone_lr = 0.01  # cosine to 0; SGD momentum 0.9
+  c.eval.finetune_head_lr = 0.1
+  c.eval.finetune_weight_decay = 0.0
+  c.eval.finetune_max_steps = -1  # stop after this many steps; -1: finetune_epochs
   return c

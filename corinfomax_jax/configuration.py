@@ -140,12 +140,13 @@ def validate_eval_config(config) -> None:
   """Raises ConfigError naming the first config.eval value that cannot work."""
   ev = config.eval
   need, is_int, is_number = _checker(ev, "eval.")
-  for key in ("batch_size", "linear_epochs", "linear_batch_size",
+  for key in ("batch_size", "linear_epochs", "linear_batch_size", "finetune_epochs",
+              "finetune_batch_size",
               "linear_step_epochs"):
     need(is_int(key) and ev[key] > 0, key, "a positive integer")
   need(is_int("knn_every_epochs") and ev.knn_every_epochs >= 0, "knn_every_epochs",
        "an integer >= 0 (0: no kNN monitor)")
-  for key in ("max_train_examples", "linear_max_steps"):
+  for key in ("max_train_examples", "linear_max_steps", "finetune_max_steps"):
     need(is_int(key) and (ev[key] == -1 or ev[key] > 0), key,
          "a positive integer, or -1 for no limit")
   positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -156,9 +157,9 @@ def validate_eval_config(config) -> None:
     values = ev[key] if isinstance(ev[key], (tuple, list)) else (ev[key],)
     need(len(values) > 0 and all(ok(v) for v in values), key,
          f"{what}, one or a tuple, e.g. {(10, 20, 100, 200) if key == 'knn_k' else 0.07}")
-  for key in ("linear_lr", "online_probe_lr"):
+  for key in ("linear_lr", "online_probe_lr", "finetune_backbone_lr", "finetune_head_lr"):
     need(is_number(key) and ev[key] > 0, key, "a positive number")
-  for key in ("linear_min_lr", "linear_weight_decay"):
+  for key in ("linear_min_lr", "linear_weight_decay", "finetune_weight_decay"):
     need(is_number(key) and ev[key] >= 0, key, "a number >= 0")
   need(is_number("linear_momentum") and 0 <= ev.linear_momentum < 1, "linear_momentum",
        "a number in [0, 1)")

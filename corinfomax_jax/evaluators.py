@@ -47,19 +47,24 @@ def open_sources(config):
   return train_source, eval_source
 
 
+def index_subset(source, index: np.ndarray):
+  """`source` restricted to the examples `index` (int64 indices into it), in that order."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  index = np.asarray(index, np.int64)
+  index_t = tf.constant(index)
+  return dataclasses.replace(
+      source, num_examples=len(index),
+      load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
+      describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set())
+
+
 def _evenly_spaced_subset(source, num: int):
   """`source` restricted to `num` examples spread evenly over its index range.
 
   Spread, not the first `num`: an image folder is sorted by class, so its first
   examples would all be of the first classes.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  index = (np.arange(num, dtype=np.int64) * source.num_examples) // num
-  index_t = tf.constant(index)
-  return dataclasses.replace(
-      source, num_examples=num,
-      load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
-      describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set())
+  return index_subset(source, (np.arange(num, dtype=np.int64) * source.num_examples) // num)
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,7 @@ The layers, bottom to top (README, Layout):
   maths        errors, mesh, objective, models, augment, augment_device, knn, export
   data         sources, pipeline
   run          configuration, checkpoints, metrics, loop, train_state, encoder
-  loops        evaluators, linear_probe, pretrain, exporting
+  loops        evaluators, linear_probe, pretrain, exporting, finetune
   main.py
 A module may import modules of its own layer or below, and the import graph is acyclic.
 """
@@ -21,7 +21,8 @@ LAYERS = [
     ("data", {"sources", "pipeline"}),
     ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state",
              "encoder"}),
-    ("loops", {"evaluators", "linear_probe", "pretrain", "exporting"}),
+    ("loops", {"evaluators", "linear_probe", "pretrain", "exporting",
+               "finetune"}),
 ]
 
 
