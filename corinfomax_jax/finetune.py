@@ -168,7 +168,8 @@ def finetune(config, workdir: str) -> dict:
   (finetune_max_steps caps the steps). Progress, NaN guard, a checkpoint each epoch in
   <workdir>/finetune/checkpoints (resumed by the same command), preemption: the shared
   loop. Tested on centre crops of eval_split; writes <workdir>/finetune.json (top1,
-  top5, test_loss, label_fraction, label_file, num_labelled, epochs, steps, ...) and
+  top5, test_loss, train_loss_last_epoch (None when nothing was left to train),
+  label_fraction, label_file, num_labelled, epochs, steps, ...) and
   returns it with the final FinetuneState under "state", or {"preempted": True,
   "step": s}.
   """
@@ -193,7 +194,8 @@ def finetune(config, workdir: str) -> dict:
     raise ConfigError(f"config.eval.finetune_batch_size = {batch_size} exceeds the "
                       f"{subset.num_examples} labelled examples: use a smaller batch.")
   steps_per_epoch = pipeline.steps_per_epoch(subset.num_examples, batch_size)
-  num_steps = ev.finetune_epochs * steps_per_epoch
+  schedule_steps = ev.finetune_epochs * steps_per_epoch  # finetune_max_steps only stops
+  num_steps = schedule_steps
   if ev.finetune_max_steps != -1:
     num_steps = min(num_steps, ev.finetune_max_steps)
 
@@ -209,7 +211,7 @@ def finetune(config, workdir: str) -> dict:
   m = config.model
   backbone = models.create_backbone(m.backbone, cifar_stem=m.cifar_stem, width=m.width,
                                     dtype=models.parse_dtype(m.dtype))
-  tx, learning_rate_fn = create_optimizer(config, num_steps)
+  tx, learning_rate_fn = create_optimizer(config, schedule_steps)
   dim = models.backbone_feature_dim(m.backbone, m.width)
 
   def init(params, batch_stats):
@@ -244,6 +246,7 @@ def finetune(config, workdir: str) -> dict:
                                         learning_rate_fn=learning_rate_fn),
                       in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                       donate_argnums=(0,))
+    last_epoch = None
     if start_step < num_steps:
       batches = pipeline.global_batches(
           pipeline.probe_train_batches(
@@ -255,8 +258,10 @@ def finetune(config, workdir: str) -> dict:
           batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
           prefix="finetune/train_",
           nonfinite_hint=lambda: "Lower config.eval.finetune_backbone_lr / head_lr.")
-      actions = [report, loop.Checkpoint(manager, steps_per_epoch, lambda: record,
-                                         before_save=report.flush)]
+      last_epoch = _LastLosses(steps_per_epoch)
+      actions = [report, last_epoch,
+                 loop.Checkpoint(manager, steps_per_epoch, lambda: record,
+                                 before_save=report.flush)]
       state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
                                   num_steps=num_steps, actions=actions)
       if preempted:
@@ -279,6 +284,8 @@ def finetune(config, workdir: str) -> dict:
       sums += np.asarray(jax.device_get(eval_fn(state.params, state.batch_stats, batch)))
     count = int(sums[2])
     result = {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
+              # The head starts at zero, so the first step's loss is ln(num_classes).
+              "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
               "label_fraction": ev.label_fraction, "label_file": ev.label_file,
               "num_labelled": int(subset.num_examples), "epochs": ev.finetune_epochs,
               "steps": int(state.step), "steps_per_epoch": steps_per_epoch,
@@ -298,6 +305,23 @@ def finetune(config, workdir: str) -> dict:
                result["top5"], count, config.eval_split, path)
   result["state"] = state
   return result
+
+
+class _LastLosses:
+  """A loop action that keeps the train losses of the last `n` steps (on the device)."""
+
+  def __init__(self, n: int):
+    self._n, self._losses = n, []
+
+  def __call__(self, step, state, metrics, is_last):
+    del step, state, is_last
+    self._losses = (self._losses + [metrics["loss"]])[-self._n:]
+
+  def __bool__(self):
+    return bool(self._losses)
+
+  def mean(self) -> float:
+    return float(np.mean(jax.device_get(self._losses)))
 
 
 def _check_record(expected: dict, directory):
