@@ -6,6 +6,7 @@ place (corinfomax_jax/configuration.py checks them all). Override any key on the
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -87,11 +88,13 @@ def get_config():
   c.eval.linear_weight_decay = 0.0
   c.eval.linear_momentum = 0.9
   c.eval.linear_precomputed = False  # faster variant: train on centre-crop features
-  c.eval.embed_split = None  # --mode=embed reads this split; None: eval_split
+  # Keys that may be unset are typed placeholders, so the command line can set them.
+  c.eval.embed_split = config_dict.placeholder(str)  # --mode=embed's split; unset: eval_split
   c.eval.linear_max_steps = -1  # stop the probe after this many steps; -1: linear_epochs
   # --- Semi-supervised fine-tuning (--mode=finetune): the whole network on a subset.
   c.eval.label_fraction = 0.1  # seeded class-balanced share of train_split, in (0, 1]
-  c.eval.label_file = None  # or a text file of image file names (SimCLR's 1%/10% lists)
+  # Or a text file of image file names, one a line (SimCLR's ImageNet 1%/10% lists).
+  c.eval.label_file = config_dict.placeholder(str)
   c.eval.finetune_epochs = 30
   c.eval.finetune_batch_size = 256
   c.eval.finetune_backbone_lr = 0.01  # cosine to 0; SGD momentum 0.9
