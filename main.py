@@ -22,6 +22,8 @@ from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
+from corinfomax_jax import exporting
+from corinfomax_jax import finetune
 from corinfomax_jax import linear_probe
 from corinfomax_jax import pretrain
 
@@ -29,9 +31,19 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, plots and results.")
-flags.DEFINE_enum("mode", "pretrain", ["pretrain", "knn_eval", "linear_eval"],
-                  "pretrain (resumes from the workdir); knn_eval or linear_eval of the "
-                  "workdir's latest pretraining checkpoint.")
+MODES = {
+    "pretrain": pretrain.train_and_evaluate,  # resumes from the workdir
+    "knn_eval": evaluators.knn_eval,
+    "linear_eval": linear_probe.linear_eval,
+    "export": exporting.export_backbone,
+    "embed": exporting.embed,
+    "finetune": finetune.finetune,
+}
+flags.DEFINE_enum("mode", "pretrain", list(MODES),
+                  "pretrain (resumes from the workdir); the others read the workdir's "
+                  "latest pretraining checkpoint: knn_eval, linear_eval, export (backbone "
+                  "for PyTorch and Flax), embed (features of a split), finetune (the whole "
+                  "network on a labelled subset).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs JAX cannot discover.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -100,12 +112,7 @@ def main(argv):
     logging.info("JAX process %d of %d, %d local of %d devices (%s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
-    if FLAGS.mode == "pretrain":
-      pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "knn_eval":
-      evaluators.knn_eval(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "linear_eval":
-      linear_probe.linear_eval(FLAGS.config, FLAGS.workdir)
+    MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
     sys.stderr.write("error: interrupted; nothing was saved since the last checkpoint.\n")
     sys.stderr.flush()

@@ -5,6 +5,10 @@
 Imports no TensorFlow, so it runs on an accelerator machine that has none (the config
 files need ml_collections, a pure-Python wheel). "images" are training examples, each
 a pair of views through the network. The last line is `images_per_s=<number>`.
+
+  --online_probe: times the step without and with the online linear probe
+  (config.eval.online_probe, 1000 classes unless --num_classes) in one process and
+  prints the probe's share of the step; the last line is then the rate with the probe.
 """
 
 import argparse
@@ -41,6 +45,11 @@ def main():
   parser.add_argument("--image_size", type=int, default=None)
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile)")
+  parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+  parser.add_argument("--online_probe", action="store_true",
+                      help="time without and with the online linear probe")
+  parser.add_argument("--num_classes", type=int, default=1000,
+                      help="classes of the online probe")
   args = parser.parse_args()
 
   config = load_config(args.config)
@@ -53,48 +62,95 @@ def main():
   configuration.validate_config(config)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
-  model = configuration.create_model(config)
-  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
-  tx = train_state_lib.create_optimizer(config, lr_fn)
-  state = train_state_lib.create_train_state(config, model, tx, mesh)
-  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+  runs = [False, True] if args.online_probe else [False]
+  steppers = {probe: prepare_step(config, mesh, probe, args) for probe in runs}
+  steppers["augment"] = prepare_views(config, mesh, args)
+  # Rounds alternate between the variants and each keeps its fastest round, so a
+  # shared machine's load hits both alike.
+  ms = {k: f() for k, f in steppers.items()}
+  for _ in range(args.rounds - 1):
+    for k, f in steppers.items():
+      ms[k] = min(ms[k], f())
+  for probe in runs:
+    print(describe(config, probe, ms[probe], args))
+  print(f"device augmentation of both views: {ms['augment']:.1f} ms "
+        f"({100 * ms['augment'] / ms[False]:.1f}% of a step)")
+  if args.online_probe:
+    print(f"online probe ({args.num_classes} classes): {ms[True] - ms[False]:+.2f} ms/step, "
+          f"{100 * (ms[True] - ms[False]) / ms[True]:.1f}% of the step with it")
+  print(f"images_per_s={config.batch_size / ms[runs[-1]] * 1e3:.1f}")
 
-  # What the host pipeline sends: uint8 crops and each example's draws, per view.
+
+def describe(config, online_probe, ms, args):
+  m = config.model
+  return (f"{m.backbone} width {m.width} {config.image_size}px projector {m.projector} "
+          f"batch {config.batch_size} {m.dtype} online_probe {online_probe} on "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}: {ms:.1f} ms/step "
+          f"(fastest of {args.rounds} rounds of {args.steps} steps)")
+
+
+def two_view_batch(config, mesh, num_classes):
+  """What the host pipeline sends: uint8 crops and each example's draws, per view."""
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   rng = np.random.default_rng(0)
-  batch = {}
+  batch = {"label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
   for k in ("view1", "view2"):
     batch[k] = rng.integers(0, 256, size=shape, dtype=np.uint8)
     batch[f"{k}_draws"] = rng.uniform(size=(config.batch_size, augment.NUM_DRAWS)
                                       ).astype(np.float32)
-  batch = jax.device_put(batch, mesh_lib.batch_sharded(mesh))
+  return jax.device_put(batch, mesh_lib.batch_sharded(mesh))
 
-  t0 = time.perf_counter()
-  for _ in range(args.warmup):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(state)
-  elapsed = time.perf_counter() - t0
-  # The device augmentation alone (both views), on the same batch and sharding.
+
+def prepare_views(config, mesh, args):
+  """Times the device augmentation alone (both views) on the step's batch and sharding."""
   views = jax.jit(pretrain.make_views(config))
+  batch = two_view_batch(config, mesh, args.num_classes)
   jax.block_until_ready(views(batch))
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    out = views(batch)
-  jax.block_until_ready(out)
-  augment_s = time.perf_counter() - t0
-  m = config.model
-  print(f"{m.backbone} width {m.width} {config.image_size}px projector "
-        f"{m.projector} batch {config.batch_size} {m.dtype} on "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}: warmup {compile_s:.1f} s, "
-        f"{elapsed / args.steps * 1e3:.1f} ms/step, loss {float(metrics['loss']):.4f}; "
-        f"device augmentation {augment_s / args.steps * 1e3:.1f} ms "
-        f"({100 * augment_s / elapsed:.1f}% of a step)")
-  print(f"images_per_s={config.batch_size * args.steps / elapsed:.1f}")
+
+  def timed():
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      out = views(batch)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / args.steps * 1e3
+
+  return timed
+
+
+def prepare_step(config, mesh, online_probe, args):
+  """Compiles and warms up the train step; returns a function that times `args.steps`
+  steps and returns ms per step."""
+  config = config.copy_and_resolve_references()
+  config.eval.online_probe = online_probe
+  model = configuration.create_model(config)
+  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  tx = train_state_lib.create_optimizer(config, lr_fn)
+  state = train_state_lib.create_train_state(
+      config, model, tx, mesh,
+      probe_classes=train_state_lib.online_probe_classes(config, args.num_classes))
+  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+
+  batch = two_view_batch(config, mesh, args.num_classes)
+  holder = {"state": state}
+
+  def run(n):
+    s = holder["state"]
+    for _ in range(n):
+      s, metrics = step(s, batch)
+    jax.block_until_ready(s)
+    holder["state"] = s
+    return metrics
+
+  metrics = run(args.warmup)
+  if not np.isfinite(float(metrics["loss"])):
+    raise FloatingPointError(f"loss {float(metrics['loss'])} in warm-up")
+
+  def timed():
+    t0 = time.perf_counter()
+    run(args.steps)
+    return (time.perf_counter() - t0) / args.steps * 1e3
+
+  return timed
 
 
 if __name__ == "__main__":

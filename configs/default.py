@@ -76,12 +76,18 @@ def get_config():
   # --- Evaluation --------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
-  c.eval.monitors = ("knn",)  # evaluators run during pretraining (each has a cadence)
+  # Evaluators run during pretraining at the kNN cadence: "knn", "online_probe".
+  c.eval.monitors = ("knn",)
   c.eval.knn_every_epochs = 0  # kNN monitor during pretraining; 0: off
-  c.eval.knn_k = 200
-  c.eval.knn_temperature = 0.07
+  # kNN: every k and temperature in one pass; top1/top5 report k = 200, T = 0.07.
+  c.eval.knn_k = (10, 20, 100, 200)
+  c.eval.knn_temperature = (0.07,)  # one or several temperatures
   c.eval.max_train_examples = -1  # kNN memory bank size limit; -1: whole split
-  c.eval.random_init = False  # knn_eval: evaluate the seeded random initialisation
+  # Online linear probe: a Dense on stop-gradient features of view1, trained alongside
+  # pretraining with its own SGD (momentum 0.9, constant lr); train top-1 every log step.
+  c.eval.online_probe = False
+  c.eval.online_probe_lr = 0.1
+  c.eval.random_init = False  # knn_eval, finetune: the seeded random initialisation
   c.eval.linear_epochs = 100
   c.eval.linear_batch_size = 256
   c.eval.linear_lr = 0.2
@@ -91,5 +97,17 @@ def get_config():
   c.eval.linear_weight_decay = 0.0
   c.eval.linear_momentum = 0.9
   c.eval.linear_precomputed = False  # faster variant: train on centre-crop features
+  # Keys that may be unset are typed placeholders, so the command line can set them.
+  c.eval.embed_split = config_dict.placeholder(str)  # --mode=embed's split; unset: eval_split
   c.eval.linear_max_steps = -1  # stop the probe after this many steps; -1: linear_epochs
+  # --- Semi-supervised fine-tuning (--mode=finetune): the whole network on a subset.
+  c.eval.label_fraction = 0.1  # seeded class-balanced share of train_split, in (0, 1]
+  # Or a text file of image file names, one a line (SimCLR's ImageNet 1%/10% lists).
+  c.eval.label_file = config_dict.placeholder(str)
+  c.eval.finetune_epochs = 30
+  c.eval.finetune_batch_size = 256
+  c.eval.finetune_backbone_lr = 0.01  # cosine to 0; SGD momentum 0.9
+  c.eval.finetune_head_lr = 0.1
+  c.eval.finetune_weight_decay = 0.0
+  c.eval.finetune_max_steps = -1  # stop after this many steps; -1: finetune_epochs
   return c

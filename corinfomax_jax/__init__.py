@@ -1,7 +1,9 @@
 """corinfomax-jax: CorInfoMax self-supervised learning in JAX.
 
 The package root exports the objective only, so `import corinfomax_jax` needs nothing but
-jax. Models, the input pipeline (TensorFlow), training and evaluation are submodules.
+jax. Models, the input pipeline (TensorFlow), training and evaluation are submodules;
+`load_encoder` (the trained backbone as a function, no TensorFlow) is imported on first
+use.
 """
 
 from corinfomax_jax.objective import CorInfoMaxState
@@ -20,6 +22,18 @@ __all__ = [
     "init_state",
     "l2_normalize",
     "psd_logdet",
+    "load_encoder",
+    "Encoder",
 ]
+
+_LAZY = {"load_encoder": "corinfomax_jax.encoder", "Encoder": "corinfomax_jax.encoder"}
+
+
+def __getattr__(name):
+  # Flax and orbax load only when the encoder is asked for.
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'corinfomax_jax' has no attribute {name!r}")
 
 __version__ = "0.1.0"

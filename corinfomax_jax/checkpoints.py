@@ -71,15 +71,16 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
                    set_aside: bool = True) -> tuple[Any, dict | None]:
   """The latest usable checkpoint: (state, record), or (None, None) when there is none.
 
-  `check_record(record, step)` raises ConfigError for a checkpoint this run must not use
-  (another model); that error propagates. A record of an older layout is refused the
+  `template` is the state pytree to restore into, or a function of the checkpoint's
+  record that returns it. `check_record(record, step)` raises ConfigError for a
+  checkpoint this run must not use (another model); that error propagates. A record of an older layout is refused the
   same way. A checkpoint that cannot be read (a file truncated by a crash) is skipped
   in favour of the one before it, with one warning and, when `set_aside` (a writer of
   new checkpoints), renamed `<step>.unreadable`: nothing is deleted and no good
   checkpoint is overwritten.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  template_fn = template if callable(template) else lambda record: template
   unreadable = {}  # step -> why
   found = None, None
   with _unretrieved_futures_silenced():
@@ -97,6 +98,7 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
               f"version reads format {FORMAT}). Use a new --workdir, or the version that "
               "wrote them.")
         check_record(record, step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_fn(record))
         try:
           state = manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract)))["state"]

@@ -19,7 +19,7 @@ from corinfomax_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
-EVALUATORS = ("knn",)  # what config.eval.monitors may list
+EVALUATORS = ("knn", "online_probe")  # what config.eval.monitors may list
 # Flat keys of earlier versions -> their place under config.model.
 MOVED_KEYS = {"model": "backbone", "cifar_stem": "cifar_stem", "width": "width",
               "projector": "projector", "projector_bn": "projector_bn", "dtype": "dtype"}
@@ -193,17 +193,26 @@ def validate_eval_config(config) -> None:
   """Raises ConfigError naming the first config.eval value that cannot work."""
   ev = config.eval
   need, is_int, is_number = _checker(ev, "eval.")
-  for key in ("batch_size", "knn_k", "linear_epochs", "linear_batch_size",
+  for key in ("batch_size", "linear_epochs", "linear_batch_size", "finetune_epochs",
+              "finetune_batch_size",
               "linear_step_epochs"):
     need(is_int(key) and ev[key] > 0, key, "a positive integer")
   need(is_int("knn_every_epochs") and ev.knn_every_epochs >= 0, "knn_every_epochs",
        "an integer >= 0 (0: no kNN monitor)")
-  for key in ("max_train_examples", "linear_max_steps"):
+  for key in ("max_train_examples", "linear_max_steps", "finetune_max_steps"):
     need(is_int(key) and (ev[key] == -1 or ev[key] > 0), key,
          "a positive integer, or -1 for no limit")
-  for key in ("knn_temperature", "linear_lr"):
+  positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+  positive = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) and v > 0)
+  for key, ok, what in (("knn_k", positive_int, "positive integers"),
+                        ("knn_temperature", positive, "positive numbers")):
+    values = ev[key] if isinstance(ev[key], (tuple, list)) else (ev[key],)
+    need(len(values) > 0 and all(ok(v) for v in values), key,
+         f"{what}, one or a tuple, e.g. {(10, 20, 100, 200) if key == 'knn_k' else 0.07}")
+  for key in ("linear_lr", "online_probe_lr", "finetune_backbone_lr", "finetune_head_lr"):
     need(is_number(key) and ev[key] > 0, key, "a positive number")
-  for key in ("linear_min_lr", "linear_weight_decay"):
+  for key in ("linear_min_lr", "linear_weight_decay", "finetune_weight_decay"):
     need(is_number(key) and ev[key] >= 0, key, "a number >= 0")
   need(is_number("linear_momentum") and 0 <= ev.linear_momentum < 1, "linear_momentum",
        "a number in [0, 1)")
@@ -211,5 +220,10 @@ def validate_eval_config(config) -> None:
        f"one of {list(LINEAR_SCHEDULES)}")
   need(isinstance(ev.random_init, bool), "random_init", "True or False")
   need(isinstance(ev.linear_precomputed, bool), "linear_precomputed", "True or False")
+  need(isinstance(ev.online_probe, bool), "online_probe", "True or False")
+  need(ev.embed_split is None or (isinstance(ev.embed_split, str) and ev.embed_split),
+       "embed_split", "None (config.eval_split) or a split name")
   need(isinstance(ev.monitors, (tuple, list)) and set(ev.monitors) <= set(EVALUATORS),
        "monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")
+  need(ev.online_probe or "online_probe" not in ev.monitors, "monitors",
+       "no 'online_probe' unless config.eval.online_probe=True (the probe it tests)")

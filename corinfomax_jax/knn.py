@@ -35,19 +35,29 @@ def check_chunk_size(chunk_size: int) -> None:
     raise ValueError(f"chunk_size {chunk_size!r} must be a positive integer")
 
 
+def _votes(top_sim, top_labels, temperature, num_classes):
+  """Class scores: each of the neighbours votes for its label with exp(sim / T)."""
+  weights = jnp.exp(top_sim / temperature)
+  # Scatter-add instead of a (chunk, k, num_classes) one-hot, which for ImageNet is
+  # 0.8 GB per 1024 queries.
+  return jax.vmap(lambda l, w: jnp.zeros((num_classes,), jnp.float32).at[l].add(w))(
+      top_labels, weights)
+
+
+def _neighbours(bank_normed, bank_labels, queries, k):
+  """(cosine similarities, labels) of each query's k nearest bank rows, most similar first."""
+  sim = jnp.matmul(objective.l2_normalize(queries.astype(jnp.float32)), bank_normed.T,
+                   precision=jax.lax.Precision.HIGHEST)
+  top_sim, top_idx = jax.lax.top_k(sim, k)
+  return top_sim, bank_labels[top_idx]
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "k"))
 def _knn_chunk_scores(bank_normed, bank_labels, queries, temperature, *, num_classes,
                       k):
   """Weighted-vote class scores (chunk, num_classes) of one chunk of queries."""
-  sim = jnp.matmul(objective.l2_normalize(queries.astype(jnp.float32)), bank_normed.T,
-                   precision=jax.lax.Precision.HIGHEST)
-  top_sim, top_idx = jax.lax.top_k(sim, k)
-  weights = jnp.exp(top_sim / temperature)
-  labels = bank_labels[top_idx]
-  # Scatter-add instead of a (chunk, k, num_classes) one-hot, which for ImageNet is
-  # 0.8 GB per 1024 queries.
-  return jax.vmap(lambda l, w: jnp.zeros((num_classes,), jnp.float32).at[l].add(w))(
-      labels, weights)
+  top_sim, top_labels = _neighbours(bank_normed, bank_labels, queries, k)
+  return _votes(top_sim, top_labels, temperature, num_classes)
 
 
 def _knn_setup(bank_feats, bank_labels, query_feats, num_classes, k, chunk_size):
@@ -93,12 +103,20 @@ def knn_classify(bank_feats, bank_labels, query_feats, num_classes: int, *,
   return np.concatenate(scores)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
-def _knn_chunk_hits(bank_normed, bank_labels, queries, query_labels, valid, temperature,
-                    *, num_classes, k):
-  scores = _knn_chunk_scores(bank_normed, bank_labels, queries, temperature,
-                             num_classes=num_classes, k=k)
-  return topk_hits(scores, query_labels, valid)
+@functools.partial(jax.jit, static_argnames=("num_classes", "ks"))
+def _knn_chunk_hits(bank_normed, bank_labels, queries, query_labels, valid, temperatures,
+                    *, num_classes, ks):
+  """[len(ks), len(temperatures), 2] top-1/top-5 hits of one chunk of queries.
+
+  One top-k of the largest k; a smaller k takes the first k of those neighbours (top_k
+  returns them most similar first), which is exactly its own top-k.
+  """
+  top_sim, top_labels = _neighbours(bank_normed, bank_labels, queries, max(ks))
+  return jnp.stack([
+      jax.vmap(lambda t, k=k: topk_hits(
+          _votes(top_sim[:, :k], top_labels[:, :k], t, num_classes), query_labels,
+          valid))(temperatures)
+      for k in ks])
 
 
 def topk_hits(scores: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
@@ -125,15 +143,38 @@ def knn_accuracy(bank_feats, bank_labels, query_feats, query_labels,
                  temperature: float = KNN_TEMPERATURE,
                  chunk_size: int = 256) -> dict[str, float]:
   """{"top1", "top5"} accuracy in percent of the weighted kNN (see knn_classify)."""
-  bank_normed, labels, k = _knn_setup(bank_feats, bank_labels, query_feats, num_classes,
-                                      k, chunk_size)
+  return knn_accuracies(bank_feats, bank_labels, query_feats, query_labels, num_classes,
+                        ks=(k,), temperatures=(temperature,),
+                        chunk_size=chunk_size)[(k, temperature)]
+
+
+def knn_accuracies(bank_feats, bank_labels, query_feats, query_labels,
+                   num_classes: int, *, ks=(10, 20, 100, 200),
+                   temperatures=(KNN_TEMPERATURE,),
+                   chunk_size: int = 256) -> dict[tuple[int, float], dict[str, float]]:
+  """{(k, temperature): {"top1", "top5"}} of the weighted kNN, in one pass over the bank.
+
+  Per chunk of queries one similarity matrix and one top-k of the largest k; every
+  (k, temperature) pair votes from those neighbours, so the results equal separate
+  `knn_accuracy` runs. Each k is clipped to the bank size (the keys keep the k asked).
+  """
+  ks, temperatures = tuple(ks), tuple(float(t) for t in temperatures)
+  if not ks or not temperatures:
+    raise ValueError(f"need at least one k and one temperature; got {ks}, {temperatures}")
+  bank_normed, labels, k_max = _knn_setup(bank_feats, bank_labels, query_feats,
+                                          num_classes, max(ks), chunk_size)
+  if min(ks) <= 0:
+    raise ValueError(f"every k must be positive; got {ks}")
   if np.shape(query_labels) != (query_feats.shape[0],):
     raise ValueError(f"query_labels shape {np.shape(query_labels)} must be "
                      f"({query_feats.shape[0]},)")
-  hits = np.zeros(2, np.int64)
+  clipped = tuple(min(k, k_max) for k in ks)
+  hits = np.zeros((len(ks), len(temperatures), 2), np.int64)
   for (chunk, _), (chunk_labels, valid) in zip(
       padded_chunks(query_feats, chunk_size),
       labels_and_masks(query_labels, chunk_size)):
     hits += np.asarray(_knn_chunk_hits(bank_normed, labels, chunk, chunk_labels, valid,
-                                       temperature, num_classes=num_classes, k=k))
-  return accuracy(hits, query_feats.shape[0])
+                                       jnp.asarray(temperatures, jnp.float32),
+                                       num_classes=num_classes, ks=clipped))
+  return {(k, t): accuracy(hits[i, j], query_feats.shape[0])
+          for i, k in enumerate(ks) for j, t in enumerate(temperatures)}

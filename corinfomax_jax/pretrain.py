@@ -11,6 +11,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -54,27 +55,52 @@ def make_views(config):
 
 
 def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw,
-               views_fn):
-  """One CorInfoMax step on the global batch (see make_views): (new state, metrics)."""
+               views_fn, probe_tx=None):
+  """One CorInfoMax step on the global batch (see make_views): (new state, metrics).
+
+  With an online probe in the state (and probe_tx), its Dense layer also takes one
+  step of its own optimizer on the pooled backbone features of view1 (the augmented
+  view, as solo-learn's online classifier sees it) against batch["label"]; the
+  features are cut from the gradient, so the probe never changes the backbone.
+  """
   x1, x2 = views_fn(batch)
 
   def loss_fn(params):
     # Each view passes separately, so BatchNorm statistics are per view (the reference).
-    (_, z1), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   x1, train=True, mutable=["batch_stats"])
+    (h1, z1), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                    x1, train=True, mutable=["batch_stats"])
     (_, z2), updates = model.apply({"params": params, **updates}, x2,
                                    train=True, mutable=["batch_stats"])
     loss, loss_state, metrics = objective.corinfomax_loss(z1, z2, state.loss_state,
                                                           **loss_kw)
-    return loss, (updates["batch_stats"], loss_state, metrics)
+    return loss, (updates["batch_stats"], loss_state, metrics, h1)
 
-  grads, (batch_stats, loss_state, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (batch_stats, loss_state, metrics, h1) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["learning_rate"] = learning_rate_fn(state.step)
+  probe = state.probe
+  if probe:
+    probe, probe_metrics = _online_probe_step(probe, jax.lax.stop_gradient(h1),
+                                              batch["label"], probe_tx)
+    metrics.update(probe_metrics)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, loss_state=loss_state)
+                            opt_state=opt_state, loss_state=loss_state, probe=probe)
   return new_state, metrics
+
+
+def _online_probe_step(probe, features, labels, probe_tx):
+  def loss_fn(params):
+    logits = train_state_lib.online_probe_logits(params, features)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe["params"])
+  updates, opt_state = probe_tx.update(grads, probe["opt_state"], probe["params"])
+  metrics = {"online_probe_loss": loss,
+             "online_probe_top1": 100.0 * jnp.mean(jnp.argmax(logits, -1) == labels)}
+  return {"params": optax.apply_updates(probe["params"], updates),
+          "opt_state": opt_state}, metrics
 
 
 def jit_train_step(config, model, tx, learning_rate_fn, mesh):
@@ -82,7 +108,8 @@ def jit_train_step(config, model, tx, learning_rate_fn, mesh):
   replicated = mesh_lib.replicated(mesh)
   step = functools.partial(train_step, model=model, tx=tx,
                            learning_rate_fn=learning_rate_fn, loss_kw=loss_kwargs(config),
-                           views_fn=make_views(config))
+                           views_fn=make_views(config),
+                           probe_tx=train_state_lib.online_probe_optimizer(config))
   return jax.jit(step, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
@@ -137,24 +164,26 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                num_steps, batch_size, steps_per_epoch)
   model = configuration.create_model(config)
   evaluators = []
-  if any(loop.epochs_to_steps(config.eval[f"{name}_every_epochs"], 1)
-         for name in config.eval.monitors):
+  if evaluators_lib.monitors_on(config):
     mesh_lib.check_batch_divides(config.eval.batch_size, jax.device_count(),
                                  jax.process_count(), key="eval.batch_size")
     evaluators = evaluators_lib.create_evaluators(
         config, model, mesh, *evaluators_lib.open_sources(config))
 
-  # --- Model, optimizer, state.
+  # --- Model, optimizer, state (with the online probe when config.eval.online_probe).
   learning_rate_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch)
   tx = train_state_lib.create_optimizer(config, learning_rate_fn)
-  state = train_state_lib.create_train_state(config, model, tx, mesh)
+  probe_classes = train_state_lib.online_probe_classes(config, source.num_classes)
+  state = train_state_lib.create_train_state(config, model, tx, mesh,
+                                             probe_classes=probe_classes)
 
   # --- Checkpoint: resume where the workdir left off.
   manager = train_state_lib.create_checkpoint_manager(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
   try:
     run_record.write_run_config(config, workdir, writer)
-    restored, record = train_state_lib.restore(manager, state, config)
+    restored, record = train_state_lib.restore(manager, state, config,
+                                               probe_classes=probe_classes)
     spectra = []
     if restored is not None:
       state = restored
@@ -179,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         nonfinite_hint=lambda: (
             f"The last good checkpoint is step {manager.latest_step()} in "
             f"{manager.directory}. Lower config.learning_rate or check the data."))
-    record_fn = lambda: {**train_state_lib.checkpoint_record(config),
+    record_fn = lambda: {**train_state_lib.checkpoint_record(config, probe_classes),
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
     actions = [
         report,

@@ -5,6 +5,7 @@ pytree and a checkpoint is exactly that pytree (plus a JSON record).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -30,6 +31,9 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   loss_state: objective.CorInfoMaxState
+  # The online linear probe {"params", "opt_state"} (config.eval.online_probe), or {}
+  # when off: no leaves, so a checkpoint without a probe has the same arrays as before.
+  probe: Any = flax.struct.field(default_factory=dict)
 
 
 def peak_learning_rate(config) -> float:
@@ -66,8 +70,26 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
                     trust_ratio_mask=_is_matrix, momentum=config.momentum)
 
 
-def create_train_state(config, model, tx, mesh) -> TrainState:
-  """The initial state, created directly with its (replicated) sharding."""
+def online_probe_optimizer(config) -> optax.GradientTransformation:
+  """The online probe's own optimizer: SGD momentum 0.9, constant config.eval.online_probe_lr."""
+  return optax.sgd(config.eval.online_probe_lr, momentum=0.9)
+
+
+def online_probe_logits(params, features: jax.Array) -> jax.Array:
+  return features.astype(jnp.float32) @ params["kernel"] + params["bias"]
+
+
+def online_probe_classes(config, num_classes: int) -> int:
+  """The online probe's classes: num_classes when config.eval.online_probe, else 0."""
+  return num_classes if config.eval.online_probe else 0
+
+
+def create_train_state(config, model, tx, mesh, *, probe_classes: int = 0) -> TrainState:
+  """The initial state, created directly with its (replicated) sharding.
+
+  probe_classes > 0 adds the online probe (a zero-initialised Dense on the pooled
+  features, as solo-learn's); 0 leaves `probe` empty.
+  """
   dim = models.parse_projector(config.model.projector)[-1]
 
   def init(rng):
@@ -75,20 +97,27 @@ def create_train_state(config, model, tx, mesh) -> TrainState:
     _, init_rng = jax.random.split(rng)  # the initialisation of earlier versions
     variables = model.init({"params": init_rng}, image, train=False)
     params = variables["params"]
+    probe = {}
+    if probe_classes:
+      feature_dim = models.backbone_feature_dim(config.model.backbone, config.model.width)
+      probe_params = {"kernel": jnp.zeros((feature_dim, probe_classes), jnp.float32),
+                      "bias": jnp.zeros((probe_classes,), jnp.float32)}
+      probe = {"params": probe_params,
+               "opt_state": online_probe_optimizer(config).init(probe_params)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params),
-                      loss_state=objective.init_state(dim, config.r_init))
+                      loss_state=objective.init_state(dim, config.r_init), probe=probe)
 
   return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(
       jax.random.PRNGKey(config.seed))
 
 
-def initial_state(config, model, mesh) -> TrainState:
+def initial_state(config, model, mesh, *, probe_classes: int = 0) -> TrainState:
   """The seeded initial state: the random network, and the checkpoint template."""
   # Only the optimizer state's structure matters here, not the schedule's length.
   tx = create_optimizer(config, create_learning_rate_fn(config, 1))
-  return create_train_state(config, model, tx, mesh)
+  return create_train_state(config, model, tx, mesh, probe_classes=probe_classes)
 
 
 def backbone_variables(state: TrainState) -> dict:
@@ -104,22 +133,52 @@ def create_checkpoint_manager(workdir: str, config):
   return checkpoints.create_manager(checkpoint_dir(workdir), keep=config.keep_checkpoints)
 
 
-def checkpoint_record(config) -> dict:
-  """What a checkpoint says about the run that wrote it."""
-  return {"model": configuration.model_record(config), "optimizer": config.optimizer}
+def checkpoint_record(config, probe_classes: int = 0) -> dict:
+  """What a checkpoint says about the run that wrote it (load_encoder reads "model").
+
+  "online_probe_classes" says whether the state holds an online probe (and its size);
+  "data" (the data set, hence its normalisation, and the image size) is informative:
+  a resumed run is not checked against it.
+  """
+  return {"model": configuration.model_record(config), "optimizer": config.optimizer,
+          "online_probe_classes": probe_classes,
+          "data": {"dataset": config.dataset, "image_size": config.image_size}}
 
 
-def restore(manager, template: TrainState, config, *, set_aside: bool = True):
-  """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints."""
-  expected = checkpoint_record(config)
+def restore(manager, template, config, *, set_aside: bool = True,
+            probe_classes: int | None = 0):
+  """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
+
+  `template` is a TrainState or a function of the checkpoint's record that returns
+  one. probe_classes None: any online probe (a reader of the backbone).
+  """
+  expected = checkpoint_record(config, probe_classes or 0)
 
   def check(record, step):
     checkpoints.check_same(record.get("model", {}), expected["model"], step,
                            manager.directory, "model.")
     checkpoints.check_same(record, {"optimizer": expected["optimizer"]}, step,
                            manager.directory)
+    if probe_classes is not None and record.get("online_probe_classes", 0) != probe_classes:
+      raise ConfigError(
+          f"The checkpoint of step {step} in {manager.directory} was written with "
+          f"config.eval.online_probe={bool(record.get('online_probe_classes'))}, this "
+          f"run has {bool(probe_classes)}: a resumed run keeps the probe setting. Use "
+          "the original setting, or another --workdir.")
 
-  return checkpoints.restore_latest(manager, template, check, set_aside=set_aside)
+  def template_for(record):
+    state = template(record) if callable(template) else template
+    if "online_probe_classes" in record:
+      return state
+    # Written before the online probe existed: the saved tree has no "probe" entry.
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.name != "probe"}
+
+  state, record = checkpoints.restore_latest(manager, template_for, check,
+                                             set_aside=set_aside)
+  if isinstance(state, dict):
+    state = TrainState(**state)
+  return state, record
 
 
 def load_pretrained(config, model, mesh, workdir: str, hint: str = "") -> TrainState:
@@ -130,10 +189,11 @@ def load_pretrained(config, model, mesh, workdir: str, hint: str = "") -> TrainS
       f"Pretrain first with --mode=pretrain and this --workdir{hint}.")
   if not os.path.isdir(directory):
     raise missing
-  template = initial_state(config, model, mesh)
+  template = lambda record: initial_state(
+      config, model, mesh, probe_classes=record.get("online_probe_classes", 0))
   manager = create_checkpoint_manager(workdir, config)
   try:
-    state, _ = restore(manager, template, config, set_aside=False)
+    state, _ = restore(manager, template, config, set_aside=False, probe_classes=None)
   finally:
     manager.close()
   if state is None:

@@ -79,3 +79,13 @@ def tiny_config(dataset, **overrides):
       c.model[configuration.MOVED_KEYS[key]] = value
   c.update(overrides)
   return c
+
+
+@pytest.fixture(scope="session")
+def pretrained_workdir(image_folder, tmp_path_factory):
+  """A workdir with tiny pretraining checkpoints of steps 2 and 4 (shared, read-only)."""
+  from corinfomax_jax import pretrain  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("pretrained")
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=4),
+                              str(workdir))
+  return workdir

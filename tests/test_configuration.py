@@ -55,3 +55,21 @@ def test_an_old_layout_workdir_is_refused_in_one_message(image_folder, tmp_path)
                      match=f"{re.escape(str(tmp_path))}.*older version.*new --workdir"):
     pretrain.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / "checkpoints" / "2").is_dir()  # left as it was
+
+
+@pytest.mark.parametrize("key,value", [("knn_k", ()), ("knn_k", (10, 0)),
+                                       ("knn_temperature", (0.07, -1.0)),
+                                       ("embed_split", "")])
+def test_eval_keys_are_checked_by_name(key, value):
+  config = tiny_config("cifar10")
+  config.eval[key] = value
+  with pytest.raises(errors.ConfigError, match=re.escape(f"config.eval.{key} = {value!r}")):
+    configuration.validate_config(config)
+
+
+def test_knn_k_and_temperature_take_one_value_or_several():
+  config = tiny_config("cifar10")
+  config.eval.knn_temperature = (0.07, 0.1)
+  configuration.validate_config(config)
+  config.eval.knn_k = (200,)
+  configuration.validate_config(config)

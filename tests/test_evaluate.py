@@ -119,6 +119,18 @@ def test_knn_accuracy_agrees_with_scores():
   assert 0 < acc["top1"] < acc["top5"] < 100
 
 
+def test_knn_all_k_and_temperatures_in_one_pass_equal_separate_runs():
+  bank, labels, queries, query_labels = _random_case(seed=2, num_classes=6)
+  ks, temperatures = (1, 10, 50, 200, 500), (0.07, 0.5)  # 500 > bank: clipped
+  table = knn.knn_accuracies(bank, labels, queries, query_labels, 6, ks=ks,
+                             temperatures=temperatures, chunk_size=16)
+  assert list(table) == [(k, t) for k in ks for t in temperatures]
+  for (k, t), acc in table.items():
+    assert acc == knn.knn_accuracy(bank, labels, queries, query_labels, 6, k=k,
+                                   temperature=t, chunk_size=16), (k, t)
+  assert len({a["top1"] for a in table.values()}) > 2  # the settings really differ
+
+
 def test_knn_k_is_clipped_to_bank_size():
   bank, labels, queries, _ = _random_case(n_bank=5)
   np.testing.assert_array_equal(knn.knn_classify(bank, labels, queries, 10, k=200),

@@ -185,9 +185,14 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
                                                 batch_size=16, image_size=16)
   result = evaluators.KnnEvaluator(config, model, mesh, train_source,
                                    test_source).run(variables)
-  assert set(result) == {"top1", "top5", "num_bank_examples", "num_query_examples"}
+  ks = (10, 20, 100, 200)
+  assert set(result) == {"top1", "top5", "num_bank_examples", "num_query_examples",
+                         *(f"top{i}_k{k}" for i in (1, 5) for k in ks)}
   assert {k: result[k] for k in ("top1", "top5")} == knn.knn_accuracy(
       bank, bank_labels, feats, labels, _NUM_CLASSES)
+  for k in ks:  # one pass for all k equals a run per k
+    assert {n: result[f"{n}_k{k}"] for n in ("top1", "top5")} == knn.knn_accuracy(
+        bank, bank_labels, feats, labels, _NUM_CLASSES, k=k)
   assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
@@ -235,6 +240,9 @@ def test_knn_eval_of_the_checkpoint(pretrained, tmp_path):
   assert result["random_init"] is False and result["step"] == _PRETRAIN_STEPS
   assert (result["num_bank_examples"], result["num_query_examples"]) == (36, 36)
   assert (result["k"], result["temperature"]) == (200, 0.07)
+  assert list(result["by_k"]) == ["10", "20", "100", "200"]
+  assert result["by_k"]["200"] == {"top1": result["top1"], "top5": result["top5"]}
+  assert result["by_temperature"] == {"0.07": result["by_k"]}
   assert 0 <= result["top1"] <= result["top5"] <= 100
 
 

@@ -3,8 +3,9 @@
 The layers, bottom to top (README, Layout):
   maths        errors, mesh, objective, models, augment, knn, export
   data         sources, crops, pipeline
-  run          configuration, checkpoints, metrics, loop, train_state, workdir, run_record
-  loops        evaluators, linear_probe, pretrain
+  run          configuration, checkpoints, metrics, loop, train_state, workdir, run_record,
+               encoder
+  loops        evaluators, linear_probe, pretrain, exporting, finetune
   main.py
 A module may import modules of its own layer or below, and the import graph is acyclic.
 """
@@ -19,8 +20,8 @@ LAYERS = [
     ("maths", {"errors", "mesh", "objective", "models", "augment", "knn", "export"}),
     ("data", {"sources", "crops", "pipeline"}),
     ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state",
-             "workdir", "run_record"}),
-    ("loops", {"evaluators", "linear_probe", "pretrain"}),
+             "workdir", "run_record", "encoder"}),
+    ("loops", {"evaluators", "linear_probe", "pretrain", "exporting", "finetune"}),
 ]
 
 

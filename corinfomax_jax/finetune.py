@@ -1,0 +1,342 @@
+"""Semi-supervised fine-tuning of the whole network on a labelled subset (--mode=finetune).
+
+The standard protocol after self-supervised pretraining (SimCLR, Chen et al. 2020): the
+backbone and a new linear head are trained together with cross-entropy on 1% or 10% of
+the labels, then tested on centre crops of the eval split.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from corinfomax_jax import augment
+from corinfomax_jax import checkpoints
+from corinfomax_jax import configuration
+from corinfomax_jax import encoder as encoder_lib
+from corinfomax_jax import evaluators
+from corinfomax_jax import knn
+from corinfomax_jax import loop
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import metrics as metrics_lib
+from corinfomax_jax import models
+from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.errors import ConfigError
+
+FINETUNE_DIR = "finetune"  # TensorBoard events and checkpoints, in the workdir
+FINETUNE_RESULT_FILE = "finetune.json"
+# Keys a resumed fine-tuning run must share with the run that wrote its checkpoints.
+_FINETUNE_KEYS = ("label_fraction", "label_file", "finetune_epochs", "finetune_batch_size",
+                  "finetune_backbone_lr", "finetune_head_lr", "finetune_weight_decay",
+                  "random_init")
+
+
+@flax.struct.dataclass
+class FinetuneState:
+  """The fine-tuning state; its checkpoint is exactly this pytree."""
+  step: jax.Array
+  params: Any  # {"backbone": ResNet params, "head": {"kernel", "bias"}}
+  batch_stats: Any  # the backbone's BatchNorm statistics
+  opt_state: Any
+
+
+def _labels_of(source) -> np.ndarray:
+  """Labels of every example of a random-access source, read in chunks."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  parts = [source.load_batch(tf.range(s, min(s + 65536, source.num_examples),
+                                      dtype=tf.int64))[1].numpy()
+           for s in range(0, source.num_examples, 65536)]
+  return np.concatenate(parts).astype(np.int64)
+
+
+def labelled_index(source, *, fraction: float, label_file: str | None,
+                   seed: int) -> np.ndarray:
+  """Sorted example indices of the labelled subset of `source`.
+
+  label_file: the examples whose file names (the last path component, e.g. SimCLR's
+  published ImageNet 1%/10% lists) it lists, one per line; image folders only.
+  Otherwise a class-balanced subset: round(fraction * n_c) examples (at least one) of
+  each class c with n_c examples, chosen by a permutation seeded with `seed`.
+  """
+  if label_file:
+    if not source.name.startswith("folder:"):
+      raise ConfigError(f"config.eval.label_file needs an image-folder dataset "
+                        f"(folder:<root>) whose file names it lists; {source.name!r} is not.")
+    with open(label_file) as f:
+      wanted = {line.strip() for line in f if line.strip()}
+    names = [os.path.basename(source.describe(i)) for i in range(source.num_examples)]
+    index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
+    missing = wanted - set(names)
+    if missing or len(index) == 0:
+      raise ConfigError(
+          f"config.eval.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
+          f"names are not in {source.name} {source.split!r} (e.g. "
+          f"{sorted(missing)[:3]}).")
+    return index
+  labels = _labels_of(source)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in range(source.num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members):
+      take = max(1, round(fraction * len(members)))
+      chosen.append(rng.permutation(members)[:take])
+  return np.sort(np.concatenate(chosen))
+
+
+def _head_logits(params, features):
+  return features.astype(jnp.float32) @ params["kernel"] + params["bias"]
+
+
+def create_optimizer(config, steps: int) -> tuple[optax.GradientTransformation, Any]:
+  """(SGD momentum, cosine from the backbone's and the head's own learning rates).
+
+  optax.multi_transform gives config.eval.finetune_backbone_lr to the backbone and
+  finetune_head_lr to the new head; weight decay (finetune_weight_decay) on both.
+  """
+  ev = config.eval
+  backbone_lr = optax.cosine_decay_schedule(ev.finetune_backbone_lr, max(steps, 1))
+  head_lr = optax.cosine_decay_schedule(ev.finetune_head_lr, max(steps, 1))
+  sgd = lambda lr: optax.chain(optax.add_decayed_weights(ev.finetune_weight_decay),
+                               optax.sgd(lr, momentum=0.9))
+  tx = optax.multi_transform(
+      {"backbone": sgd(backbone_lr), "head": sgd(head_lr)},
+      lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()})
+  return tx, backbone_lr
+
+
+def finetune_step(state: FinetuneState, batch, *, backbone, tx, learning_rate_fn, mean,
+                  std):
+  """One step on {"image" (uint8), "label"}: the backbone in training mode and the head."""
+  images = augment.normalize_uint8(batch["image"], mean, std)
+
+  def loss_fn(params):
+    features, updates = backbone.apply(
+        {"params": params["backbone"], "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    logits = _head_logits(params["head"], features)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, (updates["batch_stats"], logits)
+
+  (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics = {"loss": loss, "top1": 100.0 * jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+             "learning_rate": learning_rate_fn(state.step)}
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+def _eval_hits(params, batch_stats, batch, *, backbone, mean, std):
+  """[top-1 hits, top-5 hits, real rows, summed cross-entropy] of one padded batch."""
+  features = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats},
+                            augment.normalize_uint8(batch["image"], mean, std), train=False)
+  logits = _head_logits(params["head"], features)
+  valid = batch["mask"] > 0
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return jnp.concatenate([knn.topk_hits(logits, batch["label"], valid),
+                          valid.sum()[None], jnp.sum(jnp.where(valid, ce, 0.0))[None]])
+
+
+def check_finetune_config(config) -> None:
+  """The fine-tuning keys a run needs; raises ConfigError in one line."""
+  ev = config.eval
+  fraction = ev.label_fraction
+  if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+      or not 0 < fraction <= 1):
+    raise ConfigError(f"config.eval.label_fraction = {fraction!r} is invalid: expected a "
+                      "number in (0, 1], e.g. 0.01 or 0.1")
+  if ev.label_file is not None and not os.path.isfile(ev.label_file):
+    raise ConfigError(f"config.eval.label_file = {ev.label_file!r} is not a file: expected "
+                      "None or a text file of image file names, one per line")
+
+
+def finetune(config, workdir: str) -> dict:
+  """--mode=finetune: the whole network fine-tuned on a labelled subset of train_split.
+
+  The subset: config.eval.label_file (file names, one a line), else a seeded (config.seed)
+  class-balanced config.eval.label_fraction of the labels. The network: the latest
+  pretraining checkpoint's backbone (config.eval.random_init: the seeded random one)
+  plus a zero-initialised Dense head, trained with cross-entropy on random resized crops
+  + flips (pipeline.probe_train_batches), BatchNorm in training mode, SGD momentum 0.9
+  with cosine learning rates finetune_backbone_lr (backbone) and finetune_head_lr
+  (head), finetune_epochs epochs of the subset in batches of finetune_batch_size
+  (finetune_max_steps caps the steps). Progress, NaN guard, a checkpoint each epoch in
+  <workdir>/finetune/checkpoints (resumed by the same command), preemption: the shared
+  loop. Tested on centre crops of eval_split; writes <workdir>/finetune.json (top1,
+  top5, test_loss, train_loss_last_epoch (None when nothing was left to train),
+  label_fraction, label_file, num_labelled, epochs, steps, ...) and
+  returns it with the final FinetuneState under "state", or {"preempted": True,
+  "step": s}.
+  """
+  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_workdir(workdir)
+  configuration.validate_config(config)
+  check_finetune_config(config)
+  ev = config.eval
+  for key in ("batch_size", "finetune_batch_size"):
+    mesh_lib.check_batch_divides(ev[key], jax.device_count(), jax.process_count(),
+                                 key=f"eval.{key}")
+  if not ev.random_init and not encoder_lib.checkpoint_steps(workdir):
+    raise ConfigError(
+        f"No pretraining checkpoint in workdir {workdir!r} (looked in "
+        f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
+        "config.eval.random_init=True to fine-tune the random initialisation.")
+  train_source, eval_source = evaluators.open_sources(config)
+  index = labelled_index(train_source, fraction=ev.label_fraction,
+                         label_file=ev.label_file, seed=config.seed)
+  subset = evaluators.index_subset(train_source, index)
+  batch_size = ev.finetune_batch_size
+  if batch_size > subset.num_examples:
+    raise ConfigError(f"config.eval.finetune_batch_size = {batch_size} exceeds the "
+                      f"{subset.num_examples} labelled examples: use a smaller batch.")
+  steps_per_epoch = pipeline.steps_per_epoch(subset.num_examples, batch_size)
+  schedule_steps = ev.finetune_epochs * steps_per_epoch  # finetune_max_steps only stops
+  num_steps = schedule_steps
+  if ev.finetune_max_steps != -1:
+    num_steps = min(num_steps, ev.finetune_max_steps)
+
+  # --- The network: the pretrained (or random) backbone and a new head.
+  mesh = mesh_lib.make_mesh()
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  mean, std = configuration.normalization(config)
+  model = configuration.create_model(config)
+  if ev.random_init:
+    pretrained = train_state_lib.initial_state(config, model, mesh)
+  else:
+    pretrained = train_state_lib.load_pretrained(config, model, mesh, workdir)
+  pretrain_step = int(pretrained.step)
+  m = config.model
+  backbone = models.create_backbone(m.backbone, cifar_stem=m.cifar_stem, width=m.width,
+                                    dtype=models.parse_dtype(m.dtype))
+  tx, learning_rate_fn = create_optimizer(config, schedule_steps)
+  dim = models.backbone_feature_dim(m.backbone, m.width)
+
+  def init(params, batch_stats):
+    head = {"kernel": jnp.zeros((dim, train_source.num_classes), jnp.float32),
+            "bias": jnp.zeros((train_source.num_classes,), jnp.float32)}
+    params = {"backbone": params["backbone"], "head": head}
+    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
+                         batch_stats=batch_stats["backbone"], opt_state=tx.init(params))
+
+  state = jax.jit(init, out_shardings=replicated)(pretrained.params, pretrained.batch_stats)
+  del pretrained
+
+  record = {"pretrain_step": pretrain_step,
+            "eval": {k: ev[k] for k in _FINETUNE_KEYS}}
+  manager = checkpoints.create_manager(
+      os.path.join(os.path.abspath(workdir), FINETUNE_DIR, "checkpoints"), keep=2)
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, FINETUNE_DIR))
+  try:
+    restored, _ = checkpoints.restore_latest(manager, state,
+                                             _check_record(record, manager.directory))
+    if restored is not None:
+      state = restored
+      logging.info("Fine-tuning resumed from %s at step %d of %d.", manager.directory,
+                   int(state.step), num_steps)
+    start_step = int(state.step)
+    logging.info("Fine-tuning %s on %d labelled examples (%s): steps %d to %d, batch %d.",
+                 "the random initialisation" if ev.random_init else
+                 f"the checkpoint of step {pretrain_step}", subset.num_examples,
+                 ev.label_file or f"{ev.label_fraction:g} of the labels", start_step,
+                 num_steps, batch_size)
+    step_fn = jax.jit(functools.partial(finetune_step, backbone=backbone, tx=tx,
+                                        learning_rate_fn=learning_rate_fn, mean=mean,
+                                        std=std),
+                      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                      donate_argnums=(0,))
+    last_epoch = None
+    if start_step < num_steps:
+      batches = pipeline.global_batches(
+          pipeline.probe_train_batches(
+              subset, global_batch_size=batch_size, image_size=config.image_size,
+              seed=config.seed, start_step=start_step,
+              aug_config=configuration.aug_overrides(config)), data)
+      report = loop.ReportProgress(
+          name="finetune", num_steps=num_steps, every_steps=config.log_every_steps,
+          batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
+          prefix="finetune/train_",
+          nonfinite_hint=lambda: "Lower config.eval.finetune_backbone_lr / head_lr.")
+      last_epoch = _LastLosses(steps_per_epoch)
+      actions = [report, last_epoch,
+                 loop.Checkpoint(manager, steps_per_epoch, lambda: record,
+                                 before_save=report.flush)]
+      state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
+                                  num_steps=num_steps, actions=actions)
+      if preempted:
+        logging.warning("Fine-tuning preempted at step %d; run the same command again "
+                        "to resume.", int(state.step))
+        return {"preempted": True, "step": int(state.step)}
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+  # --- Test: centre crops, padding masked.
+  try:
+    eval_fn = jax.jit(functools.partial(_eval_hits, backbone=backbone, mean=mean, std=std),
+                      in_shardings=(replicated, replicated, data), out_shardings=replicated)
+    sums = np.zeros(4, np.float64)
+    for batch in pipeline.global_batches(
+        pipeline.eval_batches(eval_source, global_batch_size=ev.batch_size,
+                              image_size=config.image_size,
+                              aug_config=configuration.aug_overrides(config)), data):
+      sums += np.asarray(jax.device_get(eval_fn(state.params, state.batch_stats, batch)))
+    count = int(sums[2])
+    result = {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
+              # The head starts at zero, so the first step's loss is ln(num_classes).
+              "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
+              "label_fraction": ev.label_fraction, "label_file": ev.label_file,
+              "num_labelled": int(subset.num_examples), "epochs": ev.finetune_epochs,
+              "steps": int(state.step), "steps_per_epoch": steps_per_epoch,
+              "batch_size": batch_size, "backbone_lr": ev.finetune_backbone_lr,
+              "head_lr": ev.finetune_head_lr, "weight_decay": ev.finetune_weight_decay,
+              "random_init": ev.random_init, "pretrain_step": pretrain_step,
+              "num_test_examples": count, "dataset": config.dataset,
+              "train_split": config.train_split, "eval_split": config.eval_split}
+    writer.scalars(int(state.step), {"finetune/test_top1": result["top1"],
+                                     "finetune/test_top5": result["top5"]})
+  finally:
+    writer.close()
+  path = os.path.join(workdir, FINETUNE_RESULT_FILE)
+  metrics_lib.write_json(path, result)
+  logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
+               "images; written to %s.", result["num_labelled"], result["top1"],
+               result["top5"], count, config.eval_split, path)
+  result["state"] = state
+  return result
+
+
+class _LastLosses:
+  """A loop action that keeps the train losses of the last `n` steps (on the device)."""
+
+  def __init__(self, n: int):
+    self._n, self._losses = n, []
+
+  def __call__(self, step, state, metrics, is_last):
+    del step, state, is_last
+    self._losses = (self._losses + [metrics["loss"]])[-self._n:]
+
+  def __bool__(self):
+    return bool(self._losses)
+
+  def mean(self) -> float:
+    return float(np.mean(jax.device_get(self._losses)))
+
+
+def _check_record(expected: dict, directory):
+  def check(record, step):
+    saved = {k: record.get(k) for k in expected}
+    if saved != expected:
+      raise ConfigError(
+          f"The fine-tuning checkpoint of step {step} in {directory} was written for "
+          f"{saved}, but this run is {expected}. Move that directory away to fine-tune "
+          "afresh, or use the original configuration.")
+  return check

@@ -1,0 +1,68 @@
+"""load_encoder: the checkpoint's backbone as a function, without TensorFlow or a mesh."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import corinfomax_jax
+from corinfomax_jax import configuration
+from corinfomax_jax import errors
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import train_state as train_state_lib
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_features_equal_the_model_applied_to_the_restored_state(pretrained_workdir,
+                                                                 image_folder):
+  enc = corinfomax_jax.load_encoder(str(pretrained_workdir))
+  assert enc.step == 4 and enc.config["model"]["width"] == 4
+  config = tiny_config(f"folder:{image_folder}")
+  model = configuration.create_model(config)
+  state = train_state_lib.load_pretrained(config, model, mesh_lib.make_mesh(),
+                                          str(pretrained_workdir))
+  images = np.random.default_rng(0).normal(size=(5, 16, 16, 3)).astype(np.float32)
+  expected = model.apply(train_state_lib.backbone_variables(state), images, train=False)[0]
+  got = enc(images)  # 5 rows over 8 devices: padded and cut
+  assert got.shape == (5, 32) and got.dtype == np.float32
+  np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-5)
+  # Inference mode: a row's features do not depend on the rest of the batch.
+  np.testing.assert_allclose(enc(images[:1]), got[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_earlier_step_and_a_missing_one(pretrained_workdir):
+  assert corinfomax_jax.load_encoder(str(pretrained_workdir), step=2).step == 2
+  with pytest.raises(errors.ConfigError, match=r"step 3 .* steps are \[2, 4\]"):
+    corinfomax_jax.load_encoder(str(pretrained_workdir), step=3)
+
+
+def test_no_checkpoint_is_one_line(tmp_path):
+  with pytest.raises(errors.ConfigError, match="No pretraining checkpoint") as e:
+    corinfomax_jax.load_encoder(str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
+def test_loads_on_one_device_without_tensorflow(pretrained_workdir):
+  code = (
+      "import sys; sys.modules['tensorflow'] = None; sys.modules['ml_collections'] = None\n"
+      "import numpy as np, corinfomax_jax, jax\n"
+      f"enc = corinfomax_jax.load_encoder({str(pretrained_workdir)!r})\n"
+      "x = np.random.default_rng(0).normal(size=(5, 16, 16, 3)).astype(np.float32)\n"
+      "print(jax.device_count(), enc.step, float(enc(x).sum()))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env,
+                       capture_output=True, text=True).stdout.split()
+  assert out[:2] == ["1", "4"]
+  x = np.random.default_rng(0).normal(size=(5, 16, 16, 3)).astype(np.float32)
+  here = corinfomax_jax.load_encoder(str(pretrained_workdir))(x).sum()
+  np.testing.assert_allclose(float(out[2]),
+                             here, rtol=1e-4)
+
+
+def test_import_needs_only_jax():
+  code = ("import sys; import corinfomax_jax; "
+          "assert 'flax' not in sys.modules and 'orbax' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

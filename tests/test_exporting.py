@@ -1,0 +1,75 @@
+"""--mode=export and --mode=embed on a tiny pretraining run."""
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import corinfomax_jax
+from corinfomax_jax import errors
+from corinfomax_jax import evaluators
+from corinfomax_jax import export
+from corinfomax_jax import exporting
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import models
+from corinfomax_jax import sources
+
+
+def _images(n=3):
+  return np.random.default_rng(1).normal(size=(n, 16, 16, 3)).astype(np.float32)
+
+
+def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
+    pretrained_workdir, tmp_path, image_folder):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  workdir = tmp_path
+  out = exporting.export_backbone(tiny_config(f"folder:{image_folder}"), str(workdir))
+  enc = corinfomax_jax.load_encoder(str(workdir))
+  expected = enc(_images())
+  # The torchvision state_dict, read back, gives the encoder's features.
+  tensors = export.load_safetensors(out["safetensors"])
+  assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
+  assert export.read_safetensors_header(out["safetensors"])["__metadata__"] == {
+      "backbone": "resnet18", "cifar_stem": "True", "width": "4", "step": "4"}
+  got = export.torch_layout_features(tensors, jnp.asarray(_images()), backbone="resnet18",
+                                     cifar_stem=True)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+  # The msgpack holds the backbone alone: it restores into create_backbone's variables.
+  backbone = models.create_backbone("resnet18", cifar_stem=True, width=4)
+  template = backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+  with open(out["msgpack"], "rb") as f:
+    variables = flax.serialization.from_bytes(template, f.read())
+  np.testing.assert_allclose(np.asarray(backbone.apply(variables, _images(), train=False)),
+                             expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdir,
+                                                               tmp_path, image_folder):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  config = tiny_config(f"folder:{image_folder}")
+  config.eval.batch_size = 8  # 24 test images: 3 batches, each gathered and written
+  path = exporting.embed(config, str(tmp_path))
+  assert path == str(tmp_path / "embeddings" / "test.npz")
+  assert not os.path.exists(tmp_path / "embeddings" / "test.parts")
+  with np.load(path) as npz:
+    assert sorted(npz.files) == ["features", "index", "labels"]
+    feats, labels, index = npz["features"], npz["labels"], npz["index"]
+  assert feats.dtype == np.float32 and labels.dtype == np.int32 and index.dtype == np.int64
+  np.testing.assert_array_equal(index, np.arange(24))
+  np.testing.assert_array_equal(labels, np.repeat([0, 1], 12))  # folder sorted by class
+  enc = corinfomax_jax.load_encoder(str(tmp_path))
+  source = sources.get_source(config.dataset, None, "test")
+  expected, expected_labels = evaluators.extract_features(
+      enc.model, enc.variables, mesh_lib.make_mesh(), source, batch_size=16, image_size=16)
+  np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(labels, expected_labels)
+
+
+@pytest.mark.parametrize("mode", [exporting.export_backbone, exporting.embed])
+def test_without_a_checkpoint_fails_in_one_line(mode, tmp_path, image_folder):
+  with pytest.raises(errors.ConfigError, match="No pretraining checkpoint") as e:
+    mode(tiny_config(f"folder:{image_folder}"), str(tmp_path))
+  assert "\n" not in str(e.value)

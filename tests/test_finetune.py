@@ -1,0 +1,83 @@
+"""--mode=finetune: the labelled subset, learning, the result file, resume, early errors."""
+import json
+import math
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from corinfomax_jax import errors
+from corinfomax_jax import finetune
+from corinfomax_jax import sources
+
+
+def _config(image_folder, **eval_overrides):
+  config = tiny_config(f"folder:{image_folder}", log_every_steps=1)
+  config.eval.update({**dict(label_fraction=0.5, finetune_batch_size=8, finetune_epochs=2,
+                             finetune_head_lr=0.5, finetune_backbone_lr=0.05),
+                      **eval_overrides})
+  return config
+
+
+def test_the_labelled_subset_is_class_balanced_seeded_or_named(image_folder, tmp_path):
+  source = sources.get_source(f"folder:{image_folder}", None, "train")  # 2 x 12, by class
+  index = finetune.labelled_index(source, fraction=0.25, label_file=None, seed=0)
+  assert len(index) == 6 and np.all(np.diff(index) > 0)
+  np.testing.assert_array_equal(np.bincount(index // 12), [3, 3])
+  np.testing.assert_array_equal(
+      index, finetune.labelled_index(source, fraction=0.25, label_file=None, seed=0))
+  assert not np.array_equal(
+      index, finetune.labelled_index(source, fraction=0.25, label_file=None, seed=1))
+  assert len(finetune.labelled_index(source, fraction=0.01, label_file=None, seed=0)) == 2
+  names = tmp_path / "subset.txt"
+  names.write_text("3.png\n10.png\n")  # in both class directories
+  index = finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
+  assert [os.path.basename(source.describe(i)) for i in index] == ["10.png", "3.png"] * 2
+  names.write_text("3.png\nnot_there.png\n")
+  with pytest.raises(errors.ConfigError, match="1 of its 2 names"):
+    finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("label_fraction", 0.0, "config.eval.label_fraction = 0.0 is invalid"),
+    ("label_fraction", 1.5, "config.eval.label_fraction = 1.5 is invalid"),
+    ("label_file", "/no/such/file.txt", "config.eval.label_file = '/no/such/file.txt'"),
+    (None, None, "No pretraining checkpoint"),
+])
+def test_fails_before_any_work_in_one_line(key, value, message, image_folder, tmp_path):
+  config = _config(image_folder, **({key: value} if key else {}))
+  workdir = tmp_path / "never_created"
+  with pytest.raises(errors.ConfigError, match=re.escape(message)) as e:
+    finetune.finetune(config, str(workdir))
+  assert "\n" not in str(e.value) and not workdir.exists()
+
+
+def test_learns_writes_json_and_resumes_as_one_run(pretrained_workdir, image_folder,
+                                                   tmp_path):
+  runs = {}
+  for name in ("one", "two"):
+    (tmp_path / name).mkdir()
+    os.symlink(pretrained_workdir / "checkpoints", tmp_path / name / "checkpoints")
+  # 12 labelled images, batch 8: 1 step per epoch, a checkpoint each step.
+  config = _config(image_folder, finetune_epochs=4)
+  runs["one"] = finetune.finetune(config, str(tmp_path / "one"))
+  stopped = finetune.finetune(_config(image_folder, finetune_epochs=4, finetune_max_steps=2),
+                              str(tmp_path / "two"))
+  assert stopped["steps"] == 2
+  runs["two"] = finetune.finetune(config, str(tmp_path / "two"))
+  one, two = runs["one"], runs["two"]
+  written = json.loads((tmp_path / "one" / "finetune.json").read_text())
+  assert written == {k: v for k, v in one.items() if k != "state"}
+  assert (one["steps"], one["num_labelled"], one["label_fraction"], one["epochs"],
+          one["pretrain_step"], one["num_test_examples"]) == (4, 12, 0.5, 4, 4, 24)
+  # The head starts at zero, so the loss starts at ln(2) on every image: it fell.
+  assert one["train_loss_last_epoch"] < math.log(2) - 0.05
+  assert 0 <= one["top1"] <= one["top5"] == 100  # 2 classes
+  for a, b in zip(jax.tree.leaves(jax.device_get(one["state"])),
+                  jax.tree.leaves(jax.device_get(two["state"]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert {k: v for k, v in one.items() if k != "state"} == pytest.approx(
+      {k: v for k, v in two.items() if k != "state"})

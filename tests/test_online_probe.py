@@ -1,0 +1,84 @@
+"""The online linear probe: trained inside the pretraining step, never touching the backbone."""
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from corinfomax_jax import configuration
+from corinfomax_jax import errors
+from corinfomax_jax import evaluators
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import pretrain
+from corinfomax_jax import train_state as train_state_lib
+
+
+def _step_twice(config, probe_classes):
+  model = configuration.create_model(config)
+  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  tx = train_state_lib.create_optimizer(config, lr_fn)
+  mesh = mesh_lib.make_mesh()
+  state = train_state_lib.create_train_state(config, model, tx, mesh,
+                                             probe_classes=probe_classes)
+  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+  rng = np.random.default_rng(0)
+  batch = {k: rng.normal(size=(16, 16, 16, 3)).astype(np.float32) for k in ("view1", "view2")}
+  batch["label"] = rng.integers(0, 3, 16).astype(np.int32)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_the_probe_trains_and_leaves_pretraining_exactly_as_without_it():
+  config = tiny_config("cifar10")
+  config.eval.online_probe = True
+  without, m0 = _step_twice(config, 0)
+  with_probe, m1 = _step_twice(config, 3)
+  assert without.probe == {} and "online_probe_top1" not in m0
+  # Stop-gradient: the backbone, projector, BatchNorm statistics and loss state are
+  # bit-identical with and without the probe.
+  for a, b in zip(jax.tree.leaves((without.params, without.batch_stats, without.opt_state,
+                                   without.loss_state)),
+                  jax.tree.leaves((with_probe.params, with_probe.batch_stats,
+                                   with_probe.opt_state, with_probe.loss_state))):
+    np.testing.assert_array_equal(a, b)
+  assert m1["loss"] == m0["loss"]
+  kernel = with_probe.probe["params"]["kernel"]
+  assert kernel.shape == (32, 3) and np.abs(kernel).sum() > 0  # zero-initialised, moved
+  assert 0 <= m1["online_probe_top1"] <= 100 and np.isfinite(m1["online_probe_loss"])
+
+
+def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folder, tmp_path):
+  overrides = dict(max_steps=2, checkpoint_every_steps=2)
+  config = tiny_config(f"folder:{image_folder}", **overrides)
+  config.eval.online_probe = True
+  config.eval.monitors = ("online_probe",)
+  config.eval.knn_every_epochs = 1  # 24 images, batch 16: at step 1 and the last
+  state = pretrain.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2 and set(state.probe) == {"params", "opt_state"}
+  result = evaluators.OnlineProbeEvaluator(config, configuration.create_model(config),
+                                           mesh_lib.make_mesh(), None,
+                                           evaluators.open_sources(config)[1]
+                                           ).run_on_state(state)
+  assert result["num_test_examples"] == 24 and 0 <= result["test_top1"] <= 100
+  record = json.loads((tmp_path / "checkpoints/2/run/metadata").read_text())
+  assert record["online_probe_classes"] == 2
+  # Resuming keeps the probe, step for step; switching it off is refused in one line.
+  config.max_steps = 3
+  resumed = pretrain.train_and_evaluate(config, str(tmp_path))
+  assert int(resumed.step) == 3 and not np.array_equal(
+      resumed.probe["params"]["kernel"], state.probe["params"]["kernel"])
+  config.eval.online_probe, config.eval.monitors, config.max_steps = False, ("knn",), 4
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "written with config.eval.online_probe=True, this run has False")) as e:
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
+def test_the_probe_monitor_needs_the_probe():
+  config = tiny_config("cifar10")
+  config.eval.monitors = ("knn", "online_probe")
+  with pytest.raises(errors.ConfigError, match="config.eval.monitors .*online_probe=True"):
+    configuration.validate_config(config)
