@@ -178,7 +178,6 @@ def finetune(config, workdir: str) -> dict:
   "step": s}.
   """
   from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
-  workdir_lib.check_workdir(workdir)
   configuration.validate_config(config)
   check_finetune_config(config)
   ev = config.eval
@@ -190,6 +189,7 @@ def finetune(config, workdir: str) -> dict:
         f"No pretraining checkpoint in workdir {workdir!r} (looked in "
         f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
         "config.eval.random_init=True to fine-tune the random initialisation.")
+  workdir_lib.check_workdir(workdir)
   train_source, eval_source = evaluators.open_sources(config)
   index = labelled_index(train_source, fraction=ev.label_fraction,
                          label_file=ev.label_file, seed=config.seed)

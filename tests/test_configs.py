@@ -49,7 +49,8 @@ def test_no_key_is_a_plain_none(name):
 def test_every_key_overrides_on_the_command_line(name):
   config = _parse(name)
   leaves = dict(_leaves(config))
-  unset = {"data_dir": "/tmp/tfds", "aug.mean": "(0.5,0.5,0.5)", "aug.std": "(0.2,0.2,0.2)"}
+  unset = {"data_dir": "/tmp/tfds", "aug.mean": "(0.5,0.5,0.5)", "aug.std": "(0.2,0.2,0.2)",
+           "eval.embed_split": "validation", "eval.label_file": "/tmp/labels.txt"}
   flags_ = []
   for key, value in leaves.items():
     if isinstance(value, config_dict.FieldReference):

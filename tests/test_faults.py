@@ -154,16 +154,21 @@ def test_checkpoint_of_another_configuration_is_refused(image_folder, tmp_path):
   assert committed_steps(str(tmp_path)) == [2]
 
 
+def _with_nan_images(batch):
+  """The batch with draws that make view 1 NaN on the device: a NaN blur sigma."""
+  draws = np.zeros_like(batch["view1_draws"])  # every op applies
+  draws[:, augment.DRAWS["blur"][0] + 1] = np.nan
+  return dict(batch, view1_draws=draws)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(image_folder, tmp_path,
                                                                     monkeypatch):
   real = pipeline.pretrain_batches
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
-      if i == 5:  # global step 5 draws a NaN blur sigma, hence NaN images
-        draws = np.zeros_like(batch["view1_draws"])  # every op applies
-        draws[:, augment.DRAWS["blur"][0] + 1] = np.nan
-        batch = dict(batch, view1_draws=draws)
+      if i == 5:  # global step 5 sees NaN images
+        batch = _with_nan_images(batch)
       yield batch
 
   monkeypatch.setattr(pipeline, "pretrain_batches", poisoned)
@@ -182,7 +187,7 @@ def test_nan_at_a_checkpoint_step_saves_nothing_of_it(image_folder, tmp_path, mo
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs["start_step"] + 1):
       if i == 4:
-        batch = dict(batch, view1=np.full_like(batch["view1"], np.nan))
+        batch = _with_nan_images(batch)
       yield batch
 
   monkeypatch.setattr(pipeline, "pretrain_batches", poisoned)

@@ -80,6 +80,12 @@ def test_nan_guard_names_the_step_and_runs_before_a_save():
       del args
       saved.append(step)
 
+    def wait_until_finished(self):
+      pass
+
+    def check_for_errors(self):
+      pass
+
   report = loop.ReportProgress(name="t", num_steps=8, every_steps=100, batch_size=1,
                                steps_per_epoch=1, writer=_Writer(), prefix="",
                                nonfinite_hint=lambda: "HINT")
