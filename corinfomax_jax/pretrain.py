@@ -149,9 +149,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
   configuration.validate_config(config)
-  workdir_lib.check_workdir(workdir)
   batch_size = config.batch_size
   mesh_lib.check_batch_divides(batch_size, jax.device_count(), jax.process_count())
+  workdir_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh()
 
   # --- Input (and the evaluators' splits, opened now so that they fail now).

@@ -62,5 +62,11 @@ def test_two_processes_train_like_one(image_folder, tmp_path):
   step_s, params_s = final_params(single)
   step_m, params_m = final_params(multi)
   assert step_s == step_m == STEPS
+  # One 4-device program here, two 2-device processes there: the device augmentation's
+  # elementwise ops may fuse, and round, differently in the last bit, and over the steps
+  # that grows to ~1e-6 in the small leaves (biases that start at zero), hence the
+  # absolute floor. A wrong global batch, data order or reduction would differ by the
+  # scale of an update.
+  scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(params_s))
   for a, b in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_s)):
-    assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(b)) + 1e-7
+    assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(b)) + 1e-5 * scale

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from corinfomax_jax import augment
 from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
@@ -24,7 +25,10 @@ def _step_twice(config, probe_classes):
                                              probe_classes=probe_classes)
   step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
   rng = np.random.default_rng(0)
-  batch = {k: rng.normal(size=(16, 16, 16, 3)).astype(np.float32) for k in ("view1", "view2")}
+  batch = {}
+  for k in ("view1", "view2"):
+    batch[k] = rng.integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8)
+    batch[f"{k}_draws"] = rng.uniform(size=(16, augment.NUM_DRAWS)).astype(np.float32)
   batch["label"] = rng.integers(0, 3, 16).astype(np.int32)
   for _ in range(2):
     state, metrics = step(state, batch)

@@ -74,7 +74,7 @@ def test_class_directories_are_read_recursively_in_relative_path_order(tmp_path)
                        for f in below]
   _, labels = source.load_batch(tf_indices(range(8)))
   assert labels.numpy().tolist() == [0] * 4 + [1] * 4
-  assert sources._images_below(str(tmp_path / "train" / "n01")) == (below, 1)
+  assert sources._images_below(str(tmp_path / "train" / "n01")) == (below, 1, 0)
 
 
 def tf_indices(values):
