@@ -63,10 +63,13 @@ def test_two_processes_train_like_one(image_folder, tmp_path):
   step_m, params_m = final_params(multi)
   assert step_s == step_m == STEPS
   # One 4-device program here, two 2-device processes there: the device augmentation's
-  # elementwise ops may fuse, and round, differently in the last bit, and over the steps
-  # that grows to ~1e-6 in the small leaves (biases that start at zero), hence the
-  # absolute floor. A wrong global batch, data order or reduction would differ by the
-  # scale of an update.
+  # elementwise ops may fuse, and round, differently in the last bit. Mostly that stays
+  # ~1e-7, but a pixel at a threshold (solarisation, the hue sector) can flip and move a
+  # weight by ~1e-4 of the parameters' scale, so each leaf is compared on its mean
+  # difference. A wrong global batch, data order or reduction would move every element
+  # by the scale of an update (~1e-2 here).
   scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(params_s))
   for a, b in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_s)):
-    assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(b)) + 1e-5 * scale
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.mean(np.abs(a - b)) <= 1e-3 * np.mean(np.abs(b)) + 1e-6 * scale
+    assert np.max(np.abs(a - b)) <= 1e-3 * scale
