@@ -131,11 +131,13 @@ class View:
   flip_p: float = 0.0  # a flip only (the probe's view); ignored when `recipe` is set
 
 
-def _crop(image, u, crop):
+def _crop(image, u, crop, flip_p):
+  """A view's host part: the crop (with its flip where random) of one decoded image."""
   if isinstance(crop, RandomCrop):
-    return crops.random_resized_crop(image, u[crops.CROP_COLUMNS[0]:crops.CROP_COLUMNS[1]],
-                                     crop.size, crop.scale, crop.ratio)
-  return crops.resize_center_crop(image, crop.size, crop.resize_ratio)
+    return crops.random_resized_crop(image, u[:crops.HOST_DRAWS], crop.size, crop.scale,
+                                     crop.ratio, flip_p)
+  out = crops.resize_center_crop(image, crop.size, crop.resize_ratio)
+  return crops.flip(out, u[crops.FLIP_COLUMN], flip_p) if flip_p > 0 else out
 
 
 def draws_key(view_key: str) -> str:
@@ -193,9 +195,8 @@ def _examples_to_batches(ds, source, views, local_batch):
     out = dict(label=ex["label"], mask=ex["mask"])
     for v in views:
       u = ex.get("u_" + v.key)
-      crop = _crop(image, u, v.crop)
       flip_p = v.recipe.flip_p if v.recipe is not None else v.flip_p
-      out[v.key] = crops.flip(crop, u[crops.FLIP_COLUMN], flip_p) if flip_p > 0 else crop
+      out[v.key] = _crop(image, u, v.crop, flip_p)
       if v.recipe is not None:
         out[draws_key(v.key)] = u[crops.HOST_DRAWS:]
     return out

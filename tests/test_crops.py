@@ -72,19 +72,25 @@ def test_crop_window_falls_back_to_centre_crop():
   assert got == [8, 0, 16, 32]
 
 
-def test_random_resized_crop_shape_range_and_bicubic_like_pil():
-  image = _smooth_uint8(40, 30)
-  u = _draws(3)
+def test_random_resized_crop_is_the_references_pil_crop_resize_and_flip_bit_for_bit():
+  # torchvision's RandomResizedCrop then RandomHorizontalFlip on a PIL image:
+  # img.crop(window).resize((size, size), BICUBIC), mirrored where the flip draw < p.
+  # Ours must give the same bytes for the same draws.
+  image = _smooth_uint8(40, 30) ^ np.uint8(0b1010)  # some texture for the bicubic taps
+  u = _draws(8).numpy()
+  flipped = 0
   for row in u:
-    out = crops.random_resized_crop(image, row[:4 * crops.CROP_ATTEMPTS], 24,
-                                      (0.08, 1.0), (3 / 4, 4 / 3))
+    out = crops.random_resized_crop(image, row, 24, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
     assert out.shape == (24, 24, 3) and out.dtype == tf.uint8
-  # Whole-image "crop" (scale 1, ratio of the image) is PIL's bicubic resize.
-  square = _smooth_uint8(40, 40)
-  out = crops.random_resized_crop(square, u[0, :4 * crops.CROP_ATTEMPTS], 24,
-                                  (1.0, 1.0), (1.0, 1.0)).numpy()
-  ref = np.asarray(Image.fromarray(square).resize((24, 24), Image.BICUBIC))
-  assert np.abs(out.astype(int) - ref).max() <= 1  # both round to uint8
+    top, left, h, w = crops.crop_window(40, 30, row[:4 * crops.CROP_ATTEMPTS], (0.08, 1.0),
+                                        (3 / 4, 4 / 3))
+    ref = Image.fromarray(image).crop((left, top, left + w, top + h))
+    ref = ref.resize((24, 24), Image.BICUBIC)
+    if row[crops.FLIP_COLUMN] < 0.5:
+      ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+      flipped += 1
+    np.testing.assert_array_equal(out.numpy(), np.asarray(ref))
+  assert 0 < flipped < len(u)  # both branches ran
 
 
 def test_resize_center_crop_matches_pil():
@@ -96,12 +102,12 @@ def test_resize_center_crop_matches_pil():
   assert out.shape == (32, 32, 3)
   ref = np.asarray(Image.fromarray(image).resize((36, 36), Image.BICUBIC))
   assert out.dtype == np.uint8
-  assert np.abs(out.astype(int) - ref[2:34, 2:34]).max() <= 1
+  np.testing.assert_array_equal(out, ref[2:34, 2:34])
   # Non-square: the shorter side becomes int(size * ratio).
   wide = _smooth_uint8(30, 60)
   out = crops.resize_center_crop(wide, 16, 1.5).numpy()
   ref = np.asarray(Image.fromarray(wide).resize((48, 24), Image.BICUBIC))
-  assert np.abs(out.astype(int) - ref[4:20, 16:32]).max() <= 1
+  np.testing.assert_array_equal(out, ref[4:20, 16:32])
 
 
 def test_flip_reverses_columns_where_the_draw_says():
