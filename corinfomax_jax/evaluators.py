@@ -63,7 +63,30 @@ def index_subset(source, index: np.ndarray):
   return dataclasses.replace(
       source, num_examples=len(index),
       load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
-      describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set())
+      describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set(),
+      file_names=(None if source.file_names is None else
+                  lambda: [source.file_names()[i] for i in index]))
+
+
+def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source, config) -> np.ndarray:
+  """sum over the centre-crop batches of `source` of sums_fn(*args, batch), in float64.
+
+  sums_fn (jitted here: args replicated, the batch sharded over `mesh`) returns a vector
+  of per-batch sums that masks the padding rows (batch["mask"]), e.g. top-k hits and
+  the count of real rows.
+  """
+  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  fn = jax.jit(sums_fn, in_shardings=(replicated,) * len(args) + (data,),
+               out_shardings=replicated)
+  total = None
+  for batch in pipeline.global_batches(
+      pipeline.eval_batches(source, global_batch_size=config.eval.batch_size,
+                            image_size=config.image_size,
+                            aug_config=configuration.aug_overrides(config)), data):
+    sums = np.asarray(jax.device_get(fn(*args, batch)), np.float64)
+    total = sums if total is None else total + sums
+  return total
 
 
 def _evenly_spaced_subset(source, num: int):

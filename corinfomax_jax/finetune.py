@@ -6,6 +6,7 @@ the labels, then tested on centre crops of the eval split.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -62,17 +63,19 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
   """Sorted example indices of the labelled subset of `source`.
 
   label_file: the examples whose file names (the last path component, e.g. SimCLR's
-  published ImageNet 1%/10% lists) it lists, one per line; image folders only.
-  Otherwise a class-balanced subset: round(fraction * n_c) examples (at least one) of
-  each class c with n_c examples, chosen by a permutation seeded with `seed`.
+  published ImageNet 1%/10% lists) it lists, one per line; image folders and TFDS data
+  sets with a `file_name` feature (imagenet2012). Otherwise a class-balanced subset:
+  round(fraction * n_c) examples (at least one) of each class c with n_c examples,
+  chosen by a permutation seeded with `seed`.
   """
   if label_file:
-    if not source.name.startswith("folder:"):
-      raise ConfigError(f"config.eval.label_file needs an image-folder dataset "
-                        f"(folder:<root>) whose file names it lists; {source.name!r} is not.")
+    if source.file_names is None:
+      raise ConfigError(f"config.eval.label_file needs file names, which {source.name!r} "
+                        "does not have: use an image folder (folder:<root>) or a TFDS "
+                        "data set with a file_name feature, such as imagenet2012.")
     with open(label_file) as f:
       wanted = {line.strip() for line in f if line.strip()}
-    names = [os.path.basename(source.describe(i)) for i in range(source.num_examples)]
+    names = source.file_names()
     index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
     missing = wanted - set(names)
     if missing or len(index) == 0:
@@ -159,6 +162,141 @@ def check_finetune_config(config) -> None:
                       "None or a text file of image file names, one per line")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a fine-tuning run trains on, and for how long."""
+  subset: Any  # the labelled Source
+  batch_size: int
+  steps_per_epoch: int
+  schedule_steps: int  # the cosine schedule's length: finetune_epochs epochs
+  num_steps: int  # where training stops (finetune_max_steps may cut it short)
+
+
+def _plan(config, train_source) -> _Plan:
+  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  ev = config.eval
+  index = labelled_index(train_source, fraction=ev.label_fraction,
+                         label_file=ev.label_file, seed=config.seed)
+  subset = evaluators.index_subset(train_source, index)
+  batch_size = ev.finetune_batch_size
+  if batch_size > subset.num_examples:
+    raise ConfigError(f"config.eval.finetune_batch_size = {batch_size} exceeds the "
+                      f"{subset.num_examples} labelled examples: use a smaller batch.")
+  steps_per_epoch = pipeline.steps_per_epoch(subset.num_examples, batch_size)
+  schedule_steps = ev.finetune_epochs * steps_per_epoch
+  num_steps = schedule_steps
+  if ev.finetune_max_steps != -1:
+    num_steps = min(num_steps, ev.finetune_max_steps)
+  return _Plan(subset, batch_size, steps_per_epoch, schedule_steps, num_steps)
+
+
+def _check_can_start(config, workdir: str) -> None:
+  """Everything a run needs, checked before any model work; ConfigError in one line."""
+  configuration.validate_config(config)
+  check_finetune_config(config)
+  ev = config.eval
+  for key in ("batch_size", "finetune_batch_size"):
+    mesh_lib.check_batch_divides(ev[key], jax.device_count(), jax.process_count(),
+                                 key=f"eval.{key}")
+  if not ev.random_init and not encoder_lib.checkpoint_steps(workdir):
+    raise ConfigError(
+        f"No pretraining checkpoint in workdir {workdir!r} (looked in "
+        f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
+        "config.eval.random_init=True to fine-tune the random initialisation.")
+  workdir_lib.check_workdir(workdir)
+
+
+def _initial_state(config, workdir, mesh, num_classes, tx) -> tuple[FinetuneState, int]:
+  """(The pretrained (or random) backbone with a zero head, pretraining step)."""
+  model = configuration.create_model(config)
+  if config.eval.random_init:
+    pretrained = train_state_lib.initial_state(config, model, mesh)
+  else:
+    pretrained = train_state_lib.load_pretrained(config, model, mesh, workdir)
+  dim = models.backbone_feature_dim(config.model.backbone, config.model.width)
+
+  def init(params, batch_stats):
+    head = {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
+            "bias": jnp.zeros((num_classes,), jnp.float32)}
+    params = {"backbone": params["backbone"], "head": head}
+    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
+                         batch_stats=batch_stats["backbone"], opt_state=tx.init(params))
+
+  state = jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(pretrained.params,
+                                                                  pretrained.batch_stats)
+  return state, int(pretrained.step)
+
+
+def _backbone(config):
+  m = config.model
+  return models.create_backbone(m.backbone, cifar_stem=m.cifar_stem, width=m.width,
+                                dtype=models.parse_dtype(m.dtype))
+
+
+def _train(config, workdir, state, plan: _Plan, record, mesh, tx, learning_rate_fn,
+           writer):
+  """(state, the last epoch's losses or None, preempted): resumed, trained, saved."""
+  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  mean, std = configuration.normalization(config)
+  manager = checkpoints.create_manager(
+      os.path.join(os.path.abspath(workdir), FINETUNE_DIR, "checkpoints"), keep=2)
+  try:
+    restored, _ = checkpoints.restore_latest(manager, state,
+                                             _check_record(record, manager.directory))
+    if restored is not None:
+      state = restored
+      logging.info("Fine-tuning resumed from %s at step %d of %d.", manager.directory,
+                   int(state.step), plan.num_steps)
+    start_step = int(state.step)
+    logging.info("Fine-tuning %s on %d labelled examples (%s): steps %d to %d, batch %d.",
+                 "the random initialisation" if config.eval.random_init else
+                 f"the checkpoint of step {record['pretrain_step']}",
+                 plan.subset.num_examples,
+                 config.eval.label_file or f"{config.eval.label_fraction:g} of the labels",
+                 start_step, plan.num_steps, plan.batch_size)
+    if start_step >= plan.num_steps:
+      return state, None, False
+    step_fn = jax.jit(functools.partial(finetune_step, backbone=_backbone(config), tx=tx,
+                                        learning_rate_fn=learning_rate_fn, mean=mean,
+                                        std=std),
+                      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                      donate_argnums=(0,))
+    batches = pipeline.global_batches(
+        pipeline.probe_train_batches(
+            plan.subset, global_batch_size=plan.batch_size, image_size=config.image_size,
+            seed=config.seed, start_step=start_step,
+            aug_config=configuration.aug_overrides(config)), data)
+    report = loop.ReportProgress(
+        name="finetune", num_steps=plan.num_steps, every_steps=config.log_every_steps,
+        batch_size=plan.batch_size, steps_per_epoch=plan.steps_per_epoch, writer=writer,
+        prefix="finetune/train_",
+        nonfinite_hint=lambda: "Lower config.eval.finetune_backbone_lr / head_lr.")
+    last_epoch = _LastLosses(plan.steps_per_epoch)
+    actions = [report, last_epoch,
+               loop.Checkpoint(manager, plan.steps_per_epoch, lambda: record,
+                               before_save=report.flush)]
+    state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
+                                num_steps=plan.num_steps, actions=actions)
+    return state, last_epoch, preempted
+  finally:
+    try:
+      checkpoints.finish(manager)
+    finally:
+      manager.close()
+
+
+def _test(config, state, mesh, eval_source) -> dict:
+  """Top-1/top-5 and the mean cross-entropy on centre crops of eval_source."""
+  mean, std = configuration.normalization(config)
+  sums = evaluators.eval_split_sums(
+      functools.partial(_eval_hits, backbone=_backbone(config), mean=mean, std=std),
+      (state.params, state.batch_stats), mesh, eval_source, config)
+  count = int(sums[2])
+  return {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
+          "num_test_examples": count}
+
+
 def finetune(config, workdir: str) -> dict:
   """--mode=finetune: the whole network fine-tuned on a labelled subset of train_split.
 
@@ -177,130 +315,33 @@ def finetune(config, workdir: str) -> dict:
   returns it with the final FinetuneState under "state", or {"preempted": True,
   "step": s}.
   """
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
-  configuration.validate_config(config)
-  check_finetune_config(config)
+  _check_can_start(config, workdir)
   ev = config.eval
-  for key in ("batch_size", "finetune_batch_size"):
-    mesh_lib.check_batch_divides(ev[key], jax.device_count(), jax.process_count(),
-                                 key=f"eval.{key}")
-  if not ev.random_init and not encoder_lib.checkpoint_steps(workdir):
-    raise ConfigError(
-        f"No pretraining checkpoint in workdir {workdir!r} (looked in "
-        f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
-        "config.eval.random_init=True to fine-tune the random initialisation.")
-  workdir_lib.check_workdir(workdir)
   train_source, eval_source = evaluators.open_sources(config)
-  index = labelled_index(train_source, fraction=ev.label_fraction,
-                         label_file=ev.label_file, seed=config.seed)
-  subset = evaluators.index_subset(train_source, index)
-  batch_size = ev.finetune_batch_size
-  if batch_size > subset.num_examples:
-    raise ConfigError(f"config.eval.finetune_batch_size = {batch_size} exceeds the "
-                      f"{subset.num_examples} labelled examples: use a smaller batch.")
-  steps_per_epoch = pipeline.steps_per_epoch(subset.num_examples, batch_size)
-  schedule_steps = ev.finetune_epochs * steps_per_epoch  # finetune_max_steps only stops
-  num_steps = schedule_steps
-  if ev.finetune_max_steps != -1:
-    num_steps = min(num_steps, ev.finetune_max_steps)
-
-  # --- The network: the pretrained (or random) backbone and a new head.
+  plan = _plan(config, train_source)
   mesh = mesh_lib.make_mesh()
-  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  mean, std = configuration.normalization(config)
-  model = configuration.create_model(config)
-  if ev.random_init:
-    pretrained = train_state_lib.initial_state(config, model, mesh)
-  else:
-    pretrained = train_state_lib.load_pretrained(config, model, mesh, workdir)
-  pretrain_step = int(pretrained.step)
-  m = config.model
-  backbone = models.create_backbone(m.backbone, cifar_stem=m.cifar_stem, width=m.width,
-                                    dtype=models.parse_dtype(m.dtype))
-  tx, learning_rate_fn = create_optimizer(config, schedule_steps)
-  dim = models.backbone_feature_dim(m.backbone, m.width)
-
-  def init(params, batch_stats):
-    head = {"kernel": jnp.zeros((dim, train_source.num_classes), jnp.float32),
-            "bias": jnp.zeros((train_source.num_classes,), jnp.float32)}
-    params = {"backbone": params["backbone"], "head": head}
-    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
-                         batch_stats=batch_stats["backbone"], opt_state=tx.init(params))
-
-  state = jax.jit(init, out_shardings=replicated)(pretrained.params, pretrained.batch_stats)
-  del pretrained
-
-  record = {"pretrain_step": pretrain_step,
-            "eval": {k: ev[k] for k in _FINETUNE_KEYS}}
-  manager = checkpoints.create_manager(
-      os.path.join(os.path.abspath(workdir), FINETUNE_DIR, "checkpoints"), keep=2)
+  tx, learning_rate_fn = create_optimizer(config, plan.schedule_steps)
+  state, pretrain_step = _initial_state(config, workdir, mesh, train_source.num_classes, tx)
+  record = {"pretrain_step": pretrain_step, "eval": {k: ev[k] for k in _FINETUNE_KEYS}}
   writer = metrics_lib.MetricWriter(os.path.join(workdir, FINETUNE_DIR))
   try:
-    restored, _ = checkpoints.restore_latest(manager, state,
-                                             _check_record(record, manager.directory))
-    if restored is not None:
-      state = restored
-      logging.info("Fine-tuning resumed from %s at step %d of %d.", manager.directory,
-                   int(state.step), num_steps)
-    start_step = int(state.step)
-    logging.info("Fine-tuning %s on %d labelled examples (%s): steps %d to %d, batch %d.",
-                 "the random initialisation" if ev.random_init else
-                 f"the checkpoint of step {pretrain_step}", subset.num_examples,
-                 ev.label_file or f"{ev.label_fraction:g} of the labels", start_step,
-                 num_steps, batch_size)
-    step_fn = jax.jit(functools.partial(finetune_step, backbone=backbone, tx=tx,
-                                        learning_rate_fn=learning_rate_fn, mean=mean,
-                                        std=std),
-                      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                      donate_argnums=(0,))
-    last_epoch = None
-    if start_step < num_steps:
-      batches = pipeline.global_batches(
-          pipeline.probe_train_batches(
-              subset, global_batch_size=batch_size, image_size=config.image_size,
-              seed=config.seed, start_step=start_step,
-              aug_config=configuration.aug_overrides(config)), data)
-      report = loop.ReportProgress(
-          name="finetune", num_steps=num_steps, every_steps=config.log_every_steps,
-          batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
-          prefix="finetune/train_",
-          nonfinite_hint=lambda: "Lower config.eval.finetune_backbone_lr / head_lr.")
-      last_epoch = _LastLosses(steps_per_epoch)
-      actions = [report, last_epoch,
-                 loop.Checkpoint(manager, steps_per_epoch, lambda: record,
-                                 before_save=report.flush)]
-      state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
-                                  num_steps=num_steps, actions=actions)
-      if preempted:
-        logging.warning("Fine-tuning preempted at step %d; run the same command again "
-                        "to resume.", int(state.step))
-        return {"preempted": True, "step": int(state.step)}
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-
-  # --- Test: centre crops, padding masked.
-  try:
-    eval_fn = jax.jit(functools.partial(_eval_hits, backbone=backbone, mean=mean, std=std),
-                      in_shardings=(replicated, replicated, data), out_shardings=replicated)
-    sums = np.zeros(4, np.float64)
-    for batch in pipeline.global_batches(
-        pipeline.eval_batches(eval_source, global_batch_size=ev.batch_size,
-                              image_size=config.image_size,
-                              aug_config=configuration.aug_overrides(config)), data):
-      sums += np.asarray(jax.device_get(eval_fn(state.params, state.batch_stats, batch)))
-    count = int(sums[2])
-    result = {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
+    state, last_epoch, preempted = _train(config, workdir, state, plan, record, mesh, tx,
+                                          learning_rate_fn, writer)
+    if preempted:
+      logging.warning("Fine-tuning preempted at step %d; run the same command again "
+                      "to resume.", int(state.step))
+      return {"preempted": True, "step": int(state.step)}
+    result = {**_test(config, state, mesh, eval_source),
               # The head starts at zero, so the first step's loss is ln(num_classes).
               "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
               "label_fraction": ev.label_fraction, "label_file": ev.label_file,
-              "num_labelled": int(subset.num_examples), "epochs": ev.finetune_epochs,
-              "steps": int(state.step), "steps_per_epoch": steps_per_epoch,
-              "batch_size": batch_size, "backbone_lr": ev.finetune_backbone_lr,
+              "num_labelled": int(plan.subset.num_examples), "epochs": ev.finetune_epochs,
+              "steps": int(state.step), "steps_per_epoch": plan.steps_per_epoch,
+              "batch_size": plan.batch_size, "backbone_lr": ev.finetune_backbone_lr,
               "head_lr": ev.finetune_head_lr, "weight_decay": ev.finetune_weight_decay,
               "random_init": ev.random_init, "pretrain_step": pretrain_step,
-              "num_test_examples": count, "dataset": config.dataset,
-              "train_split": config.train_split, "eval_split": config.eval_split}
+              "dataset": config.dataset, "train_split": config.train_split,
+              "eval_split": config.eval_split}
     writer.scalars(int(state.step), {"finetune/test_top1": result["top1"],
                                      "finetune/test_top5": result["top5"]})
   finally:
@@ -309,7 +350,7 @@ def finetune(config, workdir: str) -> dict:
   metrics_lib.write_json(path, result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
                "images; written to %s.", result["num_labelled"], result["top1"],
-               result["top5"], count, config.eval_split, path)
+               result["top5"], result["num_test_examples"], config.eval_split, path)
   result["state"] = state
   return result
 

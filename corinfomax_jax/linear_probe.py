@@ -298,14 +298,9 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
       manager.close()
 
   # --- Test: resize + centre crop, padding masked.
-  p_eval = jax.jit(functools.partial(_probe_eval_hits, model=model, mean=mean, std=std),
-                   in_shardings=(replicated, replicated, data), out_shardings=replicated)
-  hits = np.zeros(3, np.int64)
-  for batch in pipeline.global_batches(
-      pipeline.eval_batches(eval_source, global_batch_size=ev.batch_size,
-                            image_size=config.image_size,
-                            aug_config=configuration.aug_overrides(config)), data):
-    hits += np.asarray(jax.device_get(p_eval(probe.params, variables, batch)))
+  hits = evaluators.eval_split_sums(
+      functools.partial(_probe_eval_hits, model=model, mean=mean, std=std),
+      (probe.params, variables), mesh, eval_source, config).astype(np.int64)
   return {**knn.accuracy(hits[:2], int(hits[2])), "step": int(probe.step),
           "trained_steps": int(probe.step) - start_step, "num_steps": num_steps,
           "steps_per_epoch": steps_per_epoch,

@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import os
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import logging
 import numpy as np
@@ -81,6 +81,9 @@ class Source:
   stream: Callable[[int, int, int, bool], tf.data.Dataset] | None = None
   # Images without class directories: one class "", every label 0 (pretraining only).
   unlabelled: bool = False
+  # () -> the file name of every example in index order (e.g. "n01440764_10026.JPEG"),
+  # for lists of names such as SimCLR's ImageNet subsets; None where the source has none.
+  file_names: Callable[[], list[str]] | None = None
   skipped: list[str] = dataclasses.field(default_factory=list)
   _bad: set[int] = dataclasses.field(default_factory=set)
 
@@ -237,7 +240,8 @@ def _folder_source(dataset: str, root: str, split: str,
                 class_names=tuple(classes), random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=tf.io.read_file,
-                describe=lambda i: paths[int(i)], unlabelled=unlabelled)
+                describe=lambda i: paths[int(i)], unlabelled=unlabelled,
+                file_names=lambda: [os.path.basename(p) for p in paths])
 
 
 def _images_below(class_dir: str) -> tuple[list[str], int, int]:
@@ -382,20 +386,24 @@ def _all_labels(builder, split, compute: Callable[[], np.ndarray],
   return labels
 
 
+def _read_field(data_source, key: str, keys: Sequence[int]) -> list:
+  """Field `key` of the records `keys` of a TFDS data source, in 1024-record chunks."""
+  def chunk(start):
+    part = list(keys[start:start + 1024])
+    try:
+      records = data_source.__getitems__(part)  # batched ArrayRecord read
+    except Exception:  # pylint: disable=broad-except
+      records = [data_source[i] for i in part]
+    return [r[key] for r in records]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    return [x for part in pool.map(chunk, range(0, len(keys), 1024)) for x in part]
+
+
 def _random_access_tfds(dataset, split, data_source, image_key, class_names,
                         label_map, is_subset, skip_bad_images, builder):
   if is_subset:
     def read_labels():
-      def chunk(start):
-        keys = list(range(start, min(start + 1024, len(data_source))))
-        try:
-          records = data_source.__getitems__(keys)  # batched ArrayRecord read
-        except Exception:  # pylint: disable=broad-except
-          records = [data_source[i] for i in keys]
-        return [int(r["label"]) for r in records]
-      with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        parts = pool.map(chunk, range(0, len(data_source), 1024))
-        return np.array([x for part in parts for x in part], np.int64)
+      return np.array(_read_field(data_source, "label", range(len(data_source))), np.int64)
     all_labels = _all_labels(builder, split, read_labels, len(data_source))
     base_index = np.flatnonzero(label_map[all_labels] >= 0).astype(np.int64)
   else:
@@ -423,10 +431,20 @@ def _random_access_tfds(dataset, split, data_source, image_key, class_names,
     base = int(base_index[i]) if base_index is not None else int(i)
     return f"record {base} of TFDS {builder.name} split {split!r}"
 
+  def file_names():
+    # One pass over the split's records (ImageNet: its 1.28M records, image bytes
+    # included, since each record is read whole).
+    logging.info("Reading the file names of %s %s once.", builder.name, split)
+    keys = base_index if base_index is not None else range(len(data_source))
+    names = _read_field(data_source, "file_name", [int(k) for k in keys])
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+  has_names = "file_name" in builder.info.features.keys()
   return Source(name=dataset, split=split, num_examples=num_examples,
                 class_names=class_names, random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
-                load_example=lambda x: x, describe=describe)
+                load_example=lambda x: x, describe=describe,
+                file_names=file_names if has_names else None)
 
 
 def _streaming_tfds(dataset, split, builder, decoders, image_key, class_names,

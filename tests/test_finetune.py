@@ -1,4 +1,5 @@
 """--mode=finetune: the labelled subset, learning, the result file, resume, early errors."""
+import dataclasses
 import json
 import math
 import os
@@ -7,6 +8,8 @@ import re
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from conftest import tiny_config
 
 from corinfomax_jax import errors
@@ -38,6 +41,48 @@ def test_the_labelled_subset_is_class_balanced_seeded_or_named(image_folder, tmp
   assert [os.path.basename(source.describe(i)) for i in index] == ["10.png", "3.png"] * 2
   names.write_text("3.png\nnot_there.png\n")
   with pytest.raises(errors.ConfigError, match="1 of its 2 names"):
+    finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
+
+
+class CorinfomaxNamedImages(tfds.core.GeneratorBasedBuilder):
+  """Record i: image file name f"img_{i}.JPEG" (as imagenet2012's file_name), label i % 2."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(names=["a", "b"]),
+        "file_name": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(6)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": np.full((4, 4, 3), i, np.uint8), "label": i % 2,
+                "file_name": f"img_{i}.JPEG"}
+
+
+def test_a_label_file_selects_tfds_records_by_their_file_name_feature(tmp_path):
+  CorinfomaxNamedImages(data_dir=str(tmp_path / "tfds"),
+                        file_format="array_record").download_and_prepare()
+  source = sources.get_source("corinfomax_named_images", str(tmp_path / "tfds"), "train")
+  names = tmp_path / "subset.txt"
+  names.write_text("img_4.JPEG\nimg_1.JPEG\n")
+  index = finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
+  # The record order of a prepared split is TFDS's (shuffled by key), so compare names.
+  assert sorted(source.file_names()[i] for i in index) == ["img_1.JPEG", "img_4.JPEG"]
+  labels = source.load_batch(tf.constant(index))[1].numpy()
+  assert sorted(labels.tolist()) == [0, 1]  # img_4 is class 0, img_1 class 1
+
+
+def test_a_label_file_on_a_source_without_file_names_fails_in_one_line(image_folder, tmp_path):
+  source = sources.get_source(f"folder:{image_folder}", None, "train")
+  source = dataclasses.replace(source, file_names=None)  # as TFDS cifar10
+  names = tmp_path / "subset.txt"
+  names.write_text("3.png\n")
+  with pytest.raises(errors.ConfigError, match="needs file names"):
     finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
 
 
