@@ -1,0 +1,116 @@
+"""Where the train step's time goes: a profiler trace of a few steps, summed per XLA op.
+
+  python bench/profile_step.py --config=configs/cifar10.py --batch_size=64
+
+Compiles the step of bench/train_step.py (synthetic uint8 batches with draws), runs
+`--warmup` steps, then traces `--steps` steps with jax.profiler into `--trace_dir`
+(open it in TensorBoard's Profile tab or Perfetto) and prints the time per kind of XLA
+op (the op name without its number) and the slowest ops, each with the model op it
+comes from (HLO metadata; `transpose(jvp(...))` marks the backward pass). Imports no
+TensorFlow. The last line is `top_op_kind=<kind> share=<percent>`.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
+
+import jax  # noqa: E402
+import train_step as bench_step  # noqa: E402
+from corinfomax_jax import configuration  # noqa: E402
+from corinfomax_jax import mesh as mesh_lib  # noqa: E402
+from corinfomax_jax import models  # noqa: E402
+from corinfomax_jax import pretrain  # noqa: E402
+from corinfomax_jax import train_state as train_state_lib  # noqa: E402
+
+_NOT_OPS = ("$", "ThunkExecutor", "PjitFunction", "CommonPjRt", "ParseArguments", "end: ")
+
+
+def op_times(trace_dir: str) -> dict[str, float]:
+  """Total milliseconds per XLA op name in the newest trace under `trace_dir`."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*",
+                                        "*.trace.json.gz")))
+  if not files:
+    raise FileNotFoundError(f"no trace written under {trace_dir}")
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
+      totals[e["name"]] += e["dur"] / 1e3
+  return dict(totals)
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the model op it was lowered from (metadata op_name)."""
+  found = re.finditer(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo_text)
+  return {m.group(1): m.group(2) for m in found}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/cifar10.py")
+  parser.add_argument("--batch_size", type=int, default=None, help="global batch")
+  parser.add_argument("--dtype", choices=sorted(models.DTYPES), default=None)
+  parser.add_argument("--width", type=int, default=None, help="ResNet width override")
+  parser.add_argument("--steps", type=int, default=2, help="traced steps")
+  parser.add_argument("--warmup", type=int, default=1, help="untraced steps (compile)")
+  parser.add_argument("--top", type=int, default=10, help="slowest ops to list")
+  parser.add_argument("--trace_dir", default=None, help="default: a new temporary folder")
+  args = parser.parse_args()
+  config = bench_step.load_config(args.config)
+  if args.batch_size is not None:
+    config.batch_size = args.batch_size
+  for key in ("dtype", "width"):
+    if getattr(args, key) is not None:
+      config.model[key] = getattr(args, key)
+  configuration.validate_config(config)
+  mesh = mesh_lib.make_mesh()
+
+  model = configuration.create_model(config)
+  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  tx = train_state_lib.create_optimizer(config, lr_fn)
+  state = train_state_lib.create_train_state(config, model, tx, mesh, probe_classes=0)
+  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+  batch = bench_step.two_view_batch(config, mesh, num_classes=10)
+  sources = op_sources(step.lower(state, batch).compile().as_text())
+  for _ in range(args.warmup):
+    state, _ = step(state, batch)
+  jax.block_until_ready(state)
+
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="corinfomax_trace_")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(args.steps):
+      state, _ = step(state, batch)
+    jax.block_until_ready(state)
+  times = op_times(trace_dir)
+  total = sum(times.values())
+  kinds, counts = collections.Counter(), collections.Counter()
+  for name, ms in times.items():
+    kind = re.sub(r"\.\d+$", "", name)
+    kinds[kind] += ms / args.steps
+    counts[kind] += 1
+  m = config.model
+  print(f"{m.backbone} width {m.width} {config.image_size}px batch {config.batch_size} "
+        f"{m.dtype} on {jax.devices()[0].device_kind}: {total / args.steps:.0f} ms of "
+        f"XLA ops per step (summed over threads); trace in {trace_dir}")
+  for kind, ms in kinds.most_common(8):
+    print(f"  {ms:10.1f} ms {100 * ms * args.steps / total:5.1f}%  "
+          f"{counts[kind]:4d} ops  {kind}")
+  print(f"slowest {args.top} ops (ms per step):")
+  for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:args.top]:
+    print(f"  {ms / args.steps:10.1f}  {name:28s} {sources.get(name, '?')}")
+  kind, ms = kinds.most_common(1)[0]
+  print(f"top_op_kind={kind} share={100 * ms * args.steps / total:.1f}")
+
+
+if __name__ == "__main__":
+  main()
