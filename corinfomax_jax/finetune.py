@@ -22,6 +22,7 @@ from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import encoder as encoder_lib
 from corinfomax_jax import evaluators
+from corinfomax_jax import files
 from corinfomax_jax import knn
 from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
@@ -70,8 +71,8 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
     if not source.name.startswith("folder:"):
       raise ConfigError(f"config.eval.label_file needs an image-folder dataset "
                         f"(folder:<root>) whose file names it lists; {source.name!r} is not.")
-    with open(label_file) as f:
-      wanted = {line.strip() for line in f if line.strip()}
+    text = files.as_path(label_file).read_text()
+    wanted = {line.strip() for line in text.splitlines() if line.strip()}
     names = [os.path.basename(source.describe(i)) for i in range(source.num_examples)]
     index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
     missing = wanted - set(names)
@@ -154,7 +155,7 @@ def check_finetune_config(config) -> None:
       or not 0 < fraction <= 1):
     raise ConfigError(f"config.eval.label_fraction = {fraction!r} is invalid: expected a "
                       "number in (0, 1], e.g. 0.01 or 0.1")
-  if ev.label_file is not None and not os.path.isfile(ev.label_file):
+  if ev.label_file is not None and not files.as_path(ev.label_file).is_file():
     raise ConfigError(f"config.eval.label_file = {ev.label_file!r} is not a file: expected "
                       "None or a text file of image file names, one per line")
 
@@ -233,8 +234,8 @@ def finetune(config, workdir: str) -> dict:
   record = {"pretrain_step": pretrain_step,
             "eval": {k: ev[k] for k in _FINETUNE_KEYS}}
   manager = checkpoints.create_manager(
-      os.path.join(os.path.abspath(workdir), FINETUNE_DIR, "checkpoints"), keep=2)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, FINETUNE_DIR))
+      files.as_path(workdir) / FINETUNE_DIR / "checkpoints", keep=2)
+  writer = metrics_lib.MetricWriter(files.as_path(workdir) / FINETUNE_DIR)
   try:
     restored, _ = checkpoints.restore_latest(manager, state,
                                              _check_record(record, manager.directory))
@@ -305,7 +306,7 @@ def finetune(config, workdir: str) -> dict:
                                      "finetune/test_top5": result["top5"]})
   finally:
     writer.close()
-  path = os.path.join(workdir, FINETUNE_RESULT_FILE)
+  path = files.as_path(workdir) / FINETUNE_RESULT_FILE
   metrics_lib.write_json(path, result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
                "images; written to %s.", result["num_labelled"], result["top1"],
