@@ -63,7 +63,8 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
     export.save_safetensors(tensors, paths["safetensors"], metadata={
         "backbone": model["backbone"], "cifar_stem": str(model["cifar_stem"]),
         "width": str(model["width"]), "step": str(enc.step)})
-    files.write_bytes(paths["msgpack"], flax.serialization.to_bytes(jax.device_get(backbone)))
+    files.write_bytes(paths["msgpack"],
+                      flax.serialization.to_bytes(jax.device_get(backbone)))
     logging.info("Exported the backbone of step %d (%s, cifar_stem=%s, width %d) to %s "
                  "and %s.", enc.step, model["backbone"], model["cifar_stem"],
                  model["width"], *paths.values())

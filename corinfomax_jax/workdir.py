@@ -17,9 +17,9 @@ from corinfomax_jax import files
 from corinfomax_jax.errors import WorkdirError
 
 REMOTE_TIMEOUT_S = 60.0  # a URL workdir that gives no answer in this time is unreachable
-_GCS_HINT = ("A gs:// workdir needs an existing bucket and credentials that may write to "
-             "it (`gcloud auth application-default login`, or GOOGLE_APPLICATION_CREDENTIALS "
-             "naming a service-account key).")
+_GCS_HINT = ("A gs:// workdir needs an existing bucket and credentials that may write "
+             "to it (`gcloud auth application-default login`, or "
+             "GOOGLE_APPLICATION_CREDENTIALS naming a service-account key).")
 
 
 def check_workdir(workdir: str, *, create: bool = True) -> None:
@@ -49,7 +49,8 @@ def check_workdir(workdir: str, *, create: bool = True) -> None:
     with tempfile.TemporaryFile(dir=workdir, prefix=".write_probe_"):
       pass
   except OSError as e:
-    raise WorkdirError(f"--workdir {workdir!r} is not writable: {e.strerror or e}.") from None
+    raise WorkdirError(f"--workdir {workdir!r} is not writable: "
+                       f"{e.strerror or e}.") from None
 
 
 def _check_remote(workdir: str, *, create: bool) -> None:
@@ -58,8 +59,8 @@ def _check_remote(workdir: str, *, create: bool) -> None:
     _check_gcs_client(workdir)
   failure = _failure_within(REMOTE_TIMEOUT_S, _probe_remote, workdir, create)
   if failure:
-    raise WorkdirError(f"--workdir {workdir!r} cannot be reached or written: {failure.rstrip('.')}."
-                       + (f" {_GCS_HINT}" if gcs else ""))
+    raise WorkdirError(f"--workdir {workdir!r} cannot be reached or written: "
+                       f"{failure.rstrip('.')}." + (f" {_GCS_HINT}" if gcs else ""))
 
 
 def _check_gcs_client(workdir: str) -> None:
