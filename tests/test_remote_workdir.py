@@ -23,14 +23,20 @@ import threading
 import time
 import types
 
+import numpy as np
 import pytest
 from conftest import tiny_config
+from test_main import assert_one_error_line
+from test_main import run_main
 from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
+import corinfomax_jax
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
+from corinfomax_jax import export
+from corinfomax_jax import exporting
 from corinfomax_jax import files
 from corinfomax_jax import pretrain
 from corinfomax_jax import workdir as workdir_lib
@@ -39,7 +45,7 @@ WORKDIR = "gs://bucket/run"
 
 
 class BucketFolders(epath_backend.Backend):
-  """epath's backend for gs:// on local folders: gs://<bucket>/<key> is <root>/<bucket>/<key>."""
+  """epath's gs:// backend on local folders: gs://<bucket>/<key> is <root>/<bucket>/<key>."""
 
   def __init__(self, root):
     self.root = os.fspath(root)
@@ -142,8 +148,8 @@ def _steps(fs) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-def test_pretrain_resume_and_knn_eval_write_only_to_the_bucket(bucket, image_folder,
-                                                               caplog):
+def test_pretrain_resume_knn_eval_export_and_embed_use_only_the_bucket(
+    bucket, image_folder, caplog):
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), WORKDIR)
   assert _steps(bucket) == [2]
   with caplog.at_level(logging.INFO):
@@ -169,6 +175,17 @@ def test_pretrain_resume_and_knn_eval_write_only_to_the_bucket(bucket, image_fol
     assert {"state", "run"} <= set(os.listdir(step_dir))
     # orbax's gs:// way of finishing a checkpoint (object stores cannot rename).
     assert "commit_success.txt" in os.listdir(step_dir)
+
+  # The modes that read the checkpoint back: load_encoder, export, embed (an upload).
+  assert corinfomax_jax.load_encoder(WORKDIR).step == 4
+  out = exporting.export_backbone(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  assert out["safetensors"] == f"{WORKDIR}/export/backbone.safetensors"
+  assert export.read_safetensors_header(bucket.local(out["safetensors"]))[
+      "__metadata__"]["step"] == "4"
+  path = exporting.embed(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  assert path == f"{WORKDIR}/embeddings/test.npz"
+  with np.load(bucket.local(path)) as npz:
+    assert npz["features"].shape[0] == 24 and list(npz["index"]) == list(range(24))
 
 
 def test_files_write_and_move_to_a_url(bucket, tmp_path):
@@ -219,3 +236,13 @@ def test_a_gs_workdir_without_googles_storage_client_fails_in_one_line(monkeypat
   monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # import fails
   with pytest.raises(errors.WorkdirError, match="pip install google-cloud-storage"):
     workdir_lib.check_workdir(WORKDIR)
+
+
+def test_main_with_an_unusable_gs_workdir_prints_one_line_and_makes_no_local_gs(
+    tmp_path, image_folder):
+  """main.py as a user runs it, with no stand-in: google-cloud-storage is missing here
+  (where it is installed, no credentials or network reach the bucket)."""
+  workdir = "gs://corinfomax-no-such-bucket/run"
+  proc = run_main(image_folder, workdir, cwd=tmp_path)
+  assert_one_error_line(proc, f"--workdir {workdir!r}")
+  assert not os.listdir(tmp_path)
