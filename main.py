@@ -23,6 +23,7 @@ from corinfomax_jax import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import evaluators
 from corinfomax_jax import exporting
+from corinfomax_jax import files
 from corinfomax_jax import finetune
 from corinfomax_jax import linear_probe
 from corinfomax_jax import pretrain
@@ -80,12 +81,10 @@ def _fail(error: BaseException, workdir: str | None) -> None:
   if not isinstance(error, (errors.ConfigError, errors.NonFiniteLossError,
                             errors.CheckpointSaveError)):
     message = f"{message} ({type(error).__name__})"
-  if workdir and os.path.isdir(workdir) and jax.process_index() == 0:
-    try:
-      with open(os.path.join(workdir, ERROR_LOG), "a") as f:
-        f.write(f"error: {message}\n{trace}\n")
-    except OSError:
-      pass  # an unwritable workdir may be the error itself
+  # A WorkdirError says the workdir cannot take files (or hangs): no log goes there.
+  if (workdir and not isinstance(error, errors.WorkdirError)
+      and jax.process_index() == 0):
+    _append_error_log(workdir, f"error: {message}\n{trace}\n")
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
   if isinstance(error, errors.CheckpointSaveError):
@@ -93,6 +92,17 @@ def _fail(error: BaseException, workdir: str | None) -> None:
     # checkpoint is intact and a partial one is removed at the next start.
     os._exit(1)
   sys.exit(1)
+
+
+def _append_error_log(workdir: str, text: str) -> None:
+  """Adds `text` to <workdir>/error.log when the workdir exists and takes it."""
+  try:
+    path = files.as_path(workdir)
+    if path.is_dir():
+      with (path / ERROR_LOG).open("a") as f:
+        f.write(text)
+  except Exception:  # pylint: disable=broad-except
+    pass  # a full disk or a failing store: the error line still goes out
 
 
 def main(argv):

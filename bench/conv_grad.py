@@ -12,7 +12,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 
 
 def timed_ms(fn, *args, repeats: int) -> float:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging as logging_std
-import os
 from typing import Any, Callable
 
 import jax
 from absl import logging
 
+from corinfomax_jax import files
 from corinfomax_jax.errors import CheckpointSaveError
 from corinfomax_jax.errors import ConfigError
 
@@ -23,12 +23,13 @@ from corinfomax_jax.errors import ConfigError
 FORMAT = 2
 
 
-def create_manager(directory: str, *, keep: int):
+def create_manager(directory, *, keep: int):
+  """An orbax CheckpointManager of `directory` (a local path or a URL)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "run"))
+  return ocp.CheckpointManager(files.as_path(directory), options=options, item_names=("state", "run"))
 
 
 _pending_step = {}  # id(manager) -> the step of its latest asynchronous save
@@ -156,13 +157,13 @@ def _set_aside(manager, steps) -> dict:
   moved = {}
   if jax.process_index() == 0:
     for step in steps:
-      path = os.path.join(str(manager.directory), str(step))
-      target = f"{path}.unreadable"
+      path = files.as_path(manager.directory) / str(step)
+      target = path.parent / f"{step}.unreadable"
       suffix = 1
-      while os.path.exists(target):
-        target, suffix = f"{path}.unreadable{suffix}", suffix + 1
-      os.rename(path, target)
-      moved[step] = target
+      while target.exists():
+        target, suffix = path.parent / f"{step}.unreadable{suffix}", suffix + 1
+      path.rename(target)
+      moved[step] = str(target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("corinfomax_set_aside_unreadable_checkpoints")

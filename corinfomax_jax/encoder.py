@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -64,7 +63,7 @@ def _features_fn(model, mesh):
                  out_shardings=mesh_lib.batch_sharded(mesh))
 
 
-def _read_record(directory: str, step: int) -> dict:
+def _read_record(directory, step: int) -> dict:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   manager = ocp.CheckpointManager(directory, item_names=("state", "run"))
   try:
@@ -76,10 +75,10 @@ def _read_record(directory: str, step: int) -> dict:
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the finished pretraining checkpoints in `workdir`, ascending."""
   directory = train_state_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+  return sorted(int(d.name) for d in directory.iterdir()
+                if d.name.isdigit() and (d / "state").is_dir())
 
 
 def load_encoder(workdir: str, step: int | None = None) -> Encoder:
@@ -113,14 +112,14 @@ def load_encoder(workdir: str, step: int | None = None) -> Encoder:
                                                              sharding=replicated), shapes[k])
               for k in ("params", "batch_stats")}
   abstract["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  restored = _restore_subtrees(os.path.join(directory, str(step), "state"), abstract, ocp)
+  restored = _restore_subtrees(directory / str(step) / "state", abstract, ocp)
   variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
   encoder = Encoder(model=model, variables=variables, config=record,
                     step=int(restored["step"]))
   return encoder
 
 
-def _restore_subtrees(path: str, abstract: Any, ocp) -> dict:
+def _restore_subtrees(path, abstract: Any, ocp) -> dict:
   """The subtrees of the state pytree at `path` that `abstract` names (partial restore)."""
   checkpointer = ocp.PyTreeCheckpointer()
   try:

@@ -11,3 +11,7 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (a full disk); the earlier ones are intact."""
+
+
+class WorkdirError(ConfigError):
+  """The workdir cannot be made, reached or written; no file can be left in it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from corinfomax_jax import augment
 from corinfomax_jax import configuration
+from corinfomax_jax import files
 from corinfomax_jax import knn
 from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
@@ -354,7 +354,7 @@ def knn_eval(config, workdir: str) -> dict:
             "step": int(state.step), "random_init": random_init,
             "dataset": config.dataset, "train_split": config.train_split,
             "eval_split": config.eval_split}
-  path = os.path.join(workdir, KNN_RESULT_FILE)
+  path = files.as_path(workdir) / KNN_RESULT_FILE
   metrics_lib.write_json(path, result)
   logging.info("kNN (k=%d, T=%g) of %s at step %d: top-1 %.2f top-5 %.2f (%d bank, %d "
                "queries); written to %s.", result["k"], result["temperature"],

@@ -15,6 +15,7 @@ from corinfomax_jax import configuration
 from corinfomax_jax import encoder as encoder_lib
 from corinfomax_jax import evaluators
 from corinfomax_jax import export
+from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
@@ -54,16 +55,16 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
   tensors = export.torchvision_state_dict(enc.variables, backbone=model["backbone"],
                                           cifar_stem=model["cifar_stem"],
                                           num_batches_tracked=enc.step)
-  directory = os.path.join(workdir, EXPORT_DIR)
-  paths = {"safetensors": os.path.join(directory, SAFETENSORS_FILE),
-           "msgpack": os.path.join(directory, MSGPACK_FILE)}
+  directory = files.as_path(workdir) / EXPORT_DIR
+  paths = {"safetensors": str(directory / SAFETENSORS_FILE),
+           "msgpack": str(directory / MSGPACK_FILE)}
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     export.save_safetensors(tensors, paths["safetensors"], metadata={
         "backbone": model["backbone"], "cifar_stem": str(model["cifar_stem"]),
         "width": str(model["width"]), "step": str(enc.step)})
-    with open(paths["msgpack"], "wb") as f:
-      f.write(flax.serialization.to_bytes(jax.device_get(backbone)))
+    files.write_bytes(paths["msgpack"],
+                      flax.serialization.to_bytes(jax.device_get(backbone)))
     logging.info("Exported the backbone of step %d (%s, cifar_stem=%s, width %d) to %s "
                  "and %s.", enc.step, model["backbone"], model["cifar_stem"],
                  model["width"], *paths.values())
@@ -85,10 +86,12 @@ def embed(config, workdir: str) -> str:
   batches of config.eval.batch_size sharded over all devices (evaluators.feature_batches).
   So that 1.28M x 2048 features (10.5 GB) need not fit in memory, process 0 writes each
   gathered batch straight into three .npy files (np.lib.format.open_memmap) under
-  DIR/embeddings/<split>.parts/, then stores them uncompressed into the .npz (np.savez
-  copies a memory-mapped array in 16 MiB pieces) and removes them: host memory holds
-  one batch, the disk briefly twice the result. `np.load(path, mmap_mode=...)` does not map npz members;
-  np.load(path)["features"] reads that array. Returns the npz path.
+  DIR/embeddings/<split>.parts/ (under TMPDIR when DIR is a URL), then stores them
+  uncompressed into the .npz (np.savez copies a memory-mapped array in 16 MiB pieces)
+  and removes them: host memory holds one batch, the disk briefly twice the result; for
+  a URL the npz is then uploaded.
+  `np.load(path, mmap_mode=...)` does not map npz members; np.load(path)["features"]
+  reads that array. Returns the npz path.
   """
   workdir_lib.check_workdir(workdir, create=False)
   configuration.validate_config(config)
@@ -107,12 +110,12 @@ def embed(config, workdir: str) -> str:
   mesh = mesh_lib.make_mesh()
   variables = jax.device_put(enc.variables, mesh_lib.replicated(mesh))
   n, dim = source.num_examples, enc.feature_dim
-  directory = os.path.join(workdir, EMBEDDINGS_DIR)
-  path = os.path.join(directory, f"{split}.npz")
-  parts = os.path.join(directory, f"{split}.parts")
+  directory = files.as_path(workdir) / EMBEDDINGS_DIR
+  path = directory / f"{split}.npz"
   writer = jax.process_index() == 0
   if writer:
-    os.makedirs(parts, exist_ok=True)
+    # Memory maps need a local disk: beside the result, or under TMPDIR for a URL.
+    parts = files.scratch_dir(directory / f"{split}.parts")
     arrays = {
         name: np.lib.format.open_memmap(os.path.join(parts, f"{name}.npy"), mode="w+",
                                         dtype=dtype, shape=shape)
@@ -128,15 +131,14 @@ def embed(config, workdir: str) -> str:
         arrays[name][count:count + len(rows)] = rows
     count += len(labels)
   if writer:
-    tmp = path + ".tmp"
+    tmp = os.path.join(parts, f"{split}.npz")
     with open(tmp, "wb") as f:
       # np.savez copies each (memory-mapped) array in 16 MiB pieces; [:count] drops the
       # rows of images skipped as unreadable.
       np.savez(f, **{name: array[:count] for name, array in arrays.items()})
     arrays.clear()  # unmaps the .npy files
-    os.replace(tmp, path)
+    files.move_local_file(tmp, path)
     shutil.rmtree(parts)
     logging.info("Features of %d %s %s images (dim %d, checkpoint step %d) written to "
                  "%s.", count, config.dataset, split, dim, enc.step, path)
-  return path
-
+  return str(path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax
@@ -23,6 +22,7 @@ from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import encoder as encoder_lib
 from corinfomax_jax import evaluators
+from corinfomax_jax import files
 from corinfomax_jax import knn
 from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
@@ -73,8 +73,8 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
       raise ConfigError(f"config.eval.label_file needs file names, which {source.name!r} "
                         "does not have: use an image folder (folder:<root>) or a TFDS "
                         "data set with a file_name feature, such as imagenet2012.")
-    with open(label_file) as f:
-      wanted = {line.strip() for line in f if line.strip()}
+    text = files.as_path(label_file).read_text()
+    wanted = {line.strip() for line in text.splitlines() if line.strip()}
     names = source.file_names()
     index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
     missing = wanted - set(names)
@@ -157,7 +157,7 @@ def check_finetune_config(config) -> None:
       or not 0 < fraction <= 1):
     raise ConfigError(f"config.eval.label_fraction = {fraction!r} is invalid: expected a "
                       "number in (0, 1], e.g. 0.01 or 0.1")
-  if ev.label_file is not None and not os.path.isfile(ev.label_file):
+  if ev.label_file is not None and not files.as_path(ev.label_file).is_file():
     raise ConfigError(f"config.eval.label_file = {ev.label_file!r} is not a file: expected "
                       "None or a text file of image file names, one per line")
 
@@ -240,7 +240,7 @@ def _train(config, workdir, state, plan: _Plan, record, mesh, tx, learning_rate_
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   mean, std = configuration.normalization(config)
   manager = checkpoints.create_manager(
-      os.path.join(os.path.abspath(workdir), FINETUNE_DIR, "checkpoints"), keep=2)
+      files.as_path(workdir) / FINETUNE_DIR / "checkpoints", keep=2)
   try:
     restored, _ = checkpoints.restore_latest(manager, state,
                                              _check_record(record, manager.directory))
@@ -323,7 +323,7 @@ def finetune(config, workdir: str) -> dict:
   tx, learning_rate_fn = create_optimizer(config, plan.schedule_steps)
   state, pretrain_step = _initial_state(config, workdir, mesh, train_source.num_classes, tx)
   record = {"pretrain_step": pretrain_step, "eval": {k: ev[k] for k in _FINETUNE_KEYS}}
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, FINETUNE_DIR))
+  writer = metrics_lib.MetricWriter(files.as_path(workdir) / FINETUNE_DIR)
   try:
     state, last_epoch, preempted = _train(config, workdir, state, plan, record, mesh, tx,
                                           learning_rate_fn, writer)
@@ -346,7 +346,7 @@ def finetune(config, workdir: str) -> dict:
                                      "finetune/test_top5": result["top5"]})
   finally:
     writer.close()
-  path = os.path.join(workdir, FINETUNE_RESULT_FILE)
+  path = files.as_path(workdir) / FINETUNE_RESULT_FILE
   metrics_lib.write_json(path, result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
                "images; written to %s.", result["num_labelled"], result["top1"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any
 
 import flax
@@ -23,6 +22,7 @@ from corinfomax_jax import augment
 from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import evaluators
+from corinfomax_jax import files
 from corinfomax_jax import knn
 from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
@@ -208,8 +208,9 @@ def _probe_eval_hits(params, variables, batch, *, model, mean, std):
                                      valid), valid.sum()[None]])
 
 
-def probe_checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), LINEAR_DIR, "checkpoints")
+def probe_checkpoint_dir(workdir: str):
+  """workdir/linear_eval/checkpoints as an epath Path (workdir a local path or a URL)."""
+  return files.as_path(workdir) / LINEAR_DIR / "checkpoints"
 
 
 def _probe_record(config, pretrain_step: int) -> dict:
@@ -366,7 +367,7 @@ def linear_eval(config, workdir: str) -> dict:
   state = train_state_lib.load_pretrained(config, model, mesh, workdir)
   pretrain_step = int(state.step)
   variables = train_state_lib.backbone_variables(state)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, LINEAR_DIR))
+  writer = metrics_lib.MetricWriter(files.as_path(workdir) / LINEAR_DIR)
   try:
     if ev.linear_precomputed:
       variant, tag = PRECOMPUTED_VARIANT, "linear_precomputed"
@@ -390,7 +391,7 @@ def linear_eval(config, workdir: str) -> dict:
   result.update(variant=variant, pretrain_step=pretrain_step, dataset=config.dataset,
                 train_split=config.train_split, eval_split=config.eval_split,
                 **{k[len("linear_"):]: ev[k] for k in _LINEAR_KEYS})
-  path = os.path.join(workdir, LINEAR_RESULT_FILE)
+  path = files.as_path(workdir) / LINEAR_RESULT_FILE
   metrics_lib.write_json(path, result)
   logging.info("Linear probe (%s) on the checkpoint of step %d: top-1 %.2f top-5 %.2f "
                "on %d %s images; written to %s.", variant, result["pretrain_step"],

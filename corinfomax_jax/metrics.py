@@ -4,6 +4,7 @@ Only process 0 writes; the other processes' calls do nothing, so callers need no
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Sequence
@@ -11,20 +12,24 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from corinfomax_jax import files
 from corinfomax_jax import objective
 
 
 class MetricWriter:
-  """Scalars to TensorBoard event files in the workdir, from process 0 only."""
+  """Scalars to TensorBoard event files in the workdir, from process 0 only.
 
-  def __init__(self, logdir: str):
+  `logdir` may be a URL: tf.summary writes gs:// through TensorFlow's own file system.
+  """
+
+  def __init__(self, logdir: str | os.PathLike):
     self._writer = None
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
       sources.hide_accelerators_from_tensorflow()  # before the writer's first TF op
       self._tf = tf
-      self._writer = tf.summary.create_file_writer(logdir)
+      self._writer = tf.summary.create_file_writer(os.fspath(logdir))
 
   def scalars(self, step: int, values: dict) -> None:
     if self._writer is None:
@@ -61,16 +66,11 @@ def spectrum_summary(spectrum: objective.Spectrum, branch: int) -> dict:
   }
 
 
-def write_json(path: str, result: dict) -> None:
-  """Writes `result` from process 0, atomically (a reader never sees half a file)."""
+def write_json(path: str | os.PathLike, result: dict) -> None:
+  """Writes `result` from process 0, whole (a reader never sees half a file)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  files.write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def plot_spectra(spectra: Sequence[tuple[int, np.ndarray]], path: str | os.PathLike, *,
@@ -101,8 +101,7 @@ def plot_spectra(spectra: Sequence[tuple[int, np.ndarray]], path: str | os.PathL
   ax.set_ylabel(f"eigenvalue (clipped at {floor:g})")
   ax.set_title(title)
   ax.legend(fontsize="small")
-  directory = os.path.dirname(os.fspath(path))
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, format="png", dpi=dpi)
+  png = io.BytesIO()  # matplotlib writes local files only; `path` may be a URL
+  fig.savefig(png, format="png", dpi=dpi)
+  files.write_bytes(path, png.getvalue())
   return path

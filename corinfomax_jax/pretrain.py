@@ -8,7 +8,6 @@ loop reads data and writes TensorBoard events, through TensorFlow.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from corinfomax_jax import augment
 from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
 from corinfomax_jax import evaluators as evaluators_lib
+from corinfomax_jax import files
 from corinfomax_jax import loop
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import metrics as metrics_lib
@@ -134,7 +134,7 @@ class SpectrumLog:
                                 **metrics_lib.spectrum_summary(spec2, 2)})
     self.spectra.append((step, np.asarray(spec1.eigenvalues)))
 
-  def plot(self, path: str, title: str) -> None:
+  def plot(self, path, title: str) -> None:
     if jax.process_index() != 0 or not self.spectra:
       return
     shown = sorted(set(np.linspace(0, len(self.spectra) - 1, 8).astype(int)))
@@ -179,7 +179,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   # --- Checkpoint: resume where the workdir left off.
   manager = train_state_lib.create_checkpoint_manager(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(files.as_path(workdir))
   try:
     run_record.write_run_config(config, workdir, writer)
     restored, record = train_state_lib.restore(manager, state, config,
@@ -217,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
           for e in evaluators),
         loop.Checkpoint(manager, config.checkpoint_every_steps, record_fn,
                         before_save=report.flush),
-        loop.Profile(workdir, start_step, config.profile_steps),
+        loop.Profile(str(files.as_path(workdir)), start_step, config.profile_steps),
     ]
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
                                 num_steps=num_steps, actions=actions)
@@ -229,6 +229,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     writer.close()
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
-  spectrum.plot(os.path.join(workdir, "spectrum.png"),
+  spectrum.plot(files.as_path(workdir) / "spectrum.png",
                 title=f"{config.dataset}: covariance spectrum, branch 1")
   return state

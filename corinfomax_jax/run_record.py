@@ -7,11 +7,11 @@ one warning line, naming each changed key with its old and new value.
 from __future__ import annotations
 
 import json
-import os
 
 from absl import logging
 import jax
 
+from corinfomax_jax import files
 from corinfomax_jax import metrics
 
 RECORD = "config.json"
@@ -52,16 +52,15 @@ def write_run_config(config, workdir: str, writer: metrics.MetricWriter | None =
   record = json.loads(config.to_json_best_effort())
   if jax.process_index() != 0:
     return record
-  path = os.path.join(workdir, RECORD)
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  path = files.as_path(workdir) / RECORD
+  if path.exists():
+    previous = json.loads(path.read_text())
     if previous != record:
       changed = changed_result_keys(flatten(previous), flatten(record))
       if changed:
         logging.warning("%s: this run changes keys that change results: %s (previous "
                         "record kept as %s.prev).", path, "; ".join(changed), RECORD)
-      metrics.write_json(path + ".prev", previous)
+      metrics.write_json(path.parent / f"{RECORD}.prev", previous)
   metrics.write_json(path, record)
   if writer is not None:
     writer.hparams({k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)

@@ -6,7 +6,6 @@ pytree and a checkpoint is exactly that pytree (plus a JSON record).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax
@@ -14,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from etils import epath
 
 from corinfomax_jax import checkpoints
 from corinfomax_jax import configuration
+from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
 from corinfomax_jax import objective
@@ -125,8 +126,9 @@ def backbone_variables(state: TrainState) -> dict:
 
 
 # --- Checkpoints of the train state. -------------------------------------------------
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """workdir/checkpoints as an epath Path (workdir a local path or a URL)."""
+  return files.as_path(workdir) / "checkpoints"
 
 
 def create_checkpoint_manager(workdir: str, config):
@@ -187,7 +189,7 @@ def load_pretrained(config, model, mesh, workdir: str, hint: str = "") -> TrainS
   missing = ConfigError(
       f"No pretraining checkpoint in workdir {workdir!r} (looked in {directory}). "
       f"Pretrain first with --mode=pretrain and this --workdir{hint}.")
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     raise missing
   template = lambda record: initial_state(
       config, model, mesh, probe_classes=record.get("online_probe_classes", 0))

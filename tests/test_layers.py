@@ -1,7 +1,7 @@
 """The package's layers only point down, and no two modules import each other.
 
 The layers, bottom to top (README, Layout):
-  maths        errors, mesh, objective, models, augment, knn, export
+  maths        errors, files, mesh, objective, models, augment, knn, export
   data         sources, crops, pipeline
   run          configuration, checkpoints, metrics, loop, train_state, workdir, run_record,
                encoder
@@ -17,7 +17,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "corinfomax_jax"
 LAYERS = [
-    ("maths", {"errors", "mesh", "objective", "models", "augment", "knn", "export"}),
+    ("maths", {"errors", "files", "mesh", "objective", "models", "augment", "knn",
+               "export"}),
     ("data", {"sources", "crops", "pipeline"}),
     ("run", {"configuration", "checkpoints", "metrics", "loop", "train_state",
              "workdir", "run_record", "encoder"}),

@@ -1,0 +1,248 @@
+"""A gs:// workdir: pretraining, resume and knn_eval against a stand-in for GCS.
+
+No test reaches real Google Cloud Storage. The stand-in keeps gs://<bucket>/<key> in a
+local folder, <root>/<bucket>/<key>, and is put in at the four places where a run's
+gs:// paths leave Python code that this project or orbax owns:
+  - etils.epath's gs:// backend (config.json, knn_eval.json, spectrum.png, orbax's own
+    files and step listing): one that rewrites gs:// onto the folder;
+  - orbax's TensorStore spec for gs:// (the arrays): gcs_utils.get_kvstore_for_gcs
+    builds TensorStore's "gcs" driver spec, which would go to the network; here a
+    "file" spec of the same key;
+  - google.cloud.storage, which orbax asks whether a bucket has a hierarchical
+    namespace before listing steps: a module whose bucket says no;
+  - tf.summary.create_file_writer (TensorBoard events), whose gs:// file system is
+    TensorFlow's C++ one: here it gets the local path.
+Above these seams the run takes orbax's gs:// path (commit files instead of renames)
+and the product code is unchanged.
+"""
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from test_main import assert_one_error_line
+from test_main import run_main
+from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
+
+import corinfomax_jax
+from corinfomax_jax import errors
+from corinfomax_jax import evaluators
+from corinfomax_jax import export
+from corinfomax_jax import exporting
+from corinfomax_jax import files
+from corinfomax_jax import pretrain
+from corinfomax_jax import workdir as workdir_lib
+
+WORKDIR = "gs://bucket/run"
+
+
+class BucketFolders(epath_backend.Backend):
+  """epath's gs:// backend on local folders: gs://<bucket>/<key> is <root>/<bucket>/<key>."""
+
+  def __init__(self, root):
+    self.root = os.fspath(root)
+    self._os = epath_backend.os_backend
+
+  def local(self, url) -> str:
+    url = os.fspath(url)
+    assert url.startswith("gs://"), url
+    return os.path.join(self.root, url[len("gs://"):])
+
+  def url(self, local) -> str:
+    return "gs://" + os.path.relpath(local, self.root)
+
+  def open(self, path, mode):
+    return self._os.open(self.local(path), mode)
+
+  def exists(self, path):
+    return self._os.exists(self.local(path))
+
+  def isdir(self, path):
+    return self._os.isdir(self.local(path))
+
+  def listdir(self, path):
+    return self._os.listdir(self.local(path))
+
+  def glob(self, path):
+    return [self.url(p) for p in self._os.glob(self.local(path))]
+
+  def walk(self, top, *, top_down=True, on_error=None):
+    for root, dirs, names in self._os.walk(self.local(top), top_down=top_down,
+                                           on_error=on_error):
+      yield self.url(root), dirs, names
+
+  def makedirs(self, path, *, exist_ok=False, mode=None):
+    self._os.makedirs(self.local(path), exist_ok=exist_ok, mode=mode)
+
+  def mkdir(self, path, *, exist_ok=False, mode=None):
+    self._os.mkdir(self.local(path), exist_ok=exist_ok, mode=mode)
+
+  def rmtree(self, path):
+    self._os.rmtree(self.local(path))
+
+  def remove(self, path):
+    self._os.remove(self.local(path))
+
+  def rename(self, path, dst):
+    self._os.rename(self.local(path), self.local(dst))
+
+  def replace(self, path, dst):
+    self._os.replace(self.local(path), self.local(dst))
+
+  def copy(self, path, dst, overwrite):
+    self._os.copy(self.local(path), self.local(dst), overwrite=overwrite)
+
+  def stat(self, path):
+    return self._os.stat(self.local(path))
+
+
+def _storage_client_module():
+  """google.cloud.storage as orbax uses it: Client().get_bucket(name) of a flat bucket."""
+  bucket = types.SimpleNamespace(hierarchical_namespace_enabled=False)
+  client = types.SimpleNamespace(get_bucket=lambda name: bucket)
+  module = types.ModuleType("google.cloud.storage")
+  module.Client = lambda *args, **kwargs: client
+  return module
+
+
+def install_stand_in(monkeypatch, fs: BucketFolders) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
+  # epath: with TensorFlow installed it would pick TensorFlow's gfile for gs://.
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fs)  # pylint: disable=protected-access
+  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
+                      lambda path: {"driver": "file", "path": fs.local(path)})
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", _storage_client_module())
+  gcs_utils.get_bucket.cache_clear()  # orbax caches buckets by name
+  create_file_writer = tf.summary.create_file_writer
+  monkeypatch.setattr(tf.summary, "create_file_writer", lambda logdir, *a, **k: (
+      create_file_writer(fs.local(logdir) if files.is_url(logdir) else logdir, *a, **k)))
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """The stand-in, with the current directory an empty folder (a local gs: would show)."""
+  fs = BucketFolders(tmp_path / "store")
+  os.makedirs(fs.local("gs://bucket"))  # the bucket exists
+  install_stand_in(monkeypatch, fs)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield fs
+  from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
+  gcs_utils.get_bucket.cache_clear()
+  assert not os.listdir(cwd), f"local files for a gs:// workdir: {os.listdir(cwd)}"
+
+
+def _steps(fs) -> list[int]:
+  directory = fs.local(f"{WORKDIR}/checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def test_pretrain_resume_knn_eval_export_and_embed_use_only_the_bucket(
+    bucket, image_folder, caplog):
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), WORKDIR)
+  assert _steps(bucket) == [2]
+  with caplog.at_level(logging.INFO):
+    state = pretrain.train_and_evaluate(
+        tiny_config(f"folder:{image_folder}", max_steps=4), WORKDIR)
+  assert int(state.step) == 4
+  assert any(f"Resumed from {WORKDIR}/checkpoints at step 2" in r.getMessage()
+             for r in caplog.records)
+  assert _steps(bucket) == [2, 4]
+  result = evaluators.knn_eval(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  assert result["step"] == 4
+
+  run = bucket.local(WORKDIR)
+  with open(os.path.join(run, "knn_eval.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(result))
+  with open(os.path.join(run, "config.json")) as f:
+    assert json.load(f)["max_steps"] == 4
+  with open(os.path.join(run, "spectrum.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert [n for n in os.listdir(run) if n.startswith("events.out.tfevents.")]
+  for step in (2, 4):
+    step_dir = os.path.join(run, "checkpoints", str(step))
+    assert {"state", "run"} <= set(os.listdir(step_dir))
+    # orbax's gs:// way of finishing a checkpoint (object stores cannot rename).
+    assert "commit_success.txt" in os.listdir(step_dir)
+
+  # The modes that read the checkpoint back: load_encoder, export, embed (an upload).
+  assert corinfomax_jax.load_encoder(WORKDIR).step == 4
+  out = exporting.export_backbone(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  assert out["safetensors"] == f"{WORKDIR}/export/backbone.safetensors"
+  assert export.read_safetensors_header(bucket.local(out["safetensors"]))[
+      "__metadata__"]["step"] == "4"
+  path = exporting.embed(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  assert path == f"{WORKDIR}/embeddings/test.npz"
+  with np.load(bucket.local(path)) as npz:
+    assert npz["features"].shape[0] == 24 and list(npz["index"]) == list(range(24))
+
+
+def test_files_write_and_move_to_a_url(bucket, tmp_path):
+  files.write_text(f"{WORKDIR}/a/b.json", "{}\n")
+  local = tmp_path / "part.npz"
+  local.write_bytes(b"npz")
+  files.move_local_file(str(local), f"{WORKDIR}/a/c.npz")
+  assert sorted(os.listdir(bucket.local(f"{WORKDIR}/a"))) == ["b.json", "c.npz"]
+  assert not local.exists()
+  assert str(files.as_path(WORKDIR)) == WORKDIR  # not made absolute
+  assert files.as_path("rel") == epath.Path(os.path.abspath("rel"))
+
+
+class _Forbidden(BucketFolders):
+  """A bucket this identity may read but not write (GCS's 403)."""
+
+  def open(self, path, mode):
+    if "r" not in mode:
+      raise PermissionError(f"403 POST {path}: caller does not have "
+                            "storage.objects.create access")
+    return super().open(path, mode)
+
+
+class _Silent(BucketFolders):
+  """A store that never answers (no route to it): the first call hangs for good."""
+
+  def makedirs(self, path, **kwargs):
+    threading.Event().wait()
+
+
+@pytest.mark.parametrize("store, why", [(_Forbidden, "storage.objects.create"),
+                                        (_Silent, "no answer within 0.5 s")])
+def test_an_unwritable_or_unreachable_bucket_fails_at_once_in_one_line(
+    tmp_path, monkeypatch, store, why):
+  install_stand_in(monkeypatch, store(tmp_path))
+  monkeypatch.setattr(workdir_lib, "REMOTE_TIMEOUT_S", 0.5)
+  start = time.monotonic()
+  with pytest.raises(errors.WorkdirError) as raised:
+    workdir_lib.check_workdir(WORKDIR)
+  assert time.monotonic() - start < 5
+  message = str(raised.value)
+  assert "\n" not in message
+  assert f"--workdir {WORKDIR!r} cannot be reached or written" in message
+  assert why in message and "credentials" in message
+
+
+def test_a_gs_workdir_without_googles_storage_client_fails_in_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # import fails
+  with pytest.raises(errors.WorkdirError, match="pip install google-cloud-storage"):
+    workdir_lib.check_workdir(WORKDIR)
+
+
+def test_main_with_an_unusable_gs_workdir_prints_one_line_and_makes_no_local_gs(
+    tmp_path, image_folder):
+  """main.py as a user runs it, with no stand-in: google-cloud-storage is missing here
+  (where it is installed, no credentials or network reach the bucket)."""
+  workdir = "gs://corinfomax-no-such-bucket/run"
+  proc = run_main(image_folder, workdir, cwd=tmp_path)
+  assert_one_error_line(proc, f"--workdir {workdir!r}")
+  assert not os.listdir(tmp_path)
