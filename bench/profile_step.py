@@ -27,7 +27,6 @@ import jax  # noqa: E402
 import train_step as bench_step  # noqa: E402
 from corinfomax_jax import configuration  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
-from corinfomax_jax import models  # noqa: E402
 from corinfomax_jax import pretrain  # noqa: E402
 from corinfomax_jax import train_state as train_state_lib  # noqa: E402
 
@@ -57,22 +56,13 @@ def op_sources(hlo_text: str) -> dict[str, str]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/cifar10.py")
-  parser.add_argument("--batch_size", type=int, default=None, help="global batch")
-  parser.add_argument("--dtype", choices=sorted(models.DTYPES), default=None)
-  parser.add_argument("--width", type=int, default=None, help="ResNet width override")
+  bench_step.add_config_flags(parser)
   parser.add_argument("--steps", type=int, default=2, help="traced steps")
   parser.add_argument("--warmup", type=int, default=1, help="untraced steps (compile)")
   parser.add_argument("--top", type=int, default=10, help="slowest ops to list")
   parser.add_argument("--trace_dir", default=None, help="default: a new temporary folder")
   args = parser.parse_args()
-  config = bench_step.load_config(args.config)
-  if args.batch_size is not None:
-    config.batch_size = args.batch_size
-  for key in ("dtype", "width"):
-    if getattr(args, key) is not None:
-      config.model[key] = getattr(args, key)
-  configuration.validate_config(config)
+  config = bench_step.config_from_flags(args)
   mesh = mesh_lib.make_mesh()
 
   model = configuration.create_model(config)

@@ -36,22 +36,17 @@ def load_config(path):
   return module.get_config()
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_config_flags(parser):
+  """The flags that pick and override the config (shared with bench/profile_step.py)."""
   parser.add_argument("--config", default="configs/cifar10.py")
   parser.add_argument("--batch_size", type=int, default=None, help="global batch")
   parser.add_argument("--dtype", choices=sorted(models.DTYPES), default=None)
   parser.add_argument("--width", type=int, default=None, help="ResNet width override")
   parser.add_argument("--image_size", type=int, default=None)
-  parser.add_argument("--steps", type=int, default=20, help="timed steps")
-  parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile)")
-  parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
-  parser.add_argument("--online_probe", action="store_true",
-                      help="time without and with the online linear probe")
-  parser.add_argument("--num_classes", type=int, default=1000,
-                      help="classes of the online probe")
-  args = parser.parse_args()
 
+
+def config_from_flags(args):
+  """The config file of --config with the overrides of add_config_flags, validated."""
   config = load_config(args.config)
   for key in ("batch_size", "image_size"):
     if getattr(args, key) is not None:
@@ -60,6 +55,21 @@ def main():
     if getattr(args, key) is not None:
       config.model[key] = getattr(args, key)
   configuration.validate_config(config)
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_config_flags(parser)
+  parser.add_argument("--steps", type=int, default=20, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile)")
+  parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+  parser.add_argument("--online_probe", action="store_true",
+                      help="time without and with the online linear probe")
+  parser.add_argument("--num_classes", type=int, default=1000,
+                      help="classes of the online probe")
+  args = parser.parse_args()
+  config = config_from_flags(args)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
   runs = [False, True] if args.online_probe else [False]

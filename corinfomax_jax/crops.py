@@ -7,7 +7,6 @@ draw in [0, 1), so an op is a pure function of (image, draws):
     centred fallback), then its RandomHorizontalFlip: the window is cut out and resized
     by PIL's own bicubic resize, as the reference does on its PIL images (bit-exact);
   * `resize_center_crop`: torchvision's Resize(int) + CenterCrop, for evaluation;
-  * `flip`: horizontal, where the draw is < p (TensorFlow, for views without a crop).
 `HOST_DRAWS` columns per example per view: crop (4 per attempt), then flip.
 
 The per-image work is numpy and PIL inside one `tf.numpy_function` per view: at 224 px
@@ -99,9 +98,3 @@ def resize_center_crop(image, size: int, resize_ratio: float):
                           [image], tf.uint8, stateful=False)
   return tf.ensure_shape(out, [size, size, 3])
 
-
-def flip(image, u, p: float):
-  """Horizontal flip of one image [h, w, 3] when its draw u (a scalar) is < p."""
-  if p <= 0:
-    return image
-  return tf.cond(u < p, lambda: tf.reverse(image, axis=[1]), lambda: image)

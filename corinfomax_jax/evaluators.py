@@ -65,7 +65,7 @@ def index_subset(source, index: np.ndarray):
       load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
       describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set(),
       file_names=(None if source.file_names is None else
-                  lambda: [source.file_names()[i] for i in index]))
+                  lambda: np.asarray(source.file_names(), object)[index].tolist()))
 
 
 def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source, config) -> np.ndarray:

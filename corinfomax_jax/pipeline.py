@@ -132,12 +132,11 @@ class View:
 
 
 def _crop(image, u, crop, flip_p):
-  """A view's host part: the crop (with its flip where random) of one decoded image."""
+  """A view's host part: the random crop and flip, or the deterministic centre crop."""
   if isinstance(crop, RandomCrop):
     return crops.random_resized_crop(image, u[:crops.HOST_DRAWS], crop.size, crop.scale,
                                      crop.ratio, flip_p)
-  out = crops.resize_center_crop(image, crop.size, crop.resize_ratio)
-  return crops.flip(out, u[crops.FLIP_COLUMN], flip_p) if flip_p > 0 else out
+  return crops.resize_center_crop(image, crop.size, crop.resize_ratio)
 
 
 def draws_key(view_key: str) -> str:

@@ -111,7 +111,13 @@ def test_resize_center_crop_matches_pil():
 
 
 def test_flip_reverses_columns_where_the_draw_says():
-  image = _smooth_uint8(4, 6)
-  np.testing.assert_array_equal(np.asarray(crops.flip(image, 0.3, 0.5)), image[:, ::-1])
-  np.testing.assert_array_equal(np.asarray(crops.flip(image, 0.7, 0.5)), image)
-  np.testing.assert_array_equal(crops.flip(image, 0.0, 0.0), image)
+  image = _smooth_uint8(6, 6)
+
+  def crop(flip_u, p):  # the whole image at its own size: only the flip acts
+    u = np.zeros(crops.HOST_DRAWS, np.float32)
+    u[crops.FLIP_COLUMN] = flip_u
+    return crops.random_resized_crop_np(image, u, 6, (1.0, 1.0), (1.0, 1.0), p)
+
+  np.testing.assert_array_equal(crop(0.3, 0.5), image[:, ::-1])
+  np.testing.assert_array_equal(crop(0.7, 0.5), image)
+  np.testing.assert_array_equal(crop(0.0, 0.0), image)
