@@ -18,15 +18,15 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from corinfomax_jax import checkpoints
-from corinfomax_jax import configuration
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
-from corinfomax_jax import evaluators
-from corinfomax_jax import exporting
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.modes import exporting
 from corinfomax_jax import files
-from corinfomax_jax import finetune
-from corinfomax_jax import linear_probe
-from corinfomax_jax import pretrain
+from corinfomax_jax.modes import finetune
+from corinfomax_jax.modes import linear_eval as linear_probe
+from corinfomax_jax.modes import pretrain
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",

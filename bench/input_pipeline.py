@@ -47,8 +47,8 @@ def main():
   if args.threads:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   dataset = "folder:" + args.data_dir
   source = sources.get_source(dataset, None, args.split)

@@ -25,10 +25,10 @@ sys.path.insert(0, BENCH)
 
 import jax  # noqa: E402
 import train_step as bench_step  # noqa: E402
-from corinfomax_jax import configuration  # noqa: E402
+from corinfomax_jax.run import configuration  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
-from corinfomax_jax import pretrain  # noqa: E402
-from corinfomax_jax import train_state as train_state_lib  # noqa: E402
+from corinfomax_jax.modes import pretrain  # noqa: E402
+from corinfomax_jax.run import train_state as train_state_lib  # noqa: E402
 
 _NOT_OPS = ("$", "ThunkExecutor", "PjitFunction", "CommonPjRt", "ParseArguments", "end: ")
 

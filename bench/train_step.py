@@ -21,12 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from corinfomax_jax import augment  # noqa: E402
-from corinfomax_jax import configuration  # noqa: E402
+from corinfomax_jax.data import augment  # noqa: E402
+from corinfomax_jax.run import configuration  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax import models  # noqa: E402
-from corinfomax_jax import pretrain  # noqa: E402
-from corinfomax_jax import train_state as train_state_lib  # noqa: E402
+from corinfomax_jax.modes import pretrain  # noqa: E402
+from corinfomax_jax.run import train_state as train_state_lib  # noqa: E402
 
 
 def load_config(path):

@@ -8,7 +8,7 @@ place (corinfomax_jax/configuration.py checks them all). Override any key on the
 import ml_collections
 from ml_collections import config_dict
 
-from corinfomax_jax import augment
+from corinfomax_jax.data import augment
 
 
 def get_config():

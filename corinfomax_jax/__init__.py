@@ -6,13 +6,13 @@ jax. Models, the input pipeline (TensorFlow), training and evaluation are submod
 use.
 """
 
-from corinfomax_jax.objective import CorInfoMaxState
-from corinfomax_jax.objective import Spectrum
-from corinfomax_jax.objective import corinfomax_loss
-from corinfomax_jax.objective import covariance_spectrum
-from corinfomax_jax.objective import init_state
-from corinfomax_jax.objective import l2_normalize
-from corinfomax_jax.objective import psd_logdet
+from corinfomax_jax.methods.corinfomax import CorInfoMaxState
+from corinfomax_jax.methods.corinfomax import Spectrum
+from corinfomax_jax.methods.corinfomax import corinfomax_loss
+from corinfomax_jax.methods.corinfomax import covariance_spectrum
+from corinfomax_jax.methods.corinfomax import init_state
+from corinfomax_jax.methods.corinfomax import l2_normalize
+from corinfomax_jax.methods.corinfomax import psd_logdet
 
 __all__ = [
     "CorInfoMaxState",
@@ -26,13 +26,13 @@ __all__ = [
     "Encoder",
 ]
 
-_LAZY = {"load_encoder": "corinfomax_jax.encoder", "Encoder": "corinfomax_jax.encoder"}
+_LAZY = {"load_encoder": "corinfomax_jax.run.encoder", "Encoder": "corinfomax_jax.run.encoder"}
 
 
 def __getattr__(name):
   # Flax and orbax load only when the encoder is asked for.
+  import importlib  # pylint: disable=g-import-not-at-top
   if name in _LAZY:
-    import importlib  # pylint: disable=g-import-not-at-top
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'corinfomax_jax' has no attribute {name!r}")
 

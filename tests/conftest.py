@@ -70,7 +70,7 @@ def tiny_config(dataset, **overrides):
   c.checkpoint_every_steps = 2
   c.spectrum_every_steps = 2
   c.eval.batch_size = 16
-  from corinfomax_jax import configuration  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.run import configuration  # pylint: disable=g-import-not-at-top
   for key in list(overrides):
     if key in configuration.MOVED_KEYS:  # flat names of earlier versions
       value = overrides.pop(key)
@@ -84,7 +84,7 @@ def tiny_config(dataset, **overrides):
 @pytest.fixture(scope="session")
 def pretrained_workdir(image_folder, tmp_path_factory):
   """A workdir with tiny pretraining checkpoints of steps 2 and 4 (shared, read-only)."""
-  from corinfomax_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.modes import pretrain  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("pretrained")
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=4),
                               str(workdir))

@@ -1,4 +1,4 @@
-"""Tests of corinfomax_jax.augment: the device ops against numpy/PIL references, the recipe."""
+"""Tests of corinfomax_jax.data.augment: the device ops against numpy/PIL references, the recipe."""
 import colorsys
 import functools
 import glob
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 import pytest
 
-from corinfomax_jax import augment
+from corinfomax_jax.data import augment
 
 ad = augment  # the device ops
 
@@ -330,7 +330,7 @@ def test_wrong_inputs_raise_naming_shape_or_dtype():
 
 
 def test_module_imports_no_tensorflow_or_flax():
-  code = ("import sys; import corinfomax_jax.augment; "
+  code = ("import sys; import corinfomax_jax.data.augment; "
           "bad = [m for m in ('tensorflow', 'flax') if m in sys.modules]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True,

@@ -6,7 +6,7 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import pytest
 
-from corinfomax_jax import configuration
+from corinfomax_jax.run import configuration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
@@ -80,7 +80,7 @@ def test_data_dir_and_augmentation_numbers_override(name):
 
 
 def test_aug_leaves_the_data_set_statistics_unless_set():
-  from corinfomax_jax import augment  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import augment  # pylint: disable=g-import-not-at-top
   cifar100 = _parse("cifar100.py")
   recipe = augment.with_overrides(augment.default_aug_config("cifar100"),
                                   configuration.aug_overrides(cifar100))

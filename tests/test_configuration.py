@@ -6,10 +6,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
-from corinfomax_jax import configuration
+from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import models
-from corinfomax_jax import pretrain
+from corinfomax_jax.modes import pretrain
 
 
 def test_flat_model_flags_move_under_config_model():

@@ -1,4 +1,4 @@
-"""Tests of corinfomax_jax.crops: the host's crops against torchvision and PIL."""
+"""Tests of corinfomax_jax.data.crops: the host's crops against torchvision and PIL."""
 import math
 import os
 import pathlib
@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from corinfomax_jax import crops
+from corinfomax_jax.data import crops
 
 CIFAR_IMAGE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
                / "train" / "cat" / "0003.jpg")

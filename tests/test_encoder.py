@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import corinfomax_jax
-from corinfomax_jax import configuration
+from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax.run import train_state as train_state_lib
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

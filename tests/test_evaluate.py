@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from corinfomax_jax import knn
-from corinfomax_jax import linear_probe
-from corinfomax_jax import metrics
+from corinfomax_jax.eval import knn
+from corinfomax_jax.modes import linear_eval as linear_probe
+from corinfomax_jax.run import writers as metrics
 
 
 def _unit(degrees):

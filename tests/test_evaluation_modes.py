@@ -18,16 +18,16 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from corinfomax_jax import checkpoints
-from corinfomax_jax import configuration
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
-from corinfomax_jax import evaluators
-from corinfomax_jax import knn
-from corinfomax_jax import linear_probe
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import knn
+from corinfomax_jax.modes import linear_eval as linear_probe
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import pipeline
-from corinfomax_jax import pretrain
-from corinfomax_jax import sources
+from corinfomax_jax.data import pipeline
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.data import sources
 
 _NUM_CLASSES = 3
 _PER_CLASS = 12  # in each split: 36 train and 36 test images, sorted by class

@@ -1,4 +1,4 @@
-"""Tests for corinfomax_jax.export: torchvision keys and shapes, an independent forward of
+"""Tests for corinfomax_jax.interop.torchvision: torchvision keys and shapes, an independent forward of
 the exported dict against the Flax model, and the safetensors file format."""
 import functools
 import json
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from corinfomax_jax import export, models
+from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax import models
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -10,12 +10,12 @@ from conftest import tiny_config
 
 import corinfomax_jax
 from corinfomax_jax import errors
-from corinfomax_jax import evaluators
-from corinfomax_jax import export
-from corinfomax_jax import exporting
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax.modes import exporting
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
-from corinfomax_jax import sources
+from corinfomax_jax.data import sources
 
 
 def _images(n=3):

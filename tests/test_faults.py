@@ -14,10 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
-from corinfomax_jax import augment
+from corinfomax_jax.data import augment
 from corinfomax_jax import errors
-from corinfomax_jax import pipeline
-from corinfomax_jax import pretrain
+from corinfomax_jax.data import pipeline
+from corinfomax_jax.modes import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -277,7 +277,7 @@ def test_every_checkpoint_unreadable_gives_one_warning_each(image_folder, tmp_pa
 DISK_FULL_AFTER_FIRST_SAVE = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-from corinfomax_jax import checkpoints
+from corinfomax_jax.run import checkpoints
 real_save = checkpoints.save
 def save(manager, step, state, record):
   if step > 2:  # the disk is full from the second save on: 'File too large'

@@ -13,8 +13,8 @@ import tensorflow_datasets as tfds
 from conftest import tiny_config
 
 from corinfomax_jax import errors
-from corinfomax_jax import finetune
-from corinfomax_jax import sources
+from corinfomax_jax.modes import finetune
+from corinfomax_jax.data import sources
 
 
 def _config(image_folder, **eval_overrides):

@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from corinfomax_jax import augment
+from corinfomax_jax.data import augment
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import pipeline
-from corinfomax_jax import sources
+from corinfomax_jax.data import pipeline
+from corinfomax_jax.data import sources
 
 NUM_UNIQUE = 10  # examples of the `unique` folder
 

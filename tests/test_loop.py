@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from corinfomax_jax import loop
+from corinfomax_jax.run import loop
 from corinfomax_jax.errors import NonFiniteLossError
 
 

@@ -1,4 +1,4 @@
-"""Tests for corinfomax_jax.models: torchvision parameter counts, init, BN, sharding."""
+"""Tests for corinfomax_jax.models.resnet: torchvision parameter counts, init, BN, sharding."""
 import functools
 
 import jax

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from corinfomax_jax import augment
-from corinfomax_jax import configuration
+from corinfomax_jax.data import augment
+from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
-from corinfomax_jax import evaluators
+from corinfomax_jax.eval import evaluators
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import pretrain
-from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import train_state as train_state_lib
 
 
 def _step_twice(config, probe_classes):

@@ -46,9 +46,9 @@ def _metadata(wheel):
 
 def test_wheel_holds_every_module_and_the_class_list(wheel):
   names = set(wheel.namelist())
-  modules = {f"corinfomax_jax/{p.name}" for p in (ROOT / "corinfomax_jax").glob("*.py")}
+  modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "corinfomax_jax").rglob("*.py")}
   assert modules <= names, sorted(modules - names)
-  assert "corinfomax_jax/imagenet100_classes.txt" in names
+  assert "corinfomax_jax/data/imagenet100_classes.txt" in names
   assert not any(n.startswith(("tests/", "configs/")) for n in names)
 
 

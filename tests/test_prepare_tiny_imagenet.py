@@ -116,7 +116,7 @@ def test_summary_and_copy_mode_give_the_same_folder(archive, tmp_path, capsys):
 
 
 def test_project_reads_the_prepared_folder(archive, tmp_path):
-  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
   src, _ = archive
   assert prep.main([str(src), str(tmp_path / "out")] + SMALL) == 0
   for split, n in (("train", 12), ("val", 75), ("test", 75)):

@@ -34,12 +34,12 @@ from etils.epath import gpath
 
 import corinfomax_jax
 from corinfomax_jax import errors
-from corinfomax_jax import evaluators
-from corinfomax_jax import export
-from corinfomax_jax import exporting
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax.modes import exporting
 from corinfomax_jax import files
-from corinfomax_jax import pretrain
-from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import workdir as workdir_lib
 
 WORKDIR = "gs://bucket/run"
 

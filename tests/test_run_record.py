@@ -4,8 +4,8 @@ import logging
 
 from conftest import tiny_config
 
-from corinfomax_jax import pretrain
-from corinfomax_jax import run_record
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import run_record
 
 
 def test_changed_result_keys_name_old_and_new_and_skip_bookkeeping():

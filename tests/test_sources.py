@@ -3,7 +3,8 @@ import pathlib
 import subprocess
 import sys
 
-from corinfomax_jax import sources
+from corinfomax_jax import tensorflow_setup
+from corinfomax_jax.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,23 +32,23 @@ class _RecordingTfConfig:
 
 def test_helper_hides_gpus_and_tpus():
   config = _RecordingTfConfig()
-  sources.hide_accelerators_from_tensorflow(config)
+  tensorflow_setup.hide_accelerators_from_tensorflow(config)
   assert config.calls == [([], "GPU"), ([], "TPU")]
   assert config.visible == {"GPU": [], "TPU": []}
-  sources.hide_accelerators_from_tensorflow(config)  # already hidden: no second call
+  tensorflow_setup.hide_accelerators_from_tensorflow(config)  # already hidden: no second call
   assert len(config.calls) == 2
 
 
 def test_helper_leaves_absent_kinds_alone_and_survives_initialised_tf(caplog):
   config = _RecordingTfConfig(devices=("GPU",), initialised=True)
-  sources.hide_accelerators_from_tensorflow(config)
+  tensorflow_setup.hide_accelerators_from_tensorflow(config)
   assert config.calls == [([], "GPU")]  # no TPU listed: not touched
   assert config.visible["GPU"]  # too late, and said so
   assert "GPU devices" in caplog.text
 
 
 def test_importing_the_pipeline_leaves_tensorflow_no_gpu():
-  code = ("import corinfomax_jax.pipeline, tensorflow as tf; "
+  code = ("import corinfomax_jax.data.pipeline, tensorflow as tf; "
           "assert tf.config.get_visible_devices('GPU') == [], "
           "tf.config.get_visible_devices('GPU')")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -86,9 +87,9 @@ def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
   import pytest  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from corinfomax_jax import errors  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax import evaluators  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax import linear_probe  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.eval import evaluators  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.modes import linear_eval as linear_probe  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.modes import pretrain  # pylint: disable=g-import-not-at-top
   for split in ("train", "test"):
     for i in range(16):
       _png(tmp_path / "data" / split / f"{i:02d}.png", 16 * i)

@@ -14,13 +14,13 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from corinfomax_jax import objective
-from corinfomax_jax import augment
-from corinfomax_jax import configuration
+from corinfomax_jax.methods import corinfomax as objective
+from corinfomax_jax.data import augment
+from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import pretrain
-from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import train_state as train_state_lib
 
 
 def _folder_config(image_folder, **overrides):

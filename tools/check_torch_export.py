@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from corinfomax_jax import export, models  # noqa: E402
+from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax import models  # noqa: E402
 
 TOLERANCE = 1e-4  # of the largest feature magnitude
 

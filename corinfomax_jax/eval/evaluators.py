@@ -17,15 +17,15 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from corinfomax_jax import augment
-from corinfomax_jax import configuration
+from corinfomax_jax.data import augment
+from corinfomax_jax.run import configuration
 from corinfomax_jax import files
-from corinfomax_jax import knn
-from corinfomax_jax import loop
+from corinfomax_jax.eval import knn
+from corinfomax_jax.run import loop
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import metrics as metrics_lib
-from corinfomax_jax import train_state as train_state_lib
-from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.run import writers as metrics_lib
+from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
 
 KNN_RESULT_FILE = "knn_eval.json"
@@ -33,7 +33,7 @@ KNN_RESULT_FILE = "knn_eval.json"
 
 def open_sources(config):
   """(train source, eval source) of config.dataset, checked to share their classes."""
-  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
   train_source = sources.get_source(config.dataset, config.data_dir, config.train_split,
                                     skip_bad_images=config.skip_bad_images)
   eval_source = sources.get_source(config.dataset, config.data_dir, config.eval_split,
@@ -75,7 +75,7 @@ def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source, config) -> n
   of per-batch sums that masks the padding rows (batch["mask"]), e.g. top-k hits and
   the count of real rows.
   """
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   fn = jax.jit(sums_fn, in_shardings=(replicated,) * len(args) + (data,),
                out_shardings=replicated)
@@ -123,7 +123,7 @@ def feature_batches(model: nn.Module, variables, mesh: jax.sharding.Mesh, source
   surviving rows' places in the pass, which for a random-access source are their
   example indices in the source (for a streamed source, their order of arrival).
   """
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = pipeline.global_batches(
       pipeline.eval_batches(source, global_batch_size=batch_size, image_size=image_size,
                             aug_config=aug_config),

@@ -15,12 +15,12 @@ import optax
 from absl import logging
 from etils import epath
 
-from corinfomax_jax import checkpoints
-from corinfomax_jax import configuration
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import configuration
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
-from corinfomax_jax import objective
+from corinfomax_jax.methods import corinfomax as objective
 from corinfomax_jax.errors import ConfigError
 
 

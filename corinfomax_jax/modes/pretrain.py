@@ -15,19 +15,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from corinfomax_jax import augment
-from corinfomax_jax import checkpoints
-from corinfomax_jax import configuration
-from corinfomax_jax import evaluators as evaluators_lib
+from corinfomax_jax.data import augment
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import configuration
+from corinfomax_jax.eval import evaluators as evaluators_lib
 from corinfomax_jax import files
-from corinfomax_jax import loop
+from corinfomax_jax.run import loop
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import metrics as metrics_lib
-from corinfomax_jax import objective
-from corinfomax_jax import run_record
-from corinfomax_jax.train_state import TrainState
-from corinfomax_jax import train_state as train_state_lib
-from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.run import writers as metrics_lib
+from corinfomax_jax.methods import corinfomax as objective
+from corinfomax_jax.run import run_record
+from corinfomax_jax.run.train_state import TrainState
+from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir as workdir_lib
 
 
 def loss_kwargs(config) -> dict:
@@ -144,8 +144,8 @@ class SpectrumLog:
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Pretrains with CorInfoMax, resuming from the latest checkpoint in `workdir`."""
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
   configuration.validate_config(config)

@@ -17,19 +17,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from corinfomax_jax import augment
-from corinfomax_jax import checkpoints
-from corinfomax_jax import configuration
-from corinfomax_jax import encoder as encoder_lib
-from corinfomax_jax import evaluators
+from corinfomax_jax.data import augment
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import configuration
+from corinfomax_jax.run import encoder as encoder_lib
+from corinfomax_jax.eval import evaluators
 from corinfomax_jax import files
-from corinfomax_jax import knn
-from corinfomax_jax import loop
+from corinfomax_jax.eval import knn
+from corinfomax_jax.run import loop
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import metrics as metrics_lib
+from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax import models
-from corinfomax_jax import train_state as train_state_lib
-from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
 
 FINETUNE_DIR = "finetune"  # TensorBoard events and checkpoints, in the workdir
@@ -173,7 +173,7 @@ class _Plan:
 
 
 def _plan(config, train_source) -> _Plan:
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   ev = config.eval
   index = labelled_index(train_source, fraction=ev.label_fraction,
                          label_file=ev.label_file, seed=config.seed)
@@ -236,7 +236,7 @@ def _backbone(config):
 def _train(config, workdir, state, plan: _Plan, record, mesh, tx, learning_rate_fn,
            writer):
   """(state, the last epoch's losses or None, preempted): resumed, trained, saved."""
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   mean, std = configuration.normalization(config)
   manager = checkpoints.create_manager(

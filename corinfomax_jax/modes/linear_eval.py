@@ -18,18 +18,18 @@ import numpy as np
 import optax
 from absl import logging
 
-from corinfomax_jax import augment
-from corinfomax_jax import checkpoints
-from corinfomax_jax import configuration
-from corinfomax_jax import evaluators
+from corinfomax_jax.data import augment
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import configuration
+from corinfomax_jax.eval import evaluators
 from corinfomax_jax import files
-from corinfomax_jax import knn
-from corinfomax_jax import loop
+from corinfomax_jax.eval import knn
+from corinfomax_jax.run import loop
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import metrics as metrics_lib
+from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax import models
-from corinfomax_jax import train_state as train_state_lib
-from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
 
 LINEAR_VARIANT = "frozen_backbone_random_resized_crop"  # the paper's protocol
@@ -233,7 +233,7 @@ def _check_probe_record(expected: dict, directory):
 def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mesh,
                            train_source, eval_source, writer) -> dict:
   """The paper's protocol: random resized crops through the frozen backbone, resumable."""
-  from corinfomax_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   ev = config.eval
   batch_size = ev.linear_batch_size
   steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, batch_size)

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from corinfomax_jax import files
-from corinfomax_jax import objective
+from corinfomax_jax import tensorflow_setup
+from corinfomax_jax.methods import corinfomax as objective
 
 
 class MetricWriter:
@@ -26,8 +27,7 @@ class MetricWriter:
     self._writer = None
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
-      sources.hide_accelerators_from_tensorflow()  # before the writer's first TF op
+      tensorflow_setup.hide_accelerators_from_tensorflow()  # before the writer's first TF op
       self._tf = tf
       self._writer = tf.summary.create_file_writer(os.fspath(logdir))
 

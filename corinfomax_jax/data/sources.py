@@ -8,7 +8,7 @@ outline; a missing directory, split or data set fails here with a message that s
 what does exist.
 
 TensorFlow is imported here, in `pipeline` and in `augment` only; importing this
-module hides the GPUs and TPUs from it (`hide_accelerators_from_tensorflow`).
+module hides the GPUs and TPUs from it (`tensorflow_setup.hide_accelerators_from_tensorflow`).
 """
 import concurrent.futures
 import dataclasses
@@ -22,26 +22,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-
-def hide_accelerators_from_tensorflow(config=None) -> None:
-  """Keeps TensorFlow (data and event files only) off the GPUs and TPUs that JAX uses.
-
-  Without this, TF would reserve GPU memory the moment it first runs an op. Called
-  where TF first enters for data (here, at import; `pipeline` imports this module).
-  """
-  config = config or tf.config
-  for kind in ("GPU", "TPU"):
-    try:
-      if config.list_physical_devices(kind) and config.get_visible_devices(kind):
-        config.set_visible_devices([], kind)
-    except RuntimeError:  # TF already initialised its devices: too late to hide them
-      logging.warning("TensorFlow already holds its %s devices; they stay visible to it.",
-                      kind)
-    except ValueError:  # this TF build has no such device type
-      pass
+from corinfomax_jax import tensorflow_setup
 
 
-hide_accelerators_from_tensorflow()
+tensorflow_setup.hide_accelerators_from_tensorflow()
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET100_CLASSES_FILE = os.path.join(

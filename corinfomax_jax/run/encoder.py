@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from corinfomax_jax import checkpoints
+from corinfomax_jax.run import checkpoints
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
-from corinfomax_jax import train_state as train_state_lib
+from corinfomax_jax.run import train_state as train_state_lib
 from corinfomax_jax.errors import ConfigError
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from corinfomax_jax import checkpoints
+from corinfomax_jax.run import checkpoints
 from corinfomax_jax.errors import NonFiniteLossError
 
 

@@ -23,11 +23,11 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
-from corinfomax_jax import augment
-from corinfomax_jax import crops
+from corinfomax_jax.data import augment
+from corinfomax_jax.data import crops
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax.sources import Source
-from corinfomax_jax.sources import decode_image
+from corinfomax_jax.data.sources import Source
+from corinfomax_jax.data.sources import decode_image
 
 # Tags folded into the seed so that data order and augmentation never share
 # random numbers.

@@ -13,7 +13,7 @@ import re
 
 from absl import logging
 
-from corinfomax_jax import augment
+from corinfomax_jax.data import augment
 from corinfomax_jax import models
 from corinfomax_jax.errors import ConfigError
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from corinfomax_jax import objective
+from corinfomax_jax.methods import corinfomax as objective
 
 # InstDisc's weighted kNN (Wu et al., 2018): k = 200, temperature 0.07.
 KNN_K = 200

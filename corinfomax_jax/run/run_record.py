@@ -12,7 +12,7 @@ from absl import logging
 import jax
 
 from corinfomax_jax import files
-from corinfomax_jax import metrics
+from corinfomax_jax.run import writers as metrics
 
 RECORD = "config.json"
 # Keys whose change makes a resumed run differ from an uninterrupted one.

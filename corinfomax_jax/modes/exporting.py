@@ -11,13 +11,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from corinfomax_jax import configuration
-from corinfomax_jax import encoder as encoder_lib
-from corinfomax_jax import evaluators
-from corinfomax_jax import export
+from corinfomax_jax.run import configuration
+from corinfomax_jax.run import encoder as encoder_lib
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import workdir as workdir_lib
+from corinfomax_jax.run import workdir as workdir_lib
 from corinfomax_jax.errors import ConfigError
 
 EXPORT_DIR = "export"
@@ -103,7 +103,7 @@ def embed(config, workdir: str) -> str:
         f"The checkpoint in {workdir!r} was written by config.model "
         f"{enc.config['model']}, not {configuration.model_record(config)}: use the "
         "pretraining configuration.")
-  from corinfomax_jax import sources  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
   split = embed_split(config)
   source = sources.get_source(config.dataset, config.data_dir, split,
                               skip_bad_images=config.skip_bad_images)
