@@ -1,0 +1,145 @@
+"""The VICReg loss (Bardes, Ponce and LeCun, ICLR 2022), in pure jax.numpy.
+
+VICReg keeps two views' projector outputs z1, z2 together (invariance: their mean squared
+distance), keeps each feature's standard deviation above 1 over the batch (variance: a
+hinge), and decorrelates the features (covariance: the squared off-diagonal entries of
+each view's covariance). As facebookresearch/vicreg's main_vicreg.py does, the variance
+and covariance are taken over the global batch, gathered from all devices.
+
+The reference's symbols, as they enter here:
+  sim_weight  the invariance weight (sim_coeff, lambda in the paper);
+  var_weight  the variance weight (std_coeff, mu);
+  cov_weight  the covariance weight (cov_coeff, nu);
+  eps         added to each variance before the square root (epsilon, 1e-4).
+
+No Flax, no TensorFlow, no I/O: this module is importable anywhere jax is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from corinfomax_jax.objective import _HIGHEST
+from corinfomax_jax.objective import _global_count
+from corinfomax_jax.objective import _global_sum
+from corinfomax_jax.objective import _is_number
+
+
+def _checked_batch(fn: str, z1: jax.Array, z2: jax.Array, axis_name) -> int | jax.Array:
+  """The global batch size N of (N, D) inputs, after checking what a user can get wrong."""
+  for name, z in (("z1", z1), ("z2", z2)):
+    if z.ndim != 2:
+      raise ValueError(f"{fn}: {name} must be 2-D (N, D), got shape {z.shape}")
+  if z1.shape != z2.shape:
+    raise ValueError(
+        f"{fn}: z1 and z2 must have the same shape, got {z1.shape} and {z2.shape}")
+  n = _global_count(z1.shape[0], axis_name)
+  if isinstance(n, int) and n < 2:
+    raise ValueError(f"{fn}: z1 and z2 hold a global batch of N={n} rows; the batch "
+                     "statistics need N >= 2")
+  return n
+
+
+def _centred_scatter(z: jax.Array, axis_name) -> jax.Array:
+  """sum_n (z_n - m)(z_n - m)^T over the global batch, m its mean: (D, D) float32.
+
+  The centre enters with its gradient stopped, and that is exact: the centred scatter is
+  stationary in its centre (d/dm gives -sum_n (z_n - m) = 0 at the mean). So per-device
+  work only reads the all-reduced mean as a constant, which keeps the gradient right
+  under pmap and vmap too (see objective._branch_update on why that matters).
+  """
+  n = _global_count(z.shape[0], axis_name)
+  centre = jax.lax.stop_gradient(_global_sum(z, axis_name) / n)
+  zc = z - centre
+  return _global_sum(jnp.matmul(zc.T, zc, precision=_HIGHEST)[None], axis_name)
+
+
+def _off_diagonal_sq_sum(c: jax.Array) -> jax.Array:
+  # Masked, not sum(c^2) - sum(diag^2): that difference would cancel when the diagonal
+  # dominates, which is exactly where a decorrelated representation sits.
+  off = jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, c)
+  return jnp.sum(off * off)
+
+
+def vicreg_loss(z1: jax.Array,
+                z2: jax.Array,
+                *,
+                sim_weight: float = 25.0,
+                var_weight: float = 25.0,
+                cov_weight: float = 1.0,
+                eps: float = 1e-4,
+                axis_name=None):
+  """The VICReg loss of a batch of view pairs, as facebookresearch/vicreg computes it.
+
+  With z1, z2 of shape (N, D), for each view b, over the global batch:
+    zc_b  = z_b - mean_N(z_b)
+    var_b = sum_N(zc_b^2) / (N - 1)                     (per dimension)
+    C_b   = zc_b^T zc_b / (N - 1)
+  and
+    sim_loss = mean over N and D of (z1 - z2)^2
+    var_loss = (mean_D relu(1 - sqrt(var_1 + eps)) + mean_D relu(1 - sqrt(var_2 + eps))) / 2
+    cov_loss = (sum_{i != j} C_1[i, j]^2 + sum_{i != j} C_2[i, j]^2) / D
+    loss     = sim_weight * sim_loss + var_weight * var_loss + cov_weight * cov_loss.
+
+  The reference takes sim_loss on each device's shard and lets data-parallel training
+  average it; with equal shards that is the global mean taken here.
+
+  N is the global batch. Under `jax.jit` with z sharded over devices, the sums above
+  cover all devices (the compiler inserts the reductions). Inside `shard_map`, `pmap` or
+  a named `vmap` pass the mapped `axis_name`: per-device partial sums are then combined
+  with `psum`, so value and gradient equal the global computation.
+
+  Statistics are computed in float32 whatever the dtype of z (e.g. bfloat16), with
+  matmuls at full float32 precision.
+
+  Raises ValueError if z1 or z2 is not 2-D, if their shapes differ, for a global batch
+  N < 2 (no variance; a local shard of one under `axis_name` is fine), or for a weight
+  or eps that is negative or not finite, given as a Python number (traced values are
+  not checked). eps = 0 is accepted, but the gradient of sqrt is then infinite for a
+  feature that is constant over the batch.
+
+  Args:
+    z1, z2: (N, D) projector outputs of the two views (the local shard under
+      `axis_name`).
+    sim_weight: weight of the invariance term.
+    var_weight: weight of the variance term.
+    cov_weight: weight of the covariance term.
+    eps: added to each variance before the square root.
+    axis_name: the mapped axis (or tuple of axes) over which the batch is split, or
+      None when z holds the whole batch (also when it is a sharded global array).
+
+  Returns:
+    (loss, metrics) with metrics a dict of float32 scalars: "loss", and the unweighted
+    terms "sim_loss", "var_loss", "cov_loss".
+  """
+  n = _checked_batch("vicreg_loss", z1, z2, axis_name)
+  for name, value in (("sim_weight", sim_weight), ("var_weight", var_weight),
+                      ("cov_weight", cov_weight), ("eps", eps)):
+    if _is_number(value) and not (np.isfinite(value) and value >= 0):
+      raise ValueError(f"vicreg_loss: {name} = {value!r} must be a finite number >= 0")
+  dim = z1.shape[1]
+  z1 = z1.astype(jnp.float32)
+  z2 = z2.astype(jnp.float32)
+
+  sim_loss = jnp.sum(_global_sum((z1 - z2)**2, axis_name)) / (n * dim)
+
+  var_loss = 0.0
+  cov_loss = 0.0
+  for z in (z1, z2):
+    cov = _centred_scatter(z, axis_name) / (n - 1)
+    std = jnp.sqrt(jnp.diagonal(cov) + eps)
+    var_loss += jnp.mean(jax.nn.relu(1.0 - std)) / 2
+    cov_loss += _off_diagonal_sq_sum(cov) / dim
+
+  loss = sim_weight * sim_loss + var_weight * var_loss + cov_weight * cov_loss
+  # A float64 weight (under jax_enable_x64) must not promote what the caller logs.
+  loss = jnp.asarray(loss, jnp.float32)
+  metrics = {
+      "loss": loss,
+      "sim_loss": sim_loss,
+      "var_loss": var_loss,
+      "cov_loss": cov_loss,
+  }
+  return loss, metrics
