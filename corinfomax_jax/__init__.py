@@ -1,6 +1,6 @@
 """corinfomax-jax: CorInfoMax self-supervised learning in JAX.
 
-The package root exports the objective only, so `import corinfomax_jax` needs nothing but
+The package root exports the objectives only, so `import corinfomax_jax` needs nothing but
 jax. Models, the input pipeline (TensorFlow), training and evaluation are submodules;
 `load_encoder` (the trained backbone as a function, no TensorFlow) is imported on first
 use.
@@ -13,6 +13,8 @@ from corinfomax_jax.methods.corinfomax import covariance_spectrum
 from corinfomax_jax.methods.corinfomax import init_state
 from corinfomax_jax.methods.corinfomax import l2_normalize
 from corinfomax_jax.methods.corinfomax import psd_logdet
+from corinfomax_jax.methods.barlow_twins import barlow_twins_loss
+from corinfomax_jax.methods.vicreg import vicreg_loss
 
 __all__ = [
     "CorInfoMaxState",
@@ -22,6 +24,8 @@ __all__ = [
     "init_state",
     "l2_normalize",
     "psd_logdet",
+    "vicreg_loss",
+    "barlow_twins_loss",
     "load_encoder",
     "Encoder",
 ]

@@ -19,16 +19,20 @@ No Flax, no TensorFlow, no I/O: this module is importable anywhere jax is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The statistics are the numerically delicate part: keep every matmul at full float32
-# precision, even on TPUs and on GPUs whose default float32 matmul is bf16 or tf32.
-_HIGHEST = jax.lax.Precision.HIGHEST
+from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
+from corinfomax_jax.methods.batch_stats import global_count as _global_count
+from corinfomax_jax.methods.batch_stats import check_hyperparameter
+from corinfomax_jax.methods.batch_stats import global_sum as _global_sum
+from corinfomax_jax.methods.batch_stats import is_number as _is_number
+
 
 
 class CorInfoMaxState(NamedTuple):
@@ -105,60 +109,6 @@ psd_logdet.defvjp(_psd_logdet_fwd, _psd_logdet_bwd)
 # ---------------------------------------------------------------------------------
 # The loss.
 # ---------------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _psum_of_replicated_loss(x, axis_name):
-  """psum whose backward pass hands each device the cotangent unchanged.
-
-  Under pmap, vmap or shard_map(check_vma=False) every device holds the same copy of
-  the loss, and plain psum's transpose would add up those copies' cotangents, making
-  each device's gradient axis_size times too large. The gradient of one global loss
-  with respect to a device's shard is the cotangent of the sum itself.
-  """
-  return jax.lax.psum(x, axis_name)
-
-
-def _psum_fwd(x, axis_name):
-  return jax.lax.psum(x, axis_name), None
-
-
-def _psum_bwd(axis_name, _, g):
-  del axis_name
-  return (g,)
-
-
-_psum_of_replicated_loss.defvjp(_psum_fwd, _psum_bwd)
-
-
-def _varying_axes(x) -> frozenset:
-  """The mesh axes over which shard_map's type system knows x to vary, if it tracks it."""
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)  # older jax
-  if vma is None:
-    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-  return frozenset(vma or ())
-
-
-def _global_sum(x: jax.Array, axis_name) -> jax.Array:
-  """Sum over the batch axis 0; over all devices of `axis_name` when it is given."""
-  s = jnp.sum(x, axis=0)
-  if axis_name is None:
-    return s
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  if set(names) <= _varying_axes(x):
-    # shard_map tracks replication: psum's own transpose is already the right gradient.
-    return jax.lax.psum(s, axis_name)
-  return _psum_of_replicated_loss(s, axis_name)
-
-
-def _global_count(n: int, axis_name) -> int | jax.Array:
-  return n if axis_name is None else n * jax.lax.axis_size(axis_name)
-
-
-def _is_number(value) -> bool:
-  """A Python or NumPy number (checked eagerly), not a traced array."""
-  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -335,3 +285,42 @@ def covariance_spectrum(cov: jax.Array,
       num_below=jnp.sum(w < low),
       num_above=jnp.sum(w > high),
   )
+
+
+# ---------------------------------------------------------------------------------
+# The method as the trainer uses it (methods.METHODS): its hyperparameters, its state.
+# ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CorInfoMax:
+  """CorInfoMax for the trainer: the fields are the keys of `config.corinfomax`."""
+  alpha: float = 250.0  # weight of the attraction term
+  la_R: float = 0.01  # weight of the OLD covariance estimate
+  la_mu: float = 0.01  # weight of the OLD mean estimate
+  eps: float = 1e-8  # diagonal load of the log-determinant
+  r_init: float = 1.0  # R_ini: the initial covariance R_ini * I
+  normalize: bool = True  # L2-normalise the projector outputs
+  name: ClassVar[str] = "corinfomax"
+
+  def __post_init__(self):
+    check_hyperparameter(self.name, "alpha", self.alpha)
+    check_hyperparameter(self.name, "la_R", self.la_R, high=1.0, high_open=True)
+    check_hyperparameter(self.name, "la_mu", self.la_mu, high=1.0, high_open=True)
+    check_hyperparameter(self.name, "eps", self.eps)
+    check_hyperparameter(self.name, "r_init", self.r_init, low=np.finfo(np.float32).tiny)
+    if not isinstance(self.normalize, bool):
+      raise ValueError(f"{self.name}: normalize = {self.normalize!r} is invalid: "
+                       "expected True or False")
+
+  def init_state(self, dim: int) -> CorInfoMaxState:
+    return init_state(dim, self.r_init)
+
+  def loss(self, z1, z2, state: CorInfoMaxState):
+    """(loss, new state, metrics) of `corinfomax_loss` with these hyperparameters."""
+    return corinfomax_loss(z1, z2, state, alpha=self.alpha, la_R=self.la_R,
+                           la_mu=self.la_mu, eps=self.eps, normalize=self.normalize)
+
+  def covariances(self, state: CorInfoMaxState):
+    """The moving covariances, whose spectra the trainer logs."""
+    return state.cov1, state.cov2

@@ -17,29 +17,23 @@ No Flax, no TensorFlow, no I/O: this module is importable anywhere jax is.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from corinfomax_jax.objective import _HIGHEST
-from corinfomax_jax.objective import _global_count
-from corinfomax_jax.objective import _global_sum
-from corinfomax_jax.objective import _is_number
-
-
-def _checked_batch(fn: str, z1: jax.Array, z2: jax.Array, axis_name) -> int | jax.Array:
-  """The global batch size N of (N, D) inputs, after checking what a user can get wrong."""
-  for name, z in (("z1", z1), ("z2", z2)):
-    if z.ndim != 2:
-      raise ValueError(f"{fn}: {name} must be 2-D (N, D), got shape {z.shape}")
-  if z1.shape != z2.shape:
-    raise ValueError(
-        f"{fn}: z1 and z2 must have the same shape, got {z1.shape} and {z2.shape}")
-  n = _global_count(z1.shape[0], axis_name)
-  if isinstance(n, int) and n < 2:
-    raise ValueError(f"{fn}: z1 and z2 hold a global batch of N={n} rows; the batch "
-                     "statistics need N >= 2")
-  return n
+from corinfomax_jax.methods.batch_stats import checked_batch
+from corinfomax_jax.methods.batch_stats import off_diagonal_sq_sum
+from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
+from corinfomax_jax.methods.batch_stats import BatchCovariances
+from corinfomax_jax.methods.batch_stats import batch_covariances
+from corinfomax_jax.methods.batch_stats import check_hyperparameter
+from corinfomax_jax.methods.batch_stats import zero_covariances
+from corinfomax_jax.methods.batch_stats import global_count as _global_count
+from corinfomax_jax.methods.batch_stats import global_sum as _global_sum
+from corinfomax_jax.methods.batch_stats import is_number as _is_number
 
 
 def _centred_scatter(z: jax.Array, axis_name) -> jax.Array:
@@ -48,19 +42,12 @@ def _centred_scatter(z: jax.Array, axis_name) -> jax.Array:
   The centre enters with its gradient stopped, and that is exact: the centred scatter is
   stationary in its centre (d/dm gives -sum_n (z_n - m) = 0 at the mean). So per-device
   work only reads the all-reduced mean as a constant, which keeps the gradient right
-  under pmap and vmap too (see objective._branch_update on why that matters).
+  under pmap and vmap too (see corinfomax._branch_update on why that matters).
   """
   n = _global_count(z.shape[0], axis_name)
   centre = jax.lax.stop_gradient(_global_sum(z, axis_name) / n)
   zc = z - centre
   return _global_sum(jnp.matmul(zc.T, zc, precision=_HIGHEST)[None], axis_name)
-
-
-def _off_diagonal_sq_sum(c: jax.Array) -> jax.Array:
-  # Masked, not sum(c^2) - sum(diag^2): that difference would cancel when the diagonal
-  # dominates, which is exactly where a decorrelated representation sits.
-  off = jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, c)
-  return jnp.sum(off * off)
 
 
 def vicreg_loss(z1: jax.Array,
@@ -114,7 +101,7 @@ def vicreg_loss(z1: jax.Array,
     (loss, metrics) with metrics a dict of float32 scalars: "loss", and the unweighted
     terms "sim_loss", "var_loss", "cov_loss".
   """
-  n = _checked_batch("vicreg_loss", z1, z2, axis_name)
+  n = checked_batch("vicreg_loss", z1, z2, axis_name)
   for name, value in (("sim_weight", sim_weight), ("var_weight", var_weight),
                       ("cov_weight", cov_weight), ("eps", eps)):
     if _is_number(value) and not (np.isfinite(value) and value >= 0):
@@ -131,7 +118,7 @@ def vicreg_loss(z1: jax.Array,
     cov = _centred_scatter(z, axis_name) / (n - 1)
     std = jnp.sqrt(jnp.diagonal(cov) + eps)
     var_loss += jnp.mean(jax.nn.relu(1.0 - std)) / 2
-    cov_loss += _off_diagonal_sq_sum(cov) / dim
+    cov_loss += off_diagonal_sq_sum(cov) / dim
 
   loss = sim_weight * sim_loss + var_weight * var_loss + cov_weight * cov_loss
   # A float64 weight (under jax_enable_x64) must not promote what the caller logs.
@@ -143,3 +130,34 @@ def vicreg_loss(z1: jax.Array,
       "cov_loss": cov_loss,
   }
   return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class VICReg:
+  """VICReg for the trainer: the fields are the keys of `config.vicreg`.
+
+  The loss carries no state; the trainer's state is the last batch's covariances
+  (`batch_stats.BatchCovariances`), for the spectrum that every method logs.
+  """
+  sim_weight: float = 25.0
+  var_weight: float = 25.0
+  cov_weight: float = 1.0
+  eps: float = 1e-4
+  name: ClassVar[str] = "vicreg"
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      check_hyperparameter(self.name, field.name, getattr(self, field.name))
+
+  def init_state(self, dim: int) -> BatchCovariances:
+    return zero_covariances(dim)
+
+  def loss(self, z1, z2, state: BatchCovariances):
+    del state  # VICReg's loss has no state
+    loss, metrics = vicreg_loss(z1, z2, sim_weight=self.sim_weight,
+                                var_weight=self.var_weight, cov_weight=self.cov_weight,
+                                eps=self.eps)
+    return loss, batch_covariances(z1, z2), metrics
+
+  def covariances(self, state: BatchCovariances):
+    return state.cov1, state.cov2
