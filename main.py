@@ -18,15 +18,16 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
-from corinfomax_jax.eval import evaluators
-from corinfomax_jax.modes import exporting
 from corinfomax_jax import files
+from corinfomax_jax.modes import embed
+from corinfomax_jax.modes import export
 from corinfomax_jax.modes import finetune
-from corinfomax_jax.modes import linear_eval as linear_probe
+from corinfomax_jax.modes import knn_eval
+from corinfomax_jax.modes import linear_eval
 from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import command_line
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
@@ -34,10 +35,10 @@ config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.p
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, plots and results.")
 MODES = {
     "pretrain": pretrain.train_and_evaluate,  # resumes from the workdir
-    "knn_eval": evaluators.knn_eval,
-    "linear_eval": linear_probe.linear_eval,
-    "export": exporting.export_backbone,
-    "embed": exporting.embed,
+    "knn_eval": knn_eval.knn_eval,
+    "linear_eval": linear_eval.linear_eval,
+    "export": export.export_backbone,
+    "embed": embed.embed,
     "finetune": finetune.finetune,
 }
 flags.DEFINE_enum("mode", "pretrain", list(MODES),
@@ -141,7 +142,7 @@ def _parse_flags(argv):
     if path:
       try:
         config = _load_config(path)
-        message = configuration.unknown_override(config, argv)
+        message = command_line.unknown_override(config, argv)
       except Exception:  # pylint: disable=broad-except
         pass
     if message is None:
@@ -172,5 +173,5 @@ def _config_path(argv) -> str | None:
 if __name__ == "__main__":
   jax.config.config_with_absl()
   # config_flags reads overrides from sys.argv itself: translate it in place.
-  sys.argv = configuration.translate_moved_flags(sys.argv)
+  sys.argv = command_line.translate_moved_flags(sys.argv)
   app.run(main, flags_parser=_parse_flags)

@@ -25,7 +25,6 @@ sys.path.insert(0, BENCH)
 
 import jax  # noqa: E402
 import train_step as bench_step  # noqa: E402
-from corinfomax_jax.run import configuration  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax.modes import pretrain  # noqa: E402
 from corinfomax_jax.run import train_state as train_state_lib  # noqa: E402
@@ -65,9 +64,9 @@ def main():
   config = bench_step.config_from_flags(args)
   mesh = mesh_lib.make_mesh()
 
-  model = configuration.create_model(config)
-  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
-  tx = train_state_lib.create_optimizer(config, lr_fn)
+  model = config.model.create()
+  lr_fn = train_state_lib.create_learning_rate_fn(config.optimizer, steps_per_epoch=100)
+  tx = train_state_lib.create_optimizer(config.optimizer, lr_fn)
   state = train_state_lib.create_train_state(config, model, tx, mesh, probe_classes=0)
   step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
   batch = bench_step.two_view_batch(config, mesh, num_classes=10)

@@ -7,11 +7,12 @@ files need ml_collections, a pure-Python wheel). "images" are training examples,
 a pair of views through the network. The last line is `images_per_s=<number>`.
 
   --online_probe: times the step without and with the online linear probe
-  (config.eval.online_probe, 1000 classes unless --num_classes) in one process and
+  (config.eval.online_probe.enabled, 1000 classes unless --num_classes) in one process and
   prints the probe's share of the step; the last line is then the rate with the probe.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from corinfomax_jax.data import augment  # noqa: E402
-from corinfomax_jax.run import configuration  # noqa: E402
+from corinfomax_jax.run import settings  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax import models  # noqa: E402
 from corinfomax_jax.modes import pretrain  # noqa: E402
@@ -43,19 +44,19 @@ def add_config_flags(parser):
   parser.add_argument("--dtype", choices=sorted(models.DTYPES), default=None)
   parser.add_argument("--width", type=int, default=None, help="ResNet width override")
   parser.add_argument("--image_size", type=int, default=None)
+  parser.add_argument("--method", default=None, help="corinfomax | vicreg | barlow_twins")
 
 
-def config_from_flags(args):
-  """The config file of --config with the overrides of add_config_flags, validated."""
+def config_from_flags(args) -> settings.Settings:
+  """The settings of --config with the overrides of add_config_flags, checked."""
   config = load_config(args.config)
-  for key in ("batch_size", "image_size"):
+  for key in ("batch_size", "image_size", "method"):
     if getattr(args, key) is not None:
       config[key] = getattr(args, key)
   for key in ("dtype", "width"):
     if getattr(args, key) is not None:
       config.model[key] = getattr(args, key)
-  configuration.validate_config(config)
-  return config
+  return settings.resolve(config)
 
 
 def main():
@@ -71,7 +72,8 @@ def main():
   args = parser.parse_args()
   config = config_from_flags(args)
   mesh = mesh_lib.make_mesh()
-  mesh_lib.check_batch_divides(config.batch_size, jax.device_count(), jax.process_count())
+  mesh_lib.check_batch_divides(config.train.batch_size, jax.device_count(),
+                               jax.process_count())
   runs = [False, True] if args.online_probe else [False]
   steppers = {probe: prepare_step(config, mesh, probe, args) for probe in runs}
   steppers["augment"] = prepare_views(config, mesh, args)
@@ -88,32 +90,32 @@ def main():
   if args.online_probe:
     print(f"online probe ({args.num_classes} classes): {ms[True] - ms[False]:+.2f} ms/step, "
           f"{100 * (ms[True] - ms[False]) / ms[True]:.1f}% of the step with it")
-  print(f"images_per_s={config.batch_size / ms[runs[-1]] * 1e3:.1f}")
+  print(f"images_per_s={config.train.batch_size / ms[runs[-1]] * 1e3:.1f}")
 
 
 def describe(config, online_probe, ms, args):
-  m = config.model
-  return (f"{m.backbone} width {m.width} {config.image_size}px projector {m.projector} "
-          f"batch {config.batch_size} {m.dtype} online_probe {online_probe} on "
+  m = config.model.kwargs
+  return (f"{config.method.name} {m['backbone']} width {m.get('width')} "
+          f"{config.data.image_size}px projector {m['projector']} "
+          f"batch {config.train.batch_size} {m['dtype']} online_probe {online_probe} on "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}: {ms:.1f} ms/step "
           f"(fastest of {args.rounds} rounds of {args.steps} steps)")
 
 
 def two_view_batch(config, mesh, num_classes):
   """What the host pipeline sends: uint8 crops and each example's draws, per view."""
-  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  n, size = config.train.batch_size, config.data.image_size
   rng = np.random.default_rng(0)
-  batch = {"label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
+  batch = {"label": rng.integers(0, num_classes, n).astype(np.int32)}
   for k in ("view1", "view2"):
-    batch[k] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    batch[f"{k}_draws"] = rng.uniform(size=(config.batch_size, augment.NUM_DRAWS)
-                                      ).astype(np.float32)
+    batch[k] = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    batch[f"{k}_draws"] = rng.uniform(size=(n, augment.NUM_DRAWS)).astype(np.float32)
   return jax.device_put(batch, mesh_lib.batch_sharded(mesh))
 
 
 def prepare_views(config, mesh, args):
   """Times the device augmentation alone (both views) on the step's batch and sharding."""
-  views = jax.jit(pretrain.make_views(config))
+  views = jax.jit(pretrain.make_views(config.data))
   batch = two_view_batch(config, mesh, args.num_classes)
   jax.block_until_ready(views(batch))
 
@@ -130,14 +132,15 @@ def prepare_views(config, mesh, args):
 def prepare_step(config, mesh, online_probe, args):
   """Compiles and warms up the train step; returns a function that times `args.steps`
   steps and returns ms per step."""
-  config = config.copy_and_resolve_references()
-  config.eval.online_probe = online_probe
-  model = configuration.create_model(config)
-  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=100)
-  tx = train_state_lib.create_optimizer(config, lr_fn)
+  config = dataclasses.replace(config, eval=dataclasses.replace(
+      config.eval, online_probe=dataclasses.replace(config.eval.online_probe,
+                                                    enabled=online_probe)))
+  model = config.model.create()
+  lr_fn = train_state_lib.create_learning_rate_fn(config.optimizer, steps_per_epoch=100)
+  tx = train_state_lib.create_optimizer(config.optimizer, lr_fn)
   state = train_state_lib.create_train_state(
-      config, model, tx, mesh,
-      probe_classes=train_state_lib.online_probe_classes(config, args.num_classes))
+      config, model, tx, mesh, probe_classes=train_state_lib.online_probe_classes(
+          config.eval.online_probe, args.num_classes))
   step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
 
   batch = two_view_batch(config, mesh, args.num_classes)

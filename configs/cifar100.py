@@ -6,5 +6,5 @@ def get_config():
   c = default.get_config()
   c.dataset = "cifar100"
   c.model.projector = (4096, 4096, 128)
-  c.alpha = 1000.0
+  c.corinfomax.alpha = 1000.0
   return c

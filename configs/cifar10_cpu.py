@@ -43,6 +43,6 @@ def get_config():
   c.checkpoint_every_steps = 100
   c.spectrum_every_steps = 20
   c.eval.batch_size = 500
-  c.eval.knn_every_epochs = 1  # kNN monitor on a 10k-image bank after each epoch
-  c.eval.max_train_examples = 10000
+  c.eval.knn.every_epochs = 1  # kNN monitor on a 10k-image bank after each epoch
+  c.eval.knn.max_train_examples = 10000
   return c

@@ -1,7 +1,8 @@
 """Defaults shared by every configuration: the paper's CIFAR-10 ResNet-18 setting.
 
 Each file in configs/ imports this and changes a few keys. Every key is read in one
-place (corinfomax_jax/configuration.py checks them all). Override any key on the command line:
+place: corinfomax_jax/run/settings.py checks them all and turns them into typed
+sections, each handed only to the part that uses it. Override any key on the command line:
   python main.py --config=configs/cifar10.py --config.batch_size=256 --workdir=DIR
 """
 
@@ -41,13 +42,28 @@ def get_config():
   c.model.projector_bn = False  # BatchNorm after hidden projector layers (ImageNet-1K)
   c.model.dtype = "float32"  # float32 | bfloat16: the network's compute dtype
 
-  # --- CorInfoMax objective (the paper's symbols) --------------------------------------
-  c.alpha = 250.0  # weight of the attraction term
-  c.la_R = 0.01  # weight of the OLD covariance estimate in the moving average
-  c.la_mu = 0.01  # weight of the OLD mean estimate
-  c.eps = 1e-8  # diagonal load in logdet(R + eps I)
-  c.r_init = 1.0  # R_ini: initial covariance R_ini * I
-  c.normalize = True  # L2-normalise projector outputs
+  # --- Method: config.method names it; its hyperparameters are its own section -------
+  # (corinfomax_jax.methods.METHODS). Sections of the methods not chosen must keep their
+  # defaults: setting one is refused, so a run never silently ignores a key.
+  c.method = "corinfomax"
+  # CorInfoMax (the paper's symbols).
+  c.corinfomax = ml_collections.ConfigDict()
+  c.corinfomax.alpha = 250.0  # weight of the attraction term
+  c.corinfomax.la_R = 0.01  # weight of the OLD covariance estimate in the moving average
+  c.corinfomax.la_mu = 0.01  # weight of the OLD mean estimate
+  c.corinfomax.eps = 1e-8  # diagonal load in logdet(R + eps I)
+  c.corinfomax.r_init = 1.0  # R_ini: initial covariance R_ini * I
+  c.corinfomax.normalize = True  # L2-normalise projector outputs
+  # VICReg (Bardes et al., 2022; facebookresearch/vicreg main_vicreg.py defaults).
+  c.vicreg = ml_collections.ConfigDict()
+  c.vicreg.sim_weight = 25.0  # invariance (mean squared error) weight, lambda
+  c.vicreg.var_weight = 25.0  # variance hinge weight, mu
+  c.vicreg.cov_weight = 1.0  # off-diagonal covariance weight, nu
+  c.vicreg.eps = 1e-4  # inside the standard deviation's square root
+  # Barlow Twins (Zbontar et al., 2021; facebookresearch/barlowtwins main.py defaults).
+  c.barlow_twins = ml_collections.ConfigDict()
+  c.barlow_twins.lambd = 0.0051  # weight of the off-diagonal (redundancy) term
+  c.barlow_twins.scale = 1.0  # multiplies the whole loss
 
   # --- Optimisation ------------------------------------------------------------------
   c.batch_size = 512  # GLOBAL batch, over all devices and processes
@@ -73,41 +89,49 @@ def get_config():
   c.spectrum_every_steps = 1000  # covariance spectrum to TensorBoard; PNG at the end
   c.profile_steps = 0  # > 0: a profiler trace of that many steps to the workdir
 
-  # --- Evaluation --------------------------------------------------------------------
+  # --- Evaluation: shared keys, then one section per evaluator ------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 512
-  # Evaluators run during pretraining at the kNN cadence: "knn", "online_probe".
+  c.eval.batch_size = 512  # feature extraction (kNN, tests of the probes), embed
+  # Evaluators that run during pretraining, each at its own section's every_epochs
+  # (0: off): "knn", "online_probe".
   c.eval.monitors = ("knn",)
-  c.eval.knn_every_epochs = 0  # kNN monitor during pretraining; 0: off
-  # kNN: every k and temperature in one pass; top1/top5 report k = 200, T = 0.07.
-  c.eval.knn_k = (10, 20, 100, 200)
-  c.eval.knn_temperature = (0.07,)  # one or several temperatures
-  c.eval.max_train_examples = -1  # kNN memory bank size limit; -1: whole split
-  # Online linear probe: a Dense on stop-gradient features of view1, trained alongside
-  # pretraining with its own SGD (momentum 0.9, constant lr); train top-1 every log step.
-  c.eval.online_probe = False
-  c.eval.online_probe_lr = 0.1
-  c.eval.random_init = False  # knn_eval, finetune: the seeded random initialisation
-  c.eval.linear_epochs = 100
-  c.eval.linear_batch_size = 256
-  c.eval.linear_lr = 0.2
-  c.eval.linear_min_lr = 2e-3
-  c.eval.linear_schedule = "cosine"  # cosine | step (x0.1 every linear_step_epochs)
-  c.eval.linear_step_epochs = 20
-  c.eval.linear_weight_decay = 0.0
-  c.eval.linear_momentum = 0.9
-  c.eval.linear_precomputed = False  # faster variant: train on centre-crop features
+  c.eval.random_init = False  # knn_eval, linear_eval, finetune: the seeded random network
   # Keys that may be unset are typed placeholders, so the command line can set them.
   c.eval.embed_split = config_dict.placeholder(str)  # --mode=embed's split; unset: eval_split
-  c.eval.linear_max_steps = -1  # stop the probe after this many steps; -1: linear_epochs
-  # --- Semi-supervised fine-tuning (--mode=finetune): the whole network on a subset.
-  c.eval.label_fraction = 0.1  # seeded class-balanced share of train_split, in (0, 1]
+  # kNN (InstDisc's weighted kNN): every k and temperature in one pass; top1/top5 report
+  # k = 200, T = 0.07.
+  c.eval.knn = ml_collections.ConfigDict()
+  c.eval.knn.every_epochs = 0  # monitor cadence during pretraining; 0: off
+  c.eval.knn.k = (10, 20, 100, 200)
+  c.eval.knn.temperature = (0.07,)  # one or several temperatures
+  c.eval.knn.max_train_examples = -1  # memory bank size limit; -1: whole split
+  # Online linear probe: a Dense on stop-gradient features of view1, trained alongside
+  # pretraining with its own SGD (momentum 0.9, constant lr); train top-1 every log step.
+  c.eval.online_probe = ml_collections.ConfigDict()
+  c.eval.online_probe.enabled = False
+  c.eval.online_probe.lr = 0.1
+  c.eval.online_probe.every_epochs = 1  # test top-1 cadence, when listed in monitors
+  # Linear probe (--mode=linear_eval), the paper's protocol.
+  c.eval.linear = ml_collections.ConfigDict()
+  c.eval.linear.epochs = 100
+  c.eval.linear.batch_size = 256
+  c.eval.linear.lr = 0.2
+  c.eval.linear.min_lr = 2e-3
+  c.eval.linear.schedule = "cosine"  # cosine | step (x0.1 every step_epochs) | constant
+  c.eval.linear.step_epochs = 20
+  c.eval.linear.weight_decay = 0.0
+  c.eval.linear.momentum = 0.9
+  c.eval.linear.precomputed = False  # faster variant: train on centre-crop features
+  c.eval.linear.max_steps = -1  # stop after this many steps; -1: epochs
+  # Semi-supervised fine-tuning (--mode=finetune): the whole network on a subset.
+  c.eval.finetune = ml_collections.ConfigDict()
+  c.eval.finetune.label_fraction = 0.1  # seeded class-balanced share of train_split
   # Or a text file of image file names, one a line (SimCLR's ImageNet 1%/10% lists).
-  c.eval.label_file = config_dict.placeholder(str)
-  c.eval.finetune_epochs = 30
-  c.eval.finetune_batch_size = 256
-  c.eval.finetune_backbone_lr = 0.01  # cosine to 0; SGD momentum 0.9
-  c.eval.finetune_head_lr = 0.1
-  c.eval.finetune_weight_decay = 0.0
-  c.eval.finetune_max_steps = -1  # stop after this many steps; -1: finetune_epochs
+  c.eval.finetune.label_file = config_dict.placeholder(str)
+  c.eval.finetune.epochs = 30
+  c.eval.finetune.batch_size = 256
+  c.eval.finetune.backbone_lr = 0.01  # cosine to 0; SGD momentum 0.9
+  c.eval.finetune.head_lr = 0.1
+  c.eval.finetune.weight_decay = 0.0
+  c.eval.finetune.max_steps = -1  # stop after this many steps; -1: epochs
   return c

@@ -18,6 +18,6 @@ def get_config():
   c.num_epochs = 400
   c.learning_rate = 1.0
   c.min_learning_rate = 5e-3
-  c.alpha = 500.0
+  c.corinfomax.alpha = 500.0
   c.eval.batch_size = 1024
   return c

@@ -15,11 +15,11 @@ def get_config():
   c.num_epochs = 100
   c.learning_rate = 0.2
   c.min_learning_rate = 1e-6
-  c.alpha = 2000.0
-  c.la_R = c.la_mu = 0.1
+  c.corinfomax.alpha = 2000.0
+  c.corinfomax.la_R = c.corinfomax.la_mu = 0.1
   c.eval.batch_size = 1024
   # The reference's linear protocol for ImageNet-1K: lr 25, x0.1 every 20 epochs.
-  c.eval.linear_lr = 25.0
-  c.eval.linear_schedule = "step"
-  c.eval.linear_step_epochs = 20
+  c.eval.linear.lr = 25.0
+  c.eval.linear.schedule = "step"
+  c.eval.linear.step_epochs = 20
   return c

@@ -16,6 +16,6 @@ def get_config():
   c.model.projector = (4096, 4096, 128)
   c.batch_size = c.base_batch_size = 1024
   c.num_epochs = 800
-  c.alpha = 500.0
-  c.la_R = c.la_mu = 0.1
+  c.corinfomax.alpha = 500.0
+  c.corinfomax.la_R = c.corinfomax.la_mu = 0.1
   return c

@@ -70,13 +70,8 @@ def tiny_config(dataset, **overrides):
   c.checkpoint_every_steps = 2
   c.spectrum_every_steps = 2
   c.eval.batch_size = 16
-  from corinfomax_jax.run import configuration  # pylint: disable=g-import-not-at-top
-  for key in list(overrides):
-    if key in configuration.MOVED_KEYS:  # flat names of earlier versions
-      value = overrides.pop(key)
-      if key == "projector" and isinstance(value, str):
-        value = tuple(int(s) for s in value.split("-"))
-      c.model[configuration.MOVED_KEYS[key]] = value
+  # Keys of earlier versions (alpha, width, knn_every_epochs, ...) may be given flat:
+  # settings.resolve moves them to their sections, as it does for a user's config file.
   c.update(overrides)
   return c
 

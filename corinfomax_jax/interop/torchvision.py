@@ -22,9 +22,14 @@ torch's the unbiased one (n / (n - 1) larger). The export keeps Flax's value as 
 that the torch model in eval mode, which normalises by running_var directly, gives the
 Flax features; torch training mode would then continue its average from that value.
 
+Only the ResNets of `models.resnet.RESNETS` have a torchvision counterpart; their
+(blocks per stage, block kind) come from that table. Any other registered backbone is
+refused in one line.
+
 `torch_layout_features` is an independent pure-JAX forward of the torch-layout dict
-(it does not use models.py): tests compare it with the Flax model to prove the mapping
-without torch. `tools/check_torch_export.py` checks against torchvision itself.
+(it reads only the stage sizes and block kind from the table, not the Flax modules):
+tests compare it with the Flax model to prove the mapping without torch.
+`tools/check_torch_export.py` checks against torchvision itself.
 """
 from __future__ import annotations
 
@@ -38,19 +43,23 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-# (blocks per stage, block kind) of torchvision's constructors.
-_ARCHITECTURES = {
-    "resnet18": ((2, 2, 2, 2), "basic"),
-    "resnet50": ((3, 4, 6, 3), "bottleneck"),
-}
-_BN_EPS = 1e-5  # torch.nn.BatchNorm2d and models._batch_norm
+from corinfomax_jax import models
+from corinfomax_jax.models import resnet
+
+# The torchvision block of each Flax block class of the ResNet table.
+_BLOCK_KINDS = {resnet.BasicBlock: "basic", resnet.Bottleneck: "bottleneck"}
+_BN_EPS = 1e-5  # torch.nn.BatchNorm2d and models.layers.batch_norm
 
 
 def _architecture(backbone: str) -> tuple[tuple[int, ...], str]:
-  if backbone not in _ARCHITECTURES:
-    raise ValueError(f"unknown backbone {backbone!r}; accepted names: "
-                     f"{sorted(_ARCHITECTURES)}")
-  return _ARCHITECTURES[backbone]
+  """(blocks per stage, "basic" | "bottleneck") of the ResNet `backbone`."""
+  if backbone not in resnet.RESNETS:
+    what = "has no torchvision counterpart" if backbone in models.BACKBONES else (
+        "is not a registered backbone")
+    raise ValueError(f"backbone {backbone!r} {what}; the torchvision export maps the "
+                     f"ResNets, accepted names: {sorted(resnet.RESNETS)}")
+  spec = resnet.RESNETS[backbone]
+  return tuple(spec["stage_sizes"]), _BLOCK_KINDS[spec["block_cls"]]
 
 
 def _layers(backbone: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
@@ -88,7 +97,8 @@ def _lookup(tree: Mapping, path: tuple[str, ...], leaf: str, what: str) -> Any:
   for name in path + (leaf,):
     if not isinstance(node, Mapping) or name not in node:
       raise ValueError(f"{what} has no {'/'.join(path + (leaf,))}: the variables do "
-                       "not match the backbone named (resnet18 or resnet50?)")
+                       "not match the backbone named "
+                       f"({' or '.join(sorted(resnet.RESNETS))}?)")
     node = node[name]
   return node
 
@@ -127,6 +137,7 @@ def torchvision_state_dict(variables: Mapping[str, Any], *, backbone: str,
     scalar. running_var is Flax's running (biased) variance, unchanged: see the module
     docstring.
   """
+  _architecture(backbone)  # refuses a backbone torchvision does not have, first
   params, stats = _backbone_trees(variables)
   _check_stem(np.shape(_lookup(params, ("conv1",), "kernel", "params")), cifar_stem)
   out = {}
@@ -151,6 +162,7 @@ def flax_backbone_from_state_dict(state_dict: Mapping[str, Any], *, backbone: st
   under "backbone" in a CorInfoMaxModel). fc.* keys (a torchvision classifier) and
   num_batches_tracked are ignored; any other missing or extra key raises.
   """
+  _architecture(backbone)  # refuses a backbone torchvision does not have, first
   params: dict = {}
   stats: dict = {}
   used = set()
@@ -189,8 +201,8 @@ def torch_layout_features(state_dict: Mapping[str, Any], images_nhwc: jax.Array,
                           backbone: str, cifar_stem: bool) -> jax.Array:
   """Pooled features of torchvision's ResNet in eval mode, computed in JAX from `state_dict`.
 
-  Written from torchvision's definition, not from models.py: OIHW kernels, symmetric
-  padding k // 2, BN with the running statistics and eps 1e-5, v1.5 Bottleneck (stride
+  Written from torchvision's definition, not from models/resnet.py: OIHW kernels,
+  symmetric padding k // 2, BN with the running statistics and eps 1e-5, v1.5 Bottleneck (stride
   on the 3x3), 3x3 stride-2 max-pool after the 7x7 stem unless `cifar_stem`.
   """
   sd = {k: jnp.asarray(v) for k, v in state_dict.items()}

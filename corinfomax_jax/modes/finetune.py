@@ -19,7 +19,6 @@ from absl import logging
 
 from corinfomax_jax.data import augment
 from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import configuration
 from corinfomax_jax.run import encoder as encoder_lib
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax import files
@@ -29,7 +28,8 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax import models
 from corinfomax_jax.run import train_state as train_state_lib
-from corinfomax_jax.run import workdir as workdir_lib
+from corinfomax_jax.modes import startup
+from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.errors import ConfigError
 
 FINETUNE_DIR = "finetune"  # TensorBoard events and checkpoints, in the workdir
@@ -70,7 +70,7 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
   """
   if label_file:
     if source.file_names is None:
-      raise ConfigError(f"config.eval.label_file needs file names, which {source.name!r} "
+      raise ConfigError(f"config.eval.finetune.label_file needs file names, which {source.name!r} "
                         "does not have: use an image folder (folder:<root>) or a TFDS "
                         "data set with a file_name feature, such as imagenet2012.")
     text = files.as_path(label_file).read_text()
@@ -80,7 +80,7 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
     missing = wanted - set(names)
     if missing or len(index) == 0:
       raise ConfigError(
-          f"config.eval.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
+          f"config.eval.finetune.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
           f"names are not in {source.name} {source.split!r} (e.g. "
           f"{sorted(missing)[:3]}).")
     return index
@@ -95,21 +95,16 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
   return np.sort(np.concatenate(chosen))
 
 
-def _head_logits(params, features):
-  return features.astype(jnp.float32) @ params["kernel"] + params["bias"]
-
-
-def create_optimizer(config, steps: int) -> tuple[optax.GradientTransformation, Any]:
+def create_optimizer(ft: settings_lib.Finetune,
+                     steps: int) -> tuple[optax.GradientTransformation, Any]:
   """(SGD momentum, cosine from the backbone's and the head's own learning rates).
 
-  optax.multi_transform gives config.eval.finetune_backbone_lr to the backbone and
-  finetune_head_lr to the new head; weight decay (finetune_weight_decay) on both.
+  optax.multi_transform gives `ft.backbone_lr` to the backbone and `ft.head_lr` to the
+  new head; weight decay (`ft.weight_decay`) on both.
   """
-  ev = config.eval
-  backbone_lr = optax.cosine_decay_schedule(ev.finetune_backbone_lr, max(steps, 1))
-  head_lr = optax.cosine_decay_schedule(ev.finetune_head_lr, max(steps, 1))
-  sgd = lambda lr: optax.chain(optax.add_decayed_weights(ev.finetune_weight_decay),
-                               optax.sgd(lr, momentum=0.9))
+  backbone_lr = optax.cosine_decay_schedule(ft.backbone_lr, max(steps, 1))
+  head_lr = optax.cosine_decay_schedule(ft.head_lr, max(steps, 1))
+  sgd = lambda lr: train_state_lib.sgd(lr, momentum=0.9, weight_decay=ft.weight_decay)
   tx = optax.multi_transform(
       {"backbone": sgd(backbone_lr), "head": sgd(head_lr)},
       lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()})
@@ -125,7 +120,7 @@ def finetune_step(state: FinetuneState, batch, *, backbone, tx, learning_rate_fn
     features, updates = backbone.apply(
         {"params": params["backbone"], "batch_stats": state.batch_stats}, images,
         train=True, mutable=["batch_stats"])
-    logits = _head_logits(params["head"], features)
+    logits = models.linear_logits(params["head"], features)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, (updates["batch_stats"], logits)
 
@@ -142,24 +137,19 @@ def _eval_hits(params, batch_stats, batch, *, backbone, mean, std):
   """[top-1 hits, top-5 hits, real rows, summed cross-entropy] of one padded batch."""
   features = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats},
                             augment.normalize_uint8(batch["image"], mean, std), train=False)
-  logits = _head_logits(params["head"], features)
+  logits = models.linear_logits(params["head"], features)
   valid = batch["mask"] > 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   return jnp.concatenate([knn.topk_hits(logits, batch["label"], valid),
                           valid.sum()[None], jnp.sum(jnp.where(valid, ce, 0.0))[None]])
 
 
-def check_finetune_config(config) -> None:
-  """The fine-tuning keys a run needs; raises ConfigError in one line."""
-  ev = config.eval
-  fraction = ev.label_fraction
-  if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-      or not 0 < fraction <= 1):
-    raise ConfigError(f"config.eval.label_fraction = {fraction!r} is invalid: expected a "
-                      "number in (0, 1], e.g. 0.01 or 0.1")
-  if ev.label_file is not None and not files.as_path(ev.label_file).is_file():
-    raise ConfigError(f"config.eval.label_file = {ev.label_file!r} is not a file: expected "
-                      "None or a text file of image file names, one per line")
+def check_label_file(run: settings_lib.Settings) -> None:
+  """The label file, when one is named, must be a file; raises ConfigError in one line."""
+  label_file = run.eval.finetune.label_file
+  if label_file is not None and not files.as_path(label_file).is_file():
+    raise ConfigError(f"config.eval.finetune.label_file = {label_file!r} is not a file: "
+                      "expected None or a text file of image file names, one per line")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,52 +162,48 @@ class _Plan:
   num_steps: int  # where training stops (finetune_max_steps may cut it short)
 
 
-def _plan(config, train_source) -> _Plan:
+def _plan(run: settings_lib.Settings, train_source) -> _Plan:
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  ev = config.eval
-  index = labelled_index(train_source, fraction=ev.label_fraction,
-                         label_file=ev.label_file, seed=config.seed)
+  ft = run.eval.finetune
+  index = labelled_index(train_source, fraction=ft.label_fraction,
+                         label_file=ft.label_file, seed=run.seed)
   subset = evaluators.index_subset(train_source, index)
-  batch_size = ev.finetune_batch_size
+  batch_size = ft.batch_size
   if batch_size > subset.num_examples:
-    raise ConfigError(f"config.eval.finetune_batch_size = {batch_size} exceeds the "
+    raise ConfigError(f"config.eval.finetune.batch_size = {batch_size} exceeds the "
                       f"{subset.num_examples} labelled examples: use a smaller batch.")
   steps_per_epoch = pipeline.steps_per_epoch(subset.num_examples, batch_size)
-  schedule_steps = ev.finetune_epochs * steps_per_epoch
+  schedule_steps = ft.epochs * steps_per_epoch
   num_steps = schedule_steps
-  if ev.finetune_max_steps != -1:
-    num_steps = min(num_steps, ev.finetune_max_steps)
+  if ft.max_steps != -1:
+    num_steps = min(num_steps, ft.max_steps)
   return _Plan(subset, batch_size, steps_per_epoch, schedule_steps, num_steps)
 
 
-def _check_can_start(config, workdir: str) -> None:
-  """Everything a run needs, checked before any model work; ConfigError in one line."""
-  configuration.validate_config(config)
-  check_finetune_config(config)
-  ev = config.eval
-  for key in ("batch_size", "finetune_batch_size"):
-    mesh_lib.check_batch_divides(ev[key], jax.device_count(), jax.process_count(),
-                                 key=f"eval.{key}")
-  if not ev.random_init and not encoder_lib.checkpoint_steps(workdir):
-    raise ConfigError(
-        f"No pretraining checkpoint in workdir {workdir!r} (looked in "
-        f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
-        "config.eval.random_init=True to fine-tune the random initialisation.")
-  workdir_lib.check_workdir(workdir)
+def _check_can_start(config, workdir: str):
+  """(settings, mesh), everything checked before any model work; ConfigError in one line."""
+  def has_checkpoint(run):
+    if not run.eval.random_init and not encoder_lib.checkpoint_steps(workdir):
+      raise ConfigError(
+          f"No pretraining checkpoint in workdir {workdir!r} (looked in "
+          f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
+          "config.eval.random_init=True to fine-tune the random initialisation.")
+
+  return startup.begin(
+      config, workdir, checks=(check_label_file, has_checkpoint),
+      batch_sizes=lambda r: {"eval.batch_size": r.eval.batch_size,
+                             "eval.finetune.batch_size": r.eval.finetune.batch_size})
 
 
-def _initial_state(config, workdir, mesh, num_classes, tx) -> tuple[FinetuneState, int]:
+def _initial_state(run: settings_lib.Settings, workdir, mesh, num_classes,
+                   tx) -> tuple[FinetuneState, int]:
   """(The pretrained (or random) backbone with a zero head, pretraining step)."""
-  model = configuration.create_model(config)
-  if config.eval.random_init:
-    pretrained = train_state_lib.initial_state(config, model, mesh)
-  else:
-    pretrained = train_state_lib.load_pretrained(config, model, mesh, workdir)
-  dim = models.backbone_feature_dim(config.model.backbone, config.model.width)
+  model = run.model.create()
+  pretrained = startup.backbone_state(run, model, mesh, workdir)
+  dim = models.feature_dim(model, run.data.image_size)
 
   def init(params, batch_stats):
-    head = {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
-            "bias": jnp.zeros((num_classes,), jnp.float32)}
+    head = models.init_linear_head(dim, num_classes, init="zeros")
     params = {"backbone": params["backbone"], "head": head}
     return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
                          batch_stats=batch_stats["backbone"], opt_state=tx.init(params))
@@ -227,18 +213,17 @@ def _initial_state(config, workdir, mesh, num_classes, tx) -> tuple[FinetuneStat
   return state, int(pretrained.step)
 
 
-def _backbone(config):
-  m = config.model
-  return models.create_backbone(m.backbone, cifar_stem=m.cifar_stem, width=m.width,
-                                dtype=models.parse_dtype(m.dtype))
+def _backbone(run: settings_lib.Settings):
+  return run.model.backbone()
 
 
-def _train(config, workdir, state, plan: _Plan, record, mesh, tx, learning_rate_fn,
-           writer):
+def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh, tx,
+           learning_rate_fn, writer):
   """(state, the last epoch's losses or None, preempted): resumed, trained, saved."""
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  mean, std = configuration.normalization(config)
+  mean, std = run.data.mean, run.data.std
+  ft = run.eval.finetune
   manager = checkpoints.create_manager(
       files.as_path(workdir) / FINETUNE_DIR / "checkpoints", keep=2)
   try:
@@ -250,28 +235,28 @@ def _train(config, workdir, state, plan: _Plan, record, mesh, tx, learning_rate_
                    int(state.step), plan.num_steps)
     start_step = int(state.step)
     logging.info("Fine-tuning %s on %d labelled examples (%s): steps %d to %d, batch %d.",
-                 "the random initialisation" if config.eval.random_init else
+                 "the random initialisation" if run.eval.random_init else
                  f"the checkpoint of step {record['pretrain_step']}",
                  plan.subset.num_examples,
-                 config.eval.label_file or f"{config.eval.label_fraction:g} of the labels",
+                 ft.label_file or f"{ft.label_fraction:g} of the labels",
                  start_step, plan.num_steps, plan.batch_size)
     if start_step >= plan.num_steps:
       return state, None, False
-    step_fn = jax.jit(functools.partial(finetune_step, backbone=_backbone(config), tx=tx,
+    step_fn = jax.jit(functools.partial(finetune_step, backbone=_backbone(run), tx=tx,
                                         learning_rate_fn=learning_rate_fn, mean=mean,
                                         std=std),
                       in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                       donate_argnums=(0,))
     batches = pipeline.global_batches(
         pipeline.probe_train_batches(
-            plan.subset, global_batch_size=plan.batch_size, image_size=config.image_size,
-            seed=config.seed, start_step=start_step,
-            aug_config=configuration.aug_overrides(config)), data)
+            plan.subset, global_batch_size=plan.batch_size,
+            image_size=run.data.image_size, seed=run.seed, start_step=start_step,
+            aug_config=run.data.recipe), data)
     report = loop.ReportProgress(
-        name="finetune", num_steps=plan.num_steps, every_steps=config.log_every_steps,
+        name="finetune", num_steps=plan.num_steps, every_steps=run.train.log_every_steps,
         batch_size=plan.batch_size, steps_per_epoch=plan.steps_per_epoch, writer=writer,
         prefix="finetune/train_",
-        nonfinite_hint=lambda: "Lower config.eval.finetune_backbone_lr / head_lr.")
+        nonfinite_hint=lambda: "Lower config.eval.finetune.backbone_lr / head_lr.")
     last_epoch = _LastLosses(plan.steps_per_epoch)
     actions = [report, last_epoch,
                loop.Checkpoint(manager, plan.steps_per_epoch, lambda: record,
@@ -286,12 +271,12 @@ def _train(config, workdir, state, plan: _Plan, record, mesh, tx, learning_rate_
       manager.close()
 
 
-def _test(config, state, mesh, eval_source) -> dict:
+def _test(run: settings_lib.Settings, state, mesh, eval_source) -> dict:
   """Top-1/top-5 and the mean cross-entropy on centre crops of eval_source."""
-  mean, std = configuration.normalization(config)
   sums = evaluators.eval_split_sums(
-      functools.partial(_eval_hits, backbone=_backbone(config), mean=mean, std=std),
-      (state.params, state.batch_stats), mesh, eval_source, config)
+      functools.partial(_eval_hits, backbone=_backbone(run), mean=run.data.mean,
+                        std=run.data.std),
+      (state.params, state.batch_stats), mesh, eval_source, run.data, run.eval.batch_size)
   count = int(sums[2])
   return {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
           "num_test_examples": count}
@@ -300,8 +285,8 @@ def _test(config, state, mesh, eval_source) -> dict:
 def finetune(config, workdir: str) -> dict:
   """--mode=finetune: the whole network fine-tuned on a labelled subset of train_split.
 
-  The subset: config.eval.label_file (file names, one a line), else a seeded (config.seed)
-  class-balanced config.eval.label_fraction of the labels. The network: the latest
+  The subset: config.eval.finetune.label_file (file names, one a line), else a seeded (config.seed)
+  class-balanced config.eval.finetune.label_fraction of the labels. The network: the latest
   pretraining checkpoint's backbone (config.eval.random_init: the seeded random one)
   plus a zero-initialised Dense head, trained with cross-entropy on random resized crops
   + flips (pipeline.probe_train_batches), BatchNorm in training mode, SGD momentum 0.9
@@ -315,42 +300,44 @@ def finetune(config, workdir: str) -> dict:
   returns it with the final FinetuneState under "state", or {"preempted": True,
   "step": s}.
   """
-  _check_can_start(config, workdir)
-  ev = config.eval
-  train_source, eval_source = evaluators.open_sources(config)
-  plan = _plan(config, train_source)
-  mesh = mesh_lib.make_mesh()
-  tx, learning_rate_fn = create_optimizer(config, plan.schedule_steps)
-  state, pretrain_step = _initial_state(config, workdir, mesh, train_source.num_classes, tx)
-  record = {"pretrain_step": pretrain_step, "eval": {k: ev[k] for k in _FINETUNE_KEYS}}
+  run, mesh = _check_can_start(config, workdir)
+  ft, data = run.eval.finetune, run.data
+  train_source, eval_source = evaluators.open_sources(data)
+  plan = _plan(run, train_source)
+  tx, learning_rate_fn = create_optimizer(ft, plan.schedule_steps)
+  state, pretrain_step = _initial_state(run, workdir, mesh, train_source.num_classes, tx)
+  # The record keeps the flat key names of earlier versions: their runs still resume.
+  record = {"pretrain_step": pretrain_step, "eval": {
+      k: (run.eval.random_init if k == "random_init"
+          else getattr(ft, k.removeprefix("finetune_"))) for k in _FINETUNE_KEYS}}
   writer = metrics_lib.MetricWriter(files.as_path(workdir) / FINETUNE_DIR)
   try:
-    state, last_epoch, preempted = _train(config, workdir, state, plan, record, mesh, tx,
+    state, last_epoch, preempted = _train(run, workdir, state, plan, record, mesh, tx,
                                           learning_rate_fn, writer)
     if preempted:
       logging.warning("Fine-tuning preempted at step %d; run the same command again "
                       "to resume.", int(state.step))
       return {"preempted": True, "step": int(state.step)}
-    result = {**_test(config, state, mesh, eval_source),
+    result = {**_test(run, state, mesh, eval_source),
               # The head starts at zero, so the first step's loss is ln(num_classes).
               "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
-              "label_fraction": ev.label_fraction, "label_file": ev.label_file,
-              "num_labelled": int(plan.subset.num_examples), "epochs": ev.finetune_epochs,
+              "label_fraction": ft.label_fraction, "label_file": ft.label_file,
+              "num_labelled": int(plan.subset.num_examples), "epochs": ft.epochs,
               "steps": int(state.step), "steps_per_epoch": plan.steps_per_epoch,
-              "batch_size": plan.batch_size, "backbone_lr": ev.finetune_backbone_lr,
-              "head_lr": ev.finetune_head_lr, "weight_decay": ev.finetune_weight_decay,
-              "random_init": ev.random_init, "pretrain_step": pretrain_step,
-              "dataset": config.dataset, "train_split": config.train_split,
-              "eval_split": config.eval_split}
+              "batch_size": plan.batch_size, "backbone_lr": ft.backbone_lr,
+              "head_lr": ft.head_lr, "weight_decay": ft.weight_decay,
+              "random_init": run.eval.random_init, "pretrain_step": pretrain_step,
+              "method": run.method.name,
+              "dataset": data.dataset, "train_split": data.train_split,
+              "eval_split": data.eval_split}
     writer.scalars(int(state.step), {"finetune/test_top1": result["top1"],
                                      "finetune/test_top5": result["top5"]})
   finally:
     writer.close()
-  path = files.as_path(workdir) / FINETUNE_RESULT_FILE
-  metrics_lib.write_json(path, result)
+  path = startup.write_result(workdir, FINETUNE_RESULT_FILE, result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
                "images; written to %s.", result["num_labelled"], result["top1"],
-               result["top5"], result["num_test_examples"], config.eval_split, path)
+               result["top5"], result["num_test_examples"], data.eval_split, path)
   result["state"] = state
   return result
 

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +19,6 @@ from absl import logging
 
 from corinfomax_jax.data import augment
 from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import configuration
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax import files
 from corinfomax_jax.eval import knn
@@ -29,7 +27,8 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax import models
 from corinfomax_jax.run import train_state as train_state_lib
-from corinfomax_jax.run import workdir as workdir_lib
+from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.modes import startup
 from corinfomax_jax.errors import ConfigError
 
 LINEAR_VARIANT = "frozen_backbone_random_resized_crop"  # the paper's protocol
@@ -40,11 +39,6 @@ LINEAR_RESULT_FILE = "linear_eval.json"
 _LINEAR_KEYS = ("linear_epochs", "linear_batch_size", "linear_lr", "linear_min_lr",
                 "linear_schedule", "linear_step_epochs", "linear_weight_decay",
                 "linear_momentum")
-
-
-def _linear_logits(params: Any, feats: jax.Array) -> jax.Array:
-  return nn.Dense(params["kernel"].shape[-1]).apply({"params": params},
-                                                     feats.astype(jnp.float32))
 
 
 def linear_probe_schedule(lr: float, schedule: str, *, steps_per_epoch: int, epochs: int,
@@ -65,7 +59,7 @@ def linear_probe_schedule(lr: float, schedule: str, *, steps_per_epoch: int, epo
   if schedule == "constant":
     return optax.constant_schedule(lr)
   raise ValueError(f"linear probe schedule {schedule!r} is not supported; accepted: "
-                   f"{', '.join(repr(s) for s in configuration.LINEAR_SCHEDULES)}")
+                   f"{', '.join(repr(s) for s in settings_lib.LINEAR_SCHEDULES)}")
 
 
 def train_linear_probe_on_features(train_feats, train_labels, num_classes: int, *,
@@ -100,7 +94,7 @@ def train_linear_probe_on_features(train_feats, train_labels, num_classes: int, 
                    optax.sgd(learning_rate, momentum=momentum))
 
   init_key, key = jax.random.split(jax.random.key(seed))
-  params = nn.Dense(num_classes).init(init_key, jnp.zeros((1, dim)))["params"]
+  params = models.init_linear_head(dim, num_classes, init="lecun_normal", rng=init_key)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -117,7 +111,7 @@ def train_linear_probe_on_features(train_feats, train_labels, num_classes: int, 
 
       def loss_fn(params):
         losses = optax.softmax_cross_entropy_with_integer_labels(
-            _linear_logits(params, feats[idx]), labels[idx])
+            models.linear_logits(params, feats[idx]), labels[idx])
         return jnp.sum(losses * weight) / jnp.sum(weight)
 
       loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -134,7 +128,7 @@ def train_linear_probe_on_features(train_feats, train_labels, num_classes: int, 
 
 @jax.jit
 def _probe_chunk_hits(params, feats, labels, valid):
-  return knn.topk_hits(_linear_logits(params, feats), labels, valid)
+  return knn.topk_hits(models.linear_logits(params, feats), labels, valid)
 
 
 def linear_probe_accuracy(params: dict[str, jax.Array], feats, labels, *,
@@ -167,7 +161,8 @@ def create_probe_state(num_features: int, num_classes: int,
   """The initial probe (flax Dense initialisation), created replicated on `mesh`."""
 
   def init(rng):
-    params = nn.Dense(num_classes).init(rng, jnp.zeros((1, num_features)))["params"]
+    params = models.init_linear_head(num_features, num_classes, init="lecun_normal",
+                                     rng=rng)
     return ProbeState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params))
 
@@ -185,7 +180,7 @@ def probe_train_step(probe: ProbeState, variables, batch, *, model, tx,
   features = jax.lax.stop_gradient(model.apply(variables, images, train=False)[0])
 
   def loss_fn(params):
-    logits = _linear_logits(params, features)
+    logits = models.linear_logits(params, features)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, logits
 
@@ -204,7 +199,7 @@ def _probe_eval_hits(params, variables, batch, *, model, mean, std):
   images = augment.normalize_uint8(batch["image"], mean, std)
   features = model.apply(variables, images, train=False)[0]
   valid = batch["mask"] > 0
-  return jnp.concatenate([knn.topk_hits(_linear_logits(params, features), batch["label"],
+  return jnp.concatenate([knn.topk_hits(models.linear_logits(params, features), batch["label"],
                                      valid), valid.sum()[None]])
 
 
@@ -213,9 +208,10 @@ def probe_checkpoint_dir(workdir: str):
   return files.as_path(workdir) / LINEAR_DIR / "checkpoints"
 
 
-def _probe_record(config, pretrain_step: int) -> dict:
+def _probe_record(linear: settings_lib.Linear, pretrain_step: int) -> dict:
+  # The record keeps the flat key names of earlier versions: their probes still resume.
   return {"pretrain_step": pretrain_step,
-          "eval": {k: config.eval[k] for k in _LINEAR_KEYS}}
+          "eval": {k: getattr(linear, k[len("linear_"):]) for k in _LINEAR_KEYS}}
 
 
 def _check_probe_record(expected: dict, directory):
@@ -225,36 +221,35 @@ def _check_probe_record(expected: dict, directory):
       raise ConfigError(
           f"The linear probe checkpoint of step {step} in {directory} was written for "
           f"{saved}, but this run is {expected} (the pretraining checkpoint or "
-          "config.eval.linear_* changed). Move that directory away to train a new probe, "
+          "config.eval.linear changed). Move that directory away to train a new probe, "
           "or use the original configuration.")
   return check
 
 
-def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mesh,
-                           train_source, eval_source, writer) -> dict:
+def _linear_eval_augmented(run: settings_lib.Settings, workdir, model, variables,
+                           pretrain_step, mesh, train_source, eval_source, writer) -> dict:
   """The paper's protocol: random resized crops through the frozen backbone, resumable."""
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  ev = config.eval
-  batch_size = ev.linear_batch_size
+  lin, data = run.eval.linear, run.data
+  batch_size = lin.batch_size
   steps_per_epoch = pipeline.steps_per_epoch(train_source.num_examples, batch_size)
-  num_steps = ev.linear_epochs * steps_per_epoch
-  if ev.linear_max_steps != -1:
-    num_steps = min(num_steps, ev.linear_max_steps)
+  num_steps = lin.epochs * steps_per_epoch
+  if lin.max_steps != -1:
+    num_steps = min(num_steps, lin.max_steps)
   learning_rate_fn = linear_probe_schedule(
-      ev.linear_lr, ev.linear_schedule, steps_per_epoch=steps_per_epoch,
-      epochs=ev.linear_epochs, min_lr=ev.linear_min_lr, step_epochs=ev.linear_step_epochs)
-  tx = optax.chain(optax.add_decayed_weights(ev.linear_weight_decay),
-                   optax.sgd(learning_rate_fn, momentum=ev.linear_momentum))
-  probe = create_probe_state(
-      models.backbone_feature_dim(config.model.backbone, config.model.width),
-      train_source.num_classes, tx, mesh, config.seed)
+      lin.lr, lin.schedule, steps_per_epoch=steps_per_epoch,
+      epochs=lin.epochs, min_lr=lin.min_lr, step_epochs=lin.step_epochs)
+  tx = train_state_lib.sgd(learning_rate_fn, momentum=lin.momentum,
+                           weight_decay=lin.weight_decay)
+  probe = create_probe_state(models.feature_dim(model, data.image_size),
+                             train_source.num_classes, tx, mesh, run.seed)
 
-  mean, std = configuration.normalization(config)
+  mean, std = data.mean, data.std
 
   # --- Resume: the data position is the probe's step.
   manager = checkpoints.create_manager(probe_checkpoint_dir(workdir), keep=2)
   try:
-    record = _probe_record(config, pretrain_step)
+    record = _probe_record(lin, pretrain_step)
     restored, _ = checkpoints.restore_latest(
         manager, probe, _check_probe_record(record, manager.directory))
     if restored is not None:
@@ -272,19 +267,18 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
         donate_argnums=(0,))
     logging.info("Linear probe (%s): steps %d to %d, batch %d, %d steps per epoch, lr %g "
                  "%s.", LINEAR_VARIANT, start_step, num_steps, batch_size, steps_per_epoch,
-                 ev.linear_lr, ev.linear_schedule)
+                 lin.lr, lin.schedule)
     if start_step < num_steps:
       batches = pipeline.global_batches(
           pipeline.probe_train_batches(
-              train_source, global_batch_size=batch_size, image_size=config.image_size,
-              seed=config.seed, start_step=start_step,
-              aug_config=configuration.aug_overrides(config)),
+              train_source, global_batch_size=batch_size, image_size=data.image_size,
+              seed=run.seed, start_step=start_step, aug_config=data.recipe),
           data)
       report = loop.ReportProgress(
           name="linear probe", num_steps=num_steps, every_steps=steps_per_epoch,
           batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
           prefix="linear/train_",
-          nonfinite_hint=lambda: f"Lower config.eval.linear_lr ({ev.linear_lr}).")
+          nonfinite_hint=lambda: f"Lower config.eval.linear.lr ({lin.lr}).")
       actions = [report, loop.Checkpoint(manager, steps_per_epoch, lambda: record,
                                          before_save=report.flush)]
       probe, preempted = loop.run(probe, lambda p, b: step_fn(p, variables, b), batches,
@@ -301,7 +295,8 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
   # --- Test: resize + centre crop, padding masked.
   hits = evaluators.eval_split_sums(
       functools.partial(_probe_eval_hits, model=model, mean=mean, std=std),
-      (probe.params, variables), mesh, eval_source, config).astype(np.int64)
+      (probe.params, variables), mesh, eval_source, data,
+      run.eval.batch_size).astype(np.int64)
   return {**knn.accuracy(hits[:2], int(hits[2])), "step": int(probe.step),
           "trained_steps": int(probe.step) - start_step, "num_steps": num_steps,
           "steps_per_epoch": steps_per_epoch,
@@ -309,24 +304,22 @@ def _linear_eval_augmented(config, workdir, model, variables, pretrain_step, mes
           "num_test_examples": int(hits[2])}
 
 
-def _linear_eval_precomputed(config, model, variables, mesh, train_source,
-                             eval_source) -> dict:
+def _linear_eval_precomputed(run: settings_lib.Settings, model, variables, mesh,
+                             train_source, eval_source) -> dict:
   """The faster variant: one pass of centre-crop features, then the probe on them."""
-  ev = config.eval
-  kwargs = dict(batch_size=ev.batch_size, image_size=config.image_size,
-                aug_config=configuration.aug_overrides(config))
+  lin = run.eval.linear
+  kwargs = dict(batch_size=run.eval.batch_size, data=run.data)
   train_feats, train_labels = evaluators.extract_features(model, variables, mesh,
                                                           train_source, **kwargs)
   test_feats, test_labels = evaluators.extract_features(model, variables, mesh,
                                                         eval_source, **kwargs)
   logging.info("Linear probe (%s): %d epochs on %d features, lr %g %s.",
-               PRECOMPUTED_VARIANT, ev.linear_epochs, len(train_feats), ev.linear_lr,
-               ev.linear_schedule)
+               PRECOMPUTED_VARIANT, lin.epochs, len(train_feats), lin.lr, lin.schedule)
   params = train_linear_probe_on_features(
-      train_feats, train_labels, train_source.num_classes, epochs=ev.linear_epochs,
-      batch_size=ev.linear_batch_size, lr=ev.linear_lr, momentum=ev.linear_momentum,
-      weight_decay=ev.linear_weight_decay, schedule=ev.linear_schedule,
-      min_lr=ev.linear_min_lr, step_epochs=ev.linear_step_epochs, seed=config.seed)
+      train_feats, train_labels, train_source.num_classes, epochs=lin.epochs,
+      batch_size=lin.batch_size, lr=lin.lr, momentum=lin.momentum,
+      weight_decay=lin.weight_decay, schedule=lin.schedule,
+      min_lr=lin.min_lr, step_epochs=lin.step_epochs, seed=run.seed)
   return {**linear_probe_accuracy(params, test_feats, test_labels),
           "num_train_examples": int(len(train_feats)),
           "num_test_examples": int(len(test_feats))}
@@ -335,47 +328,48 @@ def _linear_eval_precomputed(config, model, variables, mesh, train_source,
 def linear_eval(config, workdir: str) -> dict:
   """--mode=linear_eval: a linear probe on the frozen backbone of the latest checkpoint.
 
-  The paper's protocol (config.eval.linear_*): a Dense(num_classes) on the pooled
+  The paper's protocol (config.eval.linear): a Dense(num_classes) on the pooled
   backbone features, trained with SGD momentum on random resized crops + flips of the
   train split, the backbone in inference mode and out of the gradient; tested on centre
   crops of config.eval_split. Its checkpoints (<workdir>/linear_eval/checkpoints) are
   written at the end of each epoch and resumed; a preemption notice (SIGTERM) saves and
   stops, and the returned dict then says {"preempted": True}. With
-  config.eval.linear_precomputed the probe instead trains on centre-crop features
+  config.eval.linear.precomputed the probe instead trains on centre-crop features
   extracted once (faster; labelled "variant": "precomputed_center_crop_features").
-  config.eval.linear_lr is used as given, not scaled with linear_batch_size (the
+  config.eval.linear.lr is used as given, not scaled with its batch_size (the
   paper's 0.2 is for batch 256). Logs and writes top-1/top-5 to TensorBoard
   (<workdir>/linear_eval) and <workdir>/linear_eval.json, and returns that dict.
   """
-  configuration.validate_config(config)
-  workdir_lib.check_workdir(workdir, create=False)  # it must hold the pretraining
-  ev = config.eval
-  mesh_lib.check_batch_divides(ev.batch_size, jax.device_count(), jax.process_count(),
-                               key="eval.batch_size")
-  if not ev.linear_precomputed:
-    mesh_lib.check_batch_divides(ev.linear_batch_size, jax.device_count(),
-                                 jax.process_count(), key="eval.linear_batch_size")
+  def batch_sizes(run):
+    sizes = {"eval.batch_size": run.eval.batch_size}
+    if not run.eval.linear.precomputed:
+      sizes["eval.linear.batch_size"] = run.eval.linear.batch_size
+    return sizes
+
+  # The workdir must hold the pretraining: it is not created.
+  run, mesh = startup.begin(config, workdir, batch_sizes=batch_sizes,
+                            create_workdir=False)
+  lin, data = run.eval.linear, run.data
   # Every split and size check comes before the network is built and restored.
-  train_source, eval_source = evaluators.open_sources(config)
-  if not ev.linear_precomputed and ev.linear_batch_size > train_source.num_examples:
+  train_source, eval_source = evaluators.open_sources(data)
+  if not lin.precomputed and lin.batch_size > train_source.num_examples:
     raise ConfigError(
-        f"config.eval.linear_batch_size = {ev.linear_batch_size} exceeds the "
-        f"{train_source.num_examples} examples of {config.dataset} "
-        f"{config.train_split!r}: use a smaller batch.")
-  mesh = mesh_lib.make_mesh()
-  model = configuration.create_model(config)
-  state = train_state_lib.load_pretrained(config, model, mesh, workdir)
+        f"config.eval.linear.batch_size = {lin.batch_size} exceeds the "
+        f"{train_source.num_examples} examples of {data.dataset} "
+        f"{data.train_split!r}: use a smaller batch.")
+  model = run.model.create()
+  state = startup.backbone_state(run, model, mesh, workdir, random_init=False)
   pretrain_step = int(state.step)
   variables = train_state_lib.backbone_variables(state)
   writer = metrics_lib.MetricWriter(files.as_path(workdir) / LINEAR_DIR)
   try:
-    if ev.linear_precomputed:
+    if lin.precomputed:
       variant, tag = PRECOMPUTED_VARIANT, "linear_precomputed"
-      result = _linear_eval_precomputed(config, model, variables, mesh, train_source,
+      result = _linear_eval_precomputed(run, model, variables, mesh, train_source,
                                         eval_source)
     else:
       variant, tag = LINEAR_VARIANT, "linear"
-      result = _linear_eval_augmented(config, workdir, model, variables, pretrain_step,
+      result = _linear_eval_augmented(run, workdir, model, variables, pretrain_step,
                                       mesh, train_source, eval_source, writer)
       if result.get("preempted"):
         logging.warning("Linear probe preempted at step %d; its checkpoint is in %s. Run "
@@ -388,13 +382,14 @@ def linear_eval(config, workdir: str) -> dict:
                                    f"{tag}/test_top5": result["top5"]})
   finally:
     writer.close()
-  result.update(variant=variant, pretrain_step=pretrain_step, dataset=config.dataset,
-                train_split=config.train_split, eval_split=config.eval_split,
-                **{k[len("linear_"):]: ev[k] for k in _LINEAR_KEYS})
-  path = files.as_path(workdir) / LINEAR_RESULT_FILE
-  metrics_lib.write_json(path, result)
+  result.update(variant=variant, pretrain_step=pretrain_step, dataset=data.dataset,
+                train_split=data.train_split, eval_split=data.eval_split,
+                method=run.method.name,
+                **{k[len("linear_"):]: getattr(lin, k[len("linear_"):])
+                   for k in _LINEAR_KEYS})
+  path = startup.write_result(workdir, LINEAR_RESULT_FILE, result)
   logging.info("Linear probe (%s) on the checkpoint of step %d: top-1 %.2f top-5 %.2f "
                "on %d %s images; written to %s.", variant, result["pretrain_step"],
                result["top1"], result["top5"], result["num_test_examples"],
-               config.eval_split, path)
+               data.eval_split, path)
   return result

@@ -1,4 +1,4 @@
-"""Pretraining: the jitted CorInfoMax step and the loop that owns it.
+"""Pretraining: the jitted step of the configured method and the loop that owns it.
 
 Data flows one way: pipeline -> global batch sharded over the mesh's "data" axis ->
 train_step(state, batch) -> new state -> checkpoint / metrics. `train_step` and
@@ -15,37 +15,32 @@ import numpy as np
 import optax
 from absl import logging
 
-from corinfomax_jax.data import augment
-from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import configuration
-from corinfomax_jax.eval import evaluators as evaluators_lib
+from corinfomax_jax import errors
 from corinfomax_jax import files
-from corinfomax_jax.run import loop
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax.run import writers as metrics_lib
+from corinfomax_jax.data import augment
+from corinfomax_jax.eval import evaluators as evaluators_lib
 from corinfomax_jax.methods import corinfomax as objective
+from corinfomax_jax import models
+from corinfomax_jax.modes import startup
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import loop
 from corinfomax_jax.run import run_record
-from corinfomax_jax.run.train_state import TrainState
+from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import train_state as train_state_lib
-from corinfomax_jax.run import workdir as workdir_lib
+from corinfomax_jax.run import writers as metrics_lib
+from corinfomax_jax.run.train_state import TrainState
 
 
-def loss_kwargs(config) -> dict:
-  """The objective's hyperparameters (the paper's symbols) from the config."""
-  return dict(alpha=config.alpha, la_R=config.la_R, la_mu=config.la_mu, eps=config.eps,
-              normalize=config.normalize)
-
-
-def make_views(config):
+def make_views(data: settings_lib.Data):
   """batch -> (view 1, view 2): the device's share of the paper's two views.
 
   The batch holds uint8 crops (already flipped on the host) and each example's draws
   ("view1", "view1_draws", ...); colour jitter, grayscale, blur, solarisation and
   normalisation run here, per example, on the sharded batch.
   """
-  recipe = configuration.aug_recipe(config)
-  mean, std = tuple(recipe["mean"]), tuple(recipe["std"])
-  settings = {k: augment.view_config(recipe, k) for k in ("view1", "view2")}
+  mean, std = data.mean, data.std
+  settings = {k: augment.view_config(data.recipe, k) for k in ("view1", "view2")}
 
   def views(batch):
     return tuple(augment.view(batch[k], batch[f"{k}_draws"], settings[k], mean=mean,
@@ -54,9 +49,10 @@ def make_views(config):
   return views
 
 
-def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw,
+def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, method,
                views_fn, probe_tx=None):
-  """One CorInfoMax step on the global batch (see make_views): (new state, metrics).
+  """One step of `method` (methods.Method) on the global batch (see make_views):
+  (new state, metrics).
 
   With an online probe in the state (and probe_tx), its Dense layer also takes one
   step of its own optimizer on the pooled backbone features of view1 (the augmented
@@ -71,8 +67,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw
                                     x1, train=True, mutable=["batch_stats"])
     (_, z2), updates = model.apply({"params": params, **updates}, x2,
                                    train=True, mutable=["batch_stats"])
-    loss, loss_state, metrics = objective.corinfomax_loss(z1, z2, state.loss_state,
-                                                          **loss_kw)
+    loss, loss_state, metrics = method.loss(z1, z2, state.loss_state)
     return loss, (updates["batch_stats"], loss_state, metrics, h1)
 
   grads, (batch_stats, loss_state, metrics, h1) = jax.grad(loss_fn, has_aux=True)(
@@ -92,7 +87,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, loss_kw
 
 def _online_probe_step(probe, features, labels, probe_tx):
   def loss_fn(params):
-    logits = train_state_lib.online_probe_logits(params, features)
+    logits = models.linear_logits(params, features)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe["params"])
@@ -103,30 +98,37 @@ def _online_probe_step(probe, features, labels, probe_tx):
           "opt_state": opt_state}, metrics
 
 
-def jit_train_step(config, model, tx, learning_rate_fn, mesh):
-  """train_step jitted over `mesh`: batch sharded on "data", state replicated, donated."""
+def jit_train_step(run: settings_lib.Settings, model, tx, learning_rate_fn, mesh):
+  """train_step jitted over `mesh`: batch sharded on "data", state replicated, donated.
+
+  Reads the method, the data's view recipe and the online probe's settings of `run`.
+  """
   replicated = mesh_lib.replicated(mesh)
-  step = functools.partial(train_step, model=model, tx=tx,
-                           learning_rate_fn=learning_rate_fn, loss_kw=loss_kwargs(config),
-                           views_fn=make_views(config),
-                           probe_tx=train_state_lib.online_probe_optimizer(config))
+  step = functools.partial(
+      train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
+      method=run.method, views_fn=make_views(run.data),
+      probe_tx=train_state_lib.online_probe_optimizer(run.eval.online_probe))
   return jax.jit(step, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def total_steps(config, steps_per_epoch: int) -> int:
-  steps = config.num_epochs * steps_per_epoch
-  return steps if config.max_steps == -1 else min(steps, config.max_steps)
+def total_steps(train: settings_lib.Train, steps_per_epoch: int) -> int:
+  steps = train.num_epochs * steps_per_epoch
+  return steps if train.max_steps == -1 else min(steps, train.max_steps)
 
 
 class SpectrumLog:
-  """The moving covariances' spectra: TensorBoard summaries and the points of the PNG."""
+  """The covariances' spectra: TensorBoard summaries and the points of the PNG.
 
-  def __init__(self, writer, spectra):
+  The covariances are the method's (`method.covariances`): CorInfoMax's moving
+  estimates, or the last batch's for a method whose loss carries no state.
+  """
+
+  def __init__(self, writer, spectra, method):
     self._writer = writer
     self.spectra = spectra  # [(step, eigenvalues of branch 1)], carried in checkpoints
-    self._fn = jax.jit(lambda s: (objective.covariance_spectrum(s.cov1),
-                                  objective.covariance_spectrum(s.cov2)))
+    self._fn = jax.jit(lambda s: tuple(objective.covariance_spectrum(c)
+                                       for c in method.covariances(s)))
 
   def __call__(self, step, state):
     spec1, spec2 = jax.device_get(self._fn(state.loss_state))
@@ -143,47 +145,55 @@ class SpectrumLog:
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Pretrains with CorInfoMax, resuming from the latest checkpoint in `workdir`."""
+  """Pretrains with config.method, resuming from the latest checkpoint in `workdir`."""
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
-  configuration.validate_config(config)
-  batch_size = config.batch_size
-  mesh_lib.check_batch_divides(batch_size, jax.device_count(), jax.process_count())
-  workdir_lib.check_workdir(workdir)
-  mesh = mesh_lib.make_mesh()
+  run, mesh = startup.begin(config, workdir,
+                            batch_sizes=lambda r: {"batch_size": r.train.batch_size})
+  train, data = run.train, run.data
+  batch_size = train.batch_size
 
   # --- Input (and the evaluators' splits, opened now so that they fail now).
-  source = sources.get_source(config.dataset, config.data_dir, config.train_split,
-                              skip_bad_images=config.skip_bad_images)
+  source = sources.get_source(data.dataset, data.data_dir, data.train_split,
+                              skip_bad_images=data.skip_bad_images)
   steps_per_epoch = pipeline.steps_per_epoch(source.num_examples, batch_size)
-  num_steps = total_steps(config, steps_per_epoch)
-  logging.info("Data %s/%s: %d images, %d classes; %d steps of %d (%d per epoch).",
-               config.dataset, config.train_split, source.num_examples, source.num_classes,
-               num_steps, batch_size, steps_per_epoch)
-  model = configuration.create_model(config)
+  num_steps = total_steps(train, steps_per_epoch)
+  logging.info("Data %s/%s: %d images, %d classes; %d steps of %d (%d per epoch); "
+               "method %s.", data.dataset, data.train_split, source.num_examples,
+               source.num_classes, num_steps, batch_size, steps_per_epoch, run.method)
+  model = run.model.create()
   evaluators = []
-  if evaluators_lib.monitors_on(config):
-    mesh_lib.check_batch_divides(config.eval.batch_size, jax.device_count(),
+  if evaluators_lib.monitors_on(run.eval):
+    mesh_lib.check_batch_divides(run.eval.batch_size, jax.device_count(),
                                  jax.process_count(), key="eval.batch_size")
     evaluators = evaluators_lib.create_evaluators(
-        config, model, mesh, *evaluators_lib.open_sources(config))
+        run.eval, data, model, mesh,
+        *evaluators_lib.open_sources(data, needs_labels="the monitors in eval.monitors"))
+  if run.eval.online_probe.enabled and source.unlabelled:
+    raise errors.ConfigError(
+        f"{data.dataset} split {data.train_split!r} has no class directories, so the "
+        "online probe (config.eval.online_probe.enabled=True) has no labels to learn; "
+        "give it <split>/<class>/<image>, or set config.eval.online_probe.enabled=False.")
 
-  # --- Model, optimizer, state (with the online probe when config.eval.online_probe).
-  learning_rate_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch)
-  tx = train_state_lib.create_optimizer(config, learning_rate_fn)
-  probe_classes = train_state_lib.online_probe_classes(config, source.num_classes)
-  state = train_state_lib.create_train_state(config, model, tx, mesh,
+  # --- Model, optimizer, state (with the online probe when enabled).
+  learning_rate_fn = train_state_lib.create_learning_rate_fn(run.optimizer,
+                                                             steps_per_epoch)
+  tx = train_state_lib.create_optimizer(run.optimizer, learning_rate_fn)
+  probe_classes = train_state_lib.online_probe_classes(run.eval.online_probe,
+                                                       source.num_classes)
+  state = train_state_lib.create_train_state(run, model, tx, mesh,
                                              probe_classes=probe_classes)
 
   # --- Checkpoint: resume where the workdir left off.
-  manager = train_state_lib.create_checkpoint_manager(workdir, config)
+  manager = train_state_lib.create_checkpoint_manager(workdir, train.keep_checkpoints)
   writer = metrics_lib.MetricWriter(files.as_path(workdir))
   try:
-    run_record.write_run_config(config, workdir, writer)
-    restored, record = train_state_lib.restore(manager, state, config,
+    restored, record = train_state_lib.restore(manager, state, run,
                                                probe_classes=probe_classes)
+    # Only a run the checkpoint accepts rewrites the record of the run.
+    run_record.write_run_config(run.record, workdir, writer)
     spectra = []
     if restored is not None:
       state = restored
@@ -192,32 +202,31 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     start_step = int(state.step)
 
     # --- Step, batches, periodic actions.
-    step_fn = jit_train_step(config, model, tx, learning_rate_fn, mesh)
+    step_fn = jit_train_step(run, model, tx, learning_rate_fn, mesh)
     batches = pipeline.global_batches(
         pipeline.pretrain_batches(
-            source, global_batch_size=batch_size, image_size=config.image_size,
-            seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            aug_config=configuration.aug_overrides(config)),
+            source, global_batch_size=batch_size, image_size=data.image_size,
+            seed=train.seed, start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count(), aug_config=data.recipe),
         mesh_lib.batch_sharded(mesh))
-    spectrum = SpectrumLog(writer, spectra)
+    spectrum = SpectrumLog(writer, spectra, run.method)
     report = loop.ReportProgress(
-        name="pretrain", num_steps=num_steps, every_steps=config.log_every_steps,
+        name="pretrain", num_steps=num_steps, every_steps=train.log_every_steps,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
         prefix="train/",
         nonfinite_hint=lambda: (
             f"The last good checkpoint is step {manager.latest_step()} in "
             f"{manager.directory}. Lower config.learning_rate or check the data."))
-    record_fn = lambda: {**train_state_lib.checkpoint_record(config, probe_classes),
+    record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
     actions = [
         report,
-        loop.Periodic(config.spectrum_every_steps, spectrum),
+        loop.Periodic(train.spectrum_every_steps, spectrum),
         *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
           for e in evaluators),
-        loop.Checkpoint(manager, config.checkpoint_every_steps, record_fn,
+        loop.Checkpoint(manager, train.checkpoint_every_steps, record_fn,
                         before_save=report.flush),
-        loop.Profile(str(files.as_path(workdir)), start_step, config.profile_steps),
+        loop.Profile(str(files.as_path(workdir)), start_step, train.profile_steps),
     ]
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
                                 num_steps=num_steps, actions=actions)
@@ -230,5 +239,5 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
   spectrum.plot(files.as_path(workdir) / "spectrum.png",
-                title=f"{config.dataset}: covariance spectrum, branch 1")
+                title=f"{data.dataset}: {run.method.name} covariance spectrum, branch 1")
   return state

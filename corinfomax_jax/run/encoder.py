@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from corinfomax_jax.data import augment
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
@@ -37,7 +38,7 @@ class Encoder:
 
   @property
   def feature_dim(self) -> int:
-    return models.backbone_feature_dim(self.model.backbone_name, self.model.width)
+    return models.feature_dim(self.model)
 
   def __call__(self, images) -> np.ndarray:
     images = np.asarray(images, np.float32)
@@ -47,7 +48,7 @@ class Encoder:
     n = images.shape[0]
     padded = np.pad(images, [(0, -n % devices)] + [(0, 0)] * 3)
     batch = jax.device_put(padded, mesh_lib.batch_sharded(self._mesh))
-    return np.asarray(_features_fn(self.model, self._mesh)(self.variables, batch))[:n]
+    return np.asarray(features_fn(self.model, self._mesh)(self.variables, batch))[:n]
 
   @functools.cached_property
   def _mesh(self) -> jax.sharding.Mesh:
@@ -55,8 +56,17 @@ class Encoder:
 
 
 @functools.lru_cache(maxsize=None)
-def _features_fn(model, mesh):
+def features_fn(model, mesh: jax.sharding.Mesh, normalization=None):
+  """The backbone's pooled features of a global batch, jitted over `mesh` (cached).
+
+  (variables, images) -> (N, feature_dim) float32, BatchNorm in inference mode, the
+  batch sharded over the mesh's "data" axis. normalization None: images are normalised
+  float32; (mean, std): images are uint8, normalised on the device. The one feature
+  function of load_encoder, the evaluators, export and embed.
+  """
   def features(variables, images):
+    if normalization is not None:
+      images = augment.normalize_uint8(images, *normalization)
     return model.apply(variables, images, train=False)[0]  # XLA drops the projector
   return jax.jit(features, in_shardings=(mesh_lib.replicated(mesh),
                                          mesh_lib.batch_sharded(mesh)),

@@ -12,15 +12,17 @@ from absl import logging
 import jax
 
 from corinfomax_jax import files
+from corinfomax_jax.run import settings
 from corinfomax_jax.run import writers as metrics
 
 RECORD = "config.json"
 # Keys whose change makes a resumed run differ from an uninterrupted one.
 RESULT_KEYS = frozenset((
-    "alpha", "la_R", "la_mu", "eps", "r_init", "normalize", "learning_rate",
+    "method", "learning_rate",
     "base_batch_size", "batch_size", "optimizer", "momentum", "weight_decay",
     "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size"))
-RESULT_PREFIXES = ("model.", "aug.")
+# The model, the augmentation, and every method's section (methods.METHODS).
+RESULT_PREFIXES = ("model.", "aug.", "corinfomax.", "vicreg.", "barlow_twins.")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -42,19 +44,20 @@ def changed_result_keys(old: dict, new: dict) -> list[str]:
           if old.get(k, "(absent)") != new.get(k, "(absent)")]
 
 
-def write_run_config(config, workdir: str, writer: metrics.MetricWriter | None = None
-                     ) -> dict:
-  """Writes workdir/config.json (and hparams to `writer`); returns the record.
+def write_run_config(record: dict, workdir: str,
+                     writer: metrics.MetricWriter | None = None) -> dict:
+  """Writes the resolved configuration `record` (settings.Settings.record) to
+  workdir/config.json, and as hparams to `writer`; returns the record.
 
   An existing record that differs is kept as config.json.prev: the steps already in
-  the checkpoint were trained under it, and overwriting alone would lose that.
+  the checkpoint were trained under it, and overwriting alone would lose that. A
+  record of an earlier version is compared with its keys in their new places.
   """
-  record = json.loads(config.to_json_best_effort())
   if jax.process_index() != 0:
     return record
   path = files.as_path(workdir) / RECORD
   if path.exists():
-    previous = json.loads(path.read_text())
+    previous = settings.moved_keys_applied(json.loads(path.read_text()))
     if previous != record:
       changed = changed_result_keys(flatten(previous), flatten(record))
       if changed:

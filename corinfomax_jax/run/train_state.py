@@ -15,12 +15,11 @@ import optax
 from absl import logging
 from etils import epath
 
+from corinfomax_jax import models
 from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import configuration
+from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax import models
-from corinfomax_jax.methods import corinfomax as objective
 from corinfomax_jax.errors import ConfigError
 
 
@@ -31,27 +30,28 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  loss_state: objective.CorInfoMaxState
-  # The online linear probe {"params", "opt_state"} (config.eval.online_probe), or {}
+  loss_state: Any  # the method's state (methods.Method.init_state), e.g. CorInfoMaxState
+  # The online linear probe {"params", "opt_state"} (eval.online_probe.enabled), or {}
   # when off: no leaves, so a checkpoint without a probe has the same arrays as before.
   probe: Any = flax.struct.field(default_factory=dict)
 
 
-def peak_learning_rate(config) -> float:
+def peak_learning_rate(opt: settings_lib.Optimizer) -> float:
   """The paper's learning rate, scaled linearly from its batch size to ours."""
-  return config.learning_rate * config.batch_size / config.base_batch_size
+  return opt.learning_rate * opt.batch_size / opt.base_batch_size
 
 
-def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+def create_learning_rate_fn(opt: settings_lib.Optimizer,
+                            steps_per_epoch: int) -> optax.Schedule:
   """Linear warmup from warmup_start_lr to the peak, then cosine to min_learning_rate."""
-  peak = peak_learning_rate(config)
-  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-  decay_steps = max(config.num_epochs * steps_per_epoch - warmup_steps, 1)
+  peak = peak_learning_rate(opt)
+  warmup_steps = int(opt.warmup_epochs * steps_per_epoch)
+  decay_steps = max(opt.num_epochs * steps_per_epoch - warmup_steps, 1)
   cosine = optax.cosine_decay_schedule(peak, decay_steps,
-                                       alpha=min(config.min_learning_rate / peak, 1.0))
+                                       alpha=min(opt.min_learning_rate / peak, 1.0))
   if warmup_steps == 0:
     return cosine
-  warmup = optax.linear_schedule(config.warmup_start_lr, peak, warmup_steps)
+  warmup = optax.linear_schedule(opt.warmup_start_lr, peak, warmup_steps)
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
@@ -60,65 +60,75 @@ def _is_matrix(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-  if config.optimizer == "sgd":
-    # torch.optim.SGD(weight_decay=wd): decay joins the gradient before momentum, on all
-    # parameters, as in the reference.
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(learning_rate_fn, momentum=config.momentum))
-  return optax.lars(learning_rate_fn, weight_decay=config.weight_decay,
-                    weight_decay_mask=_is_matrix, trust_coefficient=config.lars_eta,
-                    trust_ratio_mask=_is_matrix, momentum=config.momentum)
+def sgd(learning_rate, *, momentum: float, weight_decay: float = 0.0
+        ) -> optax.GradientTransformation:
+  """torch.optim.SGD(lr, momentum, weight_decay): the decay joins the gradient before
+  momentum, on every parameter, as in the reference. The one SGD of every mode."""
+  if not weight_decay:
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum or None))
 
 
-def online_probe_optimizer(config) -> optax.GradientTransformation:
-  """The online probe's own optimizer: SGD momentum 0.9, constant config.eval.online_probe_lr."""
-  return optax.sgd(config.eval.online_probe_lr, momentum=0.9)
+def create_optimizer(opt: settings_lib.Optimizer,
+                     learning_rate_fn) -> optax.GradientTransformation:
+  """The pretraining optimizer: SGD (the paper's) or LARS, as `opt.name` says."""
+  if opt.name == "sgd":
+    return sgd(learning_rate_fn, momentum=opt.momentum, weight_decay=opt.weight_decay)
+  return optax.lars(learning_rate_fn, weight_decay=opt.weight_decay,
+                    weight_decay_mask=_is_matrix, trust_coefficient=opt.lars_eta,
+                    trust_ratio_mask=_is_matrix, momentum=opt.momentum)
 
 
-def online_probe_logits(params, features: jax.Array) -> jax.Array:
-  return features.astype(jnp.float32) @ params["kernel"] + params["bias"]
+def online_probe_optimizer(probe: settings_lib.OnlineProbe) -> optax.GradientTransformation:
+  """The online probe's own optimizer: SGD momentum 0.9 at the constant `probe.lr`."""
+  return sgd(probe.lr, momentum=0.9)
 
 
-def online_probe_classes(config, num_classes: int) -> int:
-  """The online probe's classes: num_classes when config.eval.online_probe, else 0."""
-  return num_classes if config.eval.online_probe else 0
+def online_probe_classes(probe: settings_lib.OnlineProbe, num_classes: int) -> int:
+  """The online probe's classes: num_classes when the probe is enabled, else 0."""
+  return num_classes if probe.enabled else 0
 
 
-def create_train_state(config, model, tx, mesh, *, probe_classes: int = 0) -> TrainState:
+def create_train_state(run: settings_lib.Settings, model, tx, mesh, *,
+                       probe_classes: int = 0) -> TrainState:
   """The initial state, created directly with its (replicated) sharding.
 
-  probe_classes > 0 adds the online probe (a zero-initialised Dense on the pooled
-  features, as solo-learn's); 0 leaves `probe` empty.
+  Reads the seed, the image size, the method (its initial loss state) and the online
+  probe's settings of `run`. probe_classes > 0 adds the online probe (a
+  zero-initialised Dense on the pooled features, as solo-learn's); 0 leaves `probe`
+  empty.
   """
-  dim = models.parse_projector(config.model.projector)[-1]
+  dim = run.model.output_dim
+  size = run.data.image_size
+  probe_tx = online_probe_optimizer(run.eval.online_probe)
 
   def init(rng):
-    image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    image = jnp.zeros((1, size, size, 3), jnp.float32)
     _, init_rng = jax.random.split(rng)  # the initialisation of earlier versions
     variables = model.init({"params": init_rng}, image, train=False)
     params = variables["params"]
     probe = {}
     if probe_classes:
-      feature_dim = models.backbone_feature_dim(config.model.backbone, config.model.width)
-      probe_params = {"kernel": jnp.zeros((feature_dim, probe_classes), jnp.float32),
-                      "bias": jnp.zeros((probe_classes,), jnp.float32)}
+      probe_params = models.init_linear_head(models.feature_dim(model, size),
+                                             probe_classes, init="zeros")
       probe = {"params": probe_params,
-               "opt_state": online_probe_optimizer(config).init(probe_params)}
+               "opt_state": probe_tx.init(probe_params)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params),
-                      loss_state=objective.init_state(dim, config.r_init), probe=probe)
+                      loss_state=run.method.init_state(dim), probe=probe)
 
   return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(
-      jax.random.PRNGKey(config.seed))
+      jax.random.PRNGKey(run.seed))
 
 
-def initial_state(config, model, mesh, *, probe_classes: int = 0) -> TrainState:
+def initial_state(run: settings_lib.Settings, model, mesh, *,
+                  probe_classes: int = 0) -> TrainState:
   """The seeded initial state: the random network, and the checkpoint template."""
   # Only the optimizer state's structure matters here, not the schedule's length.
-  tx = create_optimizer(config, create_learning_rate_fn(config, 1))
-  return create_train_state(config, model, tx, mesh, probe_classes=probe_classes)
+  tx = create_optimizer(run.optimizer, create_learning_rate_fn(run.optimizer, 1))
+  return create_train_state(run, model, tx, mesh, probe_classes=probe_classes)
 
 
 def backbone_variables(state: TrainState) -> dict:
@@ -131,40 +141,44 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return files.as_path(workdir) / "checkpoints"
 
 
-def create_checkpoint_manager(workdir: str, config):
-  return checkpoints.create_manager(checkpoint_dir(workdir), keep=config.keep_checkpoints)
+def create_checkpoint_manager(workdir: str, keep: int = 3):
+  return checkpoints.create_manager(checkpoint_dir(workdir), keep=keep)
 
 
-def checkpoint_record(config, probe_classes: int = 0) -> dict:
+def checkpoint_record(run: settings_lib.Settings, probe_classes: int = 0) -> dict:
   """What a checkpoint says about the run that wrote it (load_encoder reads "model").
 
-  "online_probe_classes" says whether the state holds an online probe (and its size);
-  "data" (the data set, hence its normalisation, and the image size) is informative:
-  a resumed run is not checked against it.
+  "method" names the objective whose state the checkpoint holds (absent in checkpoints
+  of earlier versions, which are all CorInfoMax); "online_probe_classes" says whether
+  the state holds an online probe (and its size); "data" (the data set, hence its
+  normalisation, and the image size) is informative: a resumed run is not checked
+  against it.
   """
-  return {"model": configuration.model_record(config), "optimizer": config.optimizer,
-          "online_probe_classes": probe_classes,
-          "data": {"dataset": config.dataset, "image_size": config.image_size}}
+  return {"model": run.model.record(), "optimizer": run.optimizer.name,
+          "method": run.method.name, "online_probe_classes": probe_classes,
+          "data": {"dataset": run.data.dataset, "image_size": run.data.image_size}}
 
 
-def restore(manager, template, config, *, set_aside: bool = True,
+def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = True,
             probe_classes: int | None = 0):
   """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
 
   `template` is a TrainState or a function of the checkpoint's record that returns
   one. probe_classes None: any online probe (a reader of the backbone).
   """
-  expected = checkpoint_record(config, probe_classes or 0)
+  expected = checkpoint_record(run, probe_classes or 0)
 
   def check(record, step):
     checkpoints.check_same(record.get("model", {}), expected["model"], step,
                            manager.directory, "model.")
+    checkpoints.check_same({"method": record.get("method", "corinfomax")},
+                           {"method": expected["method"]}, step, manager.directory)
     checkpoints.check_same(record, {"optimizer": expected["optimizer"]}, step,
                            manager.directory)
     if probe_classes is not None and record.get("online_probe_classes", 0) != probe_classes:
       raise ConfigError(
           f"The checkpoint of step {step} in {manager.directory} was written with "
-          f"config.eval.online_probe={bool(record.get('online_probe_classes'))}, this "
+          f"config.eval.online_probe.enabled={bool(record.get('online_probe_classes'))}, this "
           f"run has {bool(probe_classes)}: a resumed run keeps the probe setting. Use "
           "the original setting, or another --workdir.")
 
@@ -183,7 +197,8 @@ def restore(manager, template, config, *, set_aside: bool = True,
   return state, record
 
 
-def load_pretrained(config, model, mesh, workdir: str, hint: str = "") -> TrainState:
+def load_pretrained(run: settings_lib.Settings, model, mesh, workdir: str,
+                    hint: str = "") -> TrainState:
   """The latest pretraining checkpoint of `workdir`; ConfigError when there is none."""
   directory = checkpoint_dir(workdir)
   missing = ConfigError(
@@ -192,10 +207,10 @@ def load_pretrained(config, model, mesh, workdir: str, hint: str = "") -> TrainS
   if not directory.is_dir():
     raise missing
   template = lambda record: initial_state(
-      config, model, mesh, probe_classes=record.get("online_probe_classes", 0))
-  manager = create_checkpoint_manager(workdir, config)
+      run, model, mesh, probe_classes=record.get("online_probe_classes", 0))
+  manager = create_checkpoint_manager(workdir, run.train.keep_checkpoints)
   try:
-    state, _ = restore(manager, template, config, set_aside=False, probe_classes=None)
+    state, _ = restore(manager, template, run, set_aside=False, probe_classes=None)
   finally:
     manager.close()
   if state is None:

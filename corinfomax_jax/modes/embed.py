@@ -1,0 +1,90 @@
+"""--mode=embed: the backbone features of a split, written batch by batch."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+from absl import logging
+
+from corinfomax_jax import files
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.errors import ConfigError
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.modes import startup
+from corinfomax_jax.run import encoder as encoder_lib
+from corinfomax_jax.run import settings as settings_lib
+
+EMBEDDINGS_DIR = "embeddings"
+
+
+def embed_split(run: settings_lib.Settings) -> str:
+  """The split --mode=embed reads: config.eval.embed_split, else config.eval_split."""
+  return run.eval.embed_split or run.data.eval_split
+
+
+def embed(config, workdir: str) -> str:
+  """--mode=embed: backbone features of a split to DIR/embeddings/<split>.npz.
+
+  The npz holds features float32 [n, dim], labels int32 [n] and index int64 [n] (the
+  example's index in the source, i.e. its position in the sorted file list of an image
+  folder or in the TFDS split; for a streamed TFDS split, its order of arrival).
+  Centre crops through the latest checkpoint's backbone in inference mode, in global
+  batches of config.eval.batch_size sharded over all devices (evaluators.feature_batches).
+  So that 1.28M x 2048 features (10.5 GB) need not fit in memory, process 0 writes each
+  gathered batch straight into three .npy files (np.lib.format.open_memmap) under
+  DIR/embeddings/<split>.parts/ (under TMPDIR when DIR is a URL), then stores them
+  uncompressed into the .npz (np.savez copies a memory-mapped array in 16 MiB pieces)
+  and removes them: host memory holds one batch, the disk briefly twice the result; for
+  a URL the npz is then uploaded.
+  `np.load(path, mmap_mode=...)` does not map npz members; np.load(path)["features"]
+  reads that array. Returns the npz path.
+  """
+  run, mesh = startup.begin(
+      config, workdir, batch_sizes=lambda r: {"eval.batch_size": r.eval.batch_size},
+      create_workdir=False)
+  enc = encoder_lib.load_encoder(workdir)  # fails now when there is no checkpoint
+  if enc.config["model"] != run.model.record():
+    raise ConfigError(
+        f"The checkpoint in {workdir!r} was written by config.model "
+        f"{enc.config['model']}, not {run.model.record()}: use the "
+        "pretraining configuration.")
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
+  data = run.data
+  split = embed_split(run)
+  source = sources.get_source(data.dataset, data.data_dir, split,
+                              skip_bad_images=data.skip_bad_images)
+  variables = jax.device_put(enc.variables, mesh_lib.replicated(mesh))
+  n, dim = source.num_examples, enc.feature_dim
+  directory = files.as_path(workdir) / EMBEDDINGS_DIR
+  path = directory / f"{split}.npz"
+  writer = jax.process_index() == 0
+  if writer:
+    # Memory maps need a local disk: beside the result, or under TMPDIR for a URL.
+    parts = files.scratch_dir(directory / f"{split}.parts")
+    arrays = {
+        name: np.lib.format.open_memmap(os.path.join(parts, f"{name}.npy"), mode="w+",
+                                        dtype=dtype, shape=shape)
+        for name, dtype, shape in (("features", np.float32, (n, dim)),
+                                   ("labels", np.int32, (n,)),
+                                   ("index", np.int64, (n,)))}
+  count = 0
+  for feats, labels, index in evaluators.feature_batches(
+      enc.model, variables, mesh, source, batch_size=run.eval.batch_size, data=data):
+    if writer:
+      for name, rows in (("features", feats), ("labels", labels), ("index", index)):
+        arrays[name][count:count + len(rows)] = rows
+    count += len(labels)
+  if writer:
+    tmp = os.path.join(parts, f"{split}.npz")
+    with open(tmp, "wb") as f:
+      # np.savez copies each (memory-mapped) array in 16 MiB pieces; [:count] drops the
+      # rows of images skipped as unreadable.
+      np.savez(f, **{name: array[:count] for name, array in arrays.items()})
+    arrays.clear()  # unmaps the .npy files
+    files.move_local_file(tmp, path)
+    shutil.rmtree(parts)
+    logging.info("Features of %d %s %s images (dim %d, checkpoint step %d) written to "
+                 "%s.", count, data.dataset, split, dim, enc.step, path)
+  return str(path)

@@ -1,0 +1,59 @@
+"""The start-up sequence every mode shares, so that every user error surfaces before work.
+
+  run, mesh = startup.begin(config, workdir, batch_sizes=..., create_workdir=...)
+  state = startup.backbone_state(run, model, mesh, workdir)   # evaluating modes
+
+`begin` checks the whole configuration (settings.resolve), then that each global batch
+divides over the devices and processes, then the workdir, and only then builds the mesh.
+"""
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+from corinfomax_jax import files
+from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir as workdir_lib
+from corinfomax_jax.run import writers
+
+
+def begin(config, workdir: str, *, batch_sizes: dict[str, int] | None = None,
+          create_workdir: bool = True, checks=()) -> tuple[settings_lib.Settings,
+                                                           jax.sharding.Mesh]:
+  """(settings, mesh) of a mode, after every check that needs no data.
+
+  batch_sizes: {config key: global batch} that must divide over the devices, e.g.
+  {"batch_size": run.train.batch_size}; a function of the settings may be given to
+  name them once the configuration is checked. checks: functions of the settings that
+  raise ConfigError (a mode's own keys), run before the workdir is touched.
+  """
+  run = settings_lib.resolve(config)
+  if callable(batch_sizes):
+    batch_sizes = batch_sizes(run)
+  for check in checks:
+    check(run)
+  for key, size in (batch_sizes or {}).items():
+    mesh_lib.check_batch_divides(size, jax.device_count(), jax.process_count(), key=key)
+  workdir_lib.check_workdir(workdir, create=create_workdir)
+  return run, mesh_lib.make_mesh()
+
+
+def backbone_state(run: settings_lib.Settings, model, mesh, workdir: str,
+                   random_init: bool | None = None) -> train_state_lib.TrainState:
+  """The network an evaluating mode reads: the workdir's latest pretraining checkpoint,
+  or the seeded random initialisation when `eval.random_init` (the baseline)."""
+  if run.eval.random_init if random_init is None else random_init:
+    return train_state_lib.initial_state(run, model, mesh)
+  return train_state_lib.load_pretrained(
+      run, model, mesh, workdir,
+      ", or set config.eval.random_init=True to evaluate the random initialisation")
+
+
+def write_result(workdir: str, name: str, result: dict) -> str:
+  """Writes a mode's result JSON to <workdir>/<name> (process 0) and returns its path."""
+  path = files.as_path(workdir) / name
+  writers.write_json(path, result)
+  logging.info("Results written to %s.", path)
+  return str(path)

@@ -1,0 +1,80 @@
+"""The command line's `--config.<key>` flags: keys of earlier versions, unknown keys.
+
+Keys that moved (settings.MOVED_KEYS: flat model keys, top-level CorInfoMax keys, flat
+`eval.*` keys) are rewritten to their new place by `translate_moved_flags` before
+ml_collections reads the flags; an unknown key is named with the closest existing ones
+by `unknown_override`. The values themselves are checked by `settings.resolve`.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+
+from absl import logging
+
+from corinfomax_jax.run.settings import MOVED_KEYS
+_PROJECTOR_STRING = re.compile(r"[0-9]+(-[0-9]+)*")
+
+
+def translate_moved_flags(argv: list[str]) -> list[str]:
+  """Rewrites `--config.<old key>` flags to their new place (settings.MOVED_KEYS).
+
+  `--config.projector=2048-2048-64` becomes `--config.model.projector=(2048,2048,64)`;
+  a projector string given to the new key is converted the same way.
+  """
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    match = re.fullmatch(r"--config\.([A-Za-z_.]+)(=.*)?", arg)
+    if not match or i == 0:
+      out.append(arg)
+      i += 1
+      continue
+    key, value = match.group(1), match.group(2)
+    if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+      value, i = "=" + argv[i + 1], i + 1
+    i += 1
+    if key in MOVED_KEYS:
+      new = MOVED_KEYS[key]
+      logging.info("--config.%s is now --config.%s.", key, new)
+      key = new
+    if value is None:
+      out.append(f"--config.{key}")
+      continue
+    value = value[1:]
+    if key == "model.projector" and _PROJECTOR_STRING.fullmatch(value):
+      value = "(" + ",".join(value.split("-")) + ",)"
+    out.append(f"--config.{key}={value}")
+  return out
+
+
+def dotted_keys(config, prefix: str = "") -> list[str]:
+  """Every key path of a ConfigDict, sections and leaves: ["eval", "eval.knn_k", ...]."""
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if hasattr(value, "items") and not isinstance(value, dict):  # a nested ConfigDict
+      out.extend(dotted_keys(value, prefix + key + "."))
+  return out
+
+
+def unknown_override(config, argv: list[str]) -> str | None:
+  """A one-line error for the first `--config.<key>` in argv that config lacks, or None.
+
+  It names the key and the closest existing key paths.
+  """
+  known = dotted_keys(config)
+  for arg in argv[1:]:
+    match = re.fullmatch(r"--config\.([^=\[]+)(\[.*)?(=.*)?", arg)
+    if not match or match.group(1) in known:
+      continue
+    key = match.group(1)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:  # a typo in the section name: compare the last part alone
+      last = {k.rsplit(".", 1)[-1]: k for k in known}
+      close = [last[k] for k in difflib.get_close_matches(key.rsplit(".", 1)[-1], last,
+                                                           n=3, cutoff=0.6)]
+    close = close or difflib.get_close_matches(key, known, n=3, cutoff=0.0)
+    return (f"unknown config key config.{key} ({arg}); closest existing keys: "
+            f"{', '.join('config.' + k for k in close)}.")
+  return None
