@@ -13,7 +13,7 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.run import train_state as train_state_lib
 from conftest import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_features_equal_the_model_applied_to_the_restored_state(pretrained_workdir,

@@ -6,7 +6,7 @@ import sys
 from corinfomax_jax import tensorflow_setup
 from corinfomax_jax.data import sources
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class _RecordingTfConfig:

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "tools",
+_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "tools",
                        "prepare_tiny_imagenet.py")
 _spec = importlib.util.spec_from_file_location("prepare_tiny_imagenet", _SCRIPT)
 prep = importlib.util.module_from_spec(_spec)

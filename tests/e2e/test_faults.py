@@ -19,7 +19,7 @@ from corinfomax_jax import errors
 from corinfomax_jax.data import pipeline
 from corinfomax_jax.modes import pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Flags that turn configs/default.py into the tiny run of conftest.tiny_config.
 TINY_FLAGS = ["--config.image_size=16", "--config.width=4", "--config.projector=32-8",
