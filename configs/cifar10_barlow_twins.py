@@ -1,0 +1,8 @@
+"""Barlow Twins on the trainer's cifar10 setting (configs/cifar10.py), with its published
+loss weights, projector and optimizer (configs/recipes.py names the sources)."""
+from configs import cifar10
+from configs import recipes
+
+
+def get_config():
+  return recipes.barlow_twins(cifar10.get_config())
