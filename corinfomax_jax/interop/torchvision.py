@@ -137,7 +137,7 @@ def torchvision_state_dict(variables: Mapping[str, Any], *, backbone: str,
     scalar. running_var is Flax's running (biased) variance, unchanged: see the module
     docstring.
   """
-  _architecture(backbone)  # refuses a backbone torchvision does not have, first
+  _architecture(backbone)  # a non-ResNet is refused before its variables are read
   params, stats = _backbone_trees(variables)
   _check_stem(np.shape(_lookup(params, ("conv1",), "kernel", "params")), cifar_stem)
   out = {}
@@ -162,7 +162,7 @@ def flax_backbone_from_state_dict(state_dict: Mapping[str, Any], *, backbone: st
   under "backbone" in a CorInfoMaxModel). fc.* keys (a torchvision classifier) and
   num_batches_tracked are ignored; any other missing or extra key raises.
   """
-  _architecture(backbone)  # refuses a backbone torchvision does not have, first
+  _architecture(backbone)  # a non-ResNet is refused before its variables are read
   params: dict = {}
   stats: dict = {}
   used = set()
@@ -201,9 +201,10 @@ def torch_layout_features(state_dict: Mapping[str, Any], images_nhwc: jax.Array,
                           backbone: str, cifar_stem: bool) -> jax.Array:
   """Pooled features of torchvision's ResNet in eval mode, computed in JAX from `state_dict`.
 
-  Written from torchvision's definition, not from models/resnet.py: OIHW kernels,
-  symmetric padding k // 2, BN with the running statistics and eps 1e-5, v1.5 Bottleneck (stride
-  on the 3x3), 3x3 stride-2 max-pool after the 7x7 stem unless `cifar_stem`.
+  Written from torchvision's definition, not from models/resnet.py's modules (only its
+  table's stage sizes and block kind): OIHW kernels, symmetric padding k // 2, BN with
+  the running statistics and eps 1e-5, v1.5 Bottleneck (stride on the 3x3), 3x3
+  stride-2 max-pool after the 7x7 stem unless `cifar_stem`.
   """
   sd = {k: jnp.asarray(v) for k, v in state_dict.items()}
   stage_sizes, block = _architecture(backbone)

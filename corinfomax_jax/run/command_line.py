@@ -12,8 +12,8 @@ import re
 
 from absl import logging
 
+from corinfomax_jax import models
 from corinfomax_jax.run.settings import MOVED_KEYS
-_PROJECTOR_STRING = re.compile(r"[0-9]+(-[0-9]+)*")
 
 
 def translate_moved_flags(argv: list[str]) -> list[str]:
@@ -42,10 +42,19 @@ def translate_moved_flags(argv: list[str]) -> list[str]:
       out.append(f"--config.{key}")
       continue
     value = value[1:]
-    if key == "model.projector" and _PROJECTOR_STRING.fullmatch(value):
-      value = "(" + ",".join(value.split("-")) + ",)"
+    if key == "model.projector":
+      value = _projector_tuple_flag(value)
     out.append(f"--config.{key}={value}")
   return out
+
+
+def _projector_tuple_flag(value: str) -> str:
+  """"2048-2048-64" -> "(2048,2048,64,)"; any other flag value is left to the config."""
+  try:
+    sizes = models.parse_projector(value)
+  except ValueError:
+    return value
+  return "(" + ",".join(str(s) for s in sizes) + ",)"
 
 
 def dotted_keys(config, prefix: str = "") -> list[str]:

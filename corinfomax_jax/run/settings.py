@@ -266,19 +266,33 @@ def _checker(section: dict, prefix: str):
   return need, is_int, is_number
 
 
+# The keys of config.model that create_model reads itself; the others are the backbone's.
+_MODEL_KEYS = ("backbone", "projector", "projector_bn", "dtype")
+
+
 def _model(raw: dict) -> Model:
+  """config.model, checked: the backbone's own keys (a ResNet's width and cifar_stem) by
+  its entry in models.BACKBONES, which also refuses a key that backbone does not accept."""
   section = dict(raw.get("model", {}))
   need, _, _ = _checker(section, "model.")
-  need(section.get("backbone") in models.BACKBONES, "backbone",
-       f"one of {sorted(models.BACKBONES)}")
+  name = section.get("backbone")
+  need(name in models.BACKBONES, "backbone", f"one of {sorted(models.BACKBONES)}")
+  for key, value in section.items():
+    if key not in _MODEL_KEYS:
+      try:
+        models.check_backbone_options(name, **{key: value})
+      except ValueError as e:
+        raise ConfigError(f"config.model.{key} = {value!r} is invalid: {e}") from None
   try:
     section["projector"] = models.parse_projector(section.get("projector"))
   except ValueError:
     need(False, "projector", "positive integers, hidden sizes then the output dim D, "
          "e.g. (2048, 2048, 64)")
   need(section.get("dtype") in models.DTYPES, "dtype", f"one of {sorted(models.DTYPES)}")
+  need(section["dtype"] == "float32" or "dtype" in models.BACKBONES[name].options,
+       "dtype", f"'float32': backbone {name!r} has no dtype option")
   need(isinstance(section.get("projector_bn"), bool), "projector_bn", "True or False")
-  try:  # the backbone's own keys (a ResNet's width and cifar_stem) are its own to check
+  try:  # anything create_model refuses beyond the keys checked above
     models.create_model(**section)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None

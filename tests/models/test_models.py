@@ -1,6 +1,7 @@
-"""Tests for corinfomax_jax.models.resnet: torchvision parameter counts, init, BN, sharding."""
+"""Tests for corinfomax_jax.models: torchvision parameter counts, init, BN, sharding, heads."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,3 +287,65 @@ def test_sharded_forward_equals_unsharded(tiny_variables):
   # have very different scales.
   per_shard = [forward(tiny_variables, x[2 * i:2 * i + 2])[0][1] for i in range(8)]
   assert not np.allclose(np.concatenate(per_shard), expected[0][1], atol=1e-3)
+
+
+def test_feature_dim_is_the_models_own_output_size():
+  model = _tiny_model()
+  assert models.feature_dim(model) == models.feature_dim(model.backbone) == 32
+  features, _ = jax.eval_shape(functools.partial(model.init_with_output, train=False),
+                               _key(), jnp.zeros((1, 16, 16, 3)))[0]
+  assert features.shape == (1, models.feature_dim(model, image_size=16))
+  assert models.feature_dim(models.create_model("resnet50", projector="8")) == 2048
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(width=0), "width 0 must be a positive integer"),
+    (dict(width=True), "width True must be a positive integer"),
+    (dict(cifar_stem="yes"), "cifar_stem 'yes' must be True or False"),
+    (dict(dtype="float16"), r"dtype 'float16' .*\['bfloat16', 'float32'\]"),
+    (dict(depth=3), r"'resnet18' has no option 'depth'; it accepts \['cifar_stem', "
+                    r"'dtype', 'num_classes', 'width'\]"),
+])
+def test_resnet_options_are_checked_by_its_entry(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    models.create_backbone("resnet18", **kwargs)
+  with pytest.raises(ValueError, match=match):
+    models.create_model("resnet18", projector="8", **kwargs)
+
+
+def test_the_model_takes_no_classifier_backbone():
+  with pytest.raises(ValueError, match="num_classes"):
+    models.create_model("resnet18", projector="8", num_classes=10)
+
+
+def test_linear_logits_is_an_affine_map_in_float32():
+  rng = np.random.default_rng(0)
+  params = {"kernel": rng.normal(size=(6, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32)}
+  features = rng.normal(size=(3, 6)).astype(np.float32)
+  logits = models.linear_logits(params, jnp.asarray(features, jnp.bfloat16))
+  assert logits.dtype == jnp.float32
+  bf16 = np.asarray(jnp.asarray(features, jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(logits, bf16 @ params["kernel"] + params["bias"], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_linear_head_initialisations():
+  zeros = models.init_linear_head(6, 4)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), zeros) == {
+      "kernel": ((6, 4), jnp.float32), "bias": ((4,), jnp.float32)}
+  assert not any(np.any(a) for a in jax.tree.leaves(zeros))
+  normal = models.init_linear_head(512, 100, init="normal", stddev=0.01,
+                                   rng=jax.random.key(0))
+  np.testing.assert_array_equal(normal["bias"], 0.0)
+  assert abs(float(normal["kernel"].std()) / 0.01 - 1) < 0.01
+  assert abs(float(normal["kernel"].mean())) < 5 * 0.01 / np.sqrt(512 * 100)  # 5 sigma
+  # "lecun_normal" is flax's Dense initialisation, value for value.
+  dense = nn.Dense(4).init(jax.random.key(3), jnp.zeros((1, 6)))["params"]
+  lecun = models.init_linear_head(6, 4, init="lecun_normal", rng=jax.random.key(3))
+  jax.tree.map(np.testing.assert_array_equal, lecun, dict(dense))
+  with pytest.raises(ValueError, match="pass rng"):
+    models.init_linear_head(6, 4, init="normal")
+  with pytest.raises(ValueError,
+                     match=r"'uniform' .*\['zeros', 'normal', 'lecun_normal'\]"):
+    models.init_linear_head(6, 4, init="uniform")
