@@ -259,11 +259,12 @@ def _linear_eval_augmented(run: settings_lib.Settings, workdir, model, variables
     start_step = int(probe.step)
 
     # --- Train, on the loop skeleton: progress and NaN guard each epoch, checkpoint.
-    replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+    replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
     step_fn = jax.jit(
         functools.partial(probe_train_step, model=model, tx=tx,
                           learning_rate_fn=learning_rate_fn, mean=mean, std=std),
-        in_shardings=(replicated, replicated, data), out_shardings=(replicated, replicated),
+        in_shardings=(replicated, replicated, sharded),
+        out_shardings=(replicated, replicated),
         donate_argnums=(0,))
     logging.info("Linear probe (%s): steps %d to %d, batch %d, %d steps per epoch, lr %g "
                  "%s.", LINEAR_VARIANT, start_step, num_steps, batch_size, steps_per_epoch,
@@ -273,7 +274,7 @@ def _linear_eval_augmented(run: settings_lib.Settings, workdir, model, variables
           pipeline.probe_train_batches(
               train_source, global_batch_size=batch_size, image_size=data.image_size,
               seed=run.seed, start_step=start_step, aug_config=data.recipe),
-          data)
+          sharded)
       report = loop.ReportProgress(
           name="linear probe", num_steps=num_steps, every_steps=steps_per_epoch,
           batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,

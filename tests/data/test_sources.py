@@ -87,7 +87,7 @@ def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
   import pytest  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from corinfomax_jax import errors  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax.eval import evaluators  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.modes import knn_eval  # pylint: disable=g-import-not-at-top
   from corinfomax_jax.modes import linear_eval as linear_probe  # pylint: disable=g-import-not-at-top
   from corinfomax_jax.modes import pretrain  # pylint: disable=g-import-not-at-top
   for split in ("train", "test"):
@@ -104,7 +104,7 @@ def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
                                       str(tmp_path / "run"))
   assert int(state.step) == 1
   for run in (lambda c: pretrain.train_and_evaluate(c, str(tmp_path / "knn_monitor")),
-              lambda c: evaluators.knn_eval(c, str(tmp_path / "run")),
+              lambda c: knn_eval.knn_eval(c, str(tmp_path / "run")),
               lambda c: linear_probe.linear_eval(c, str(tmp_path / "run"))):
     config = tiny_config(dataset, max_steps=1)
     config.eval.knn_every_epochs = 1

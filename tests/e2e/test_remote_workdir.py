@@ -34,10 +34,11 @@ from etils.epath import gpath
 
 import corinfomax_jax
 from corinfomax_jax import errors
-from corinfomax_jax.eval import evaluators
-from corinfomax_jax.interop import torchvision as export
-from corinfomax_jax.modes import exporting
 from corinfomax_jax import files
+from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax.modes import embed as embed_lib
+from corinfomax_jax.modes import export as export_lib
+from corinfomax_jax.modes import knn_eval as knn_eval_lib
 from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import workdir as workdir_lib
 
@@ -159,11 +160,11 @@ def test_pretrain_resume_knn_eval_export_and_embed_use_only_the_bucket(
   assert any(f"Resumed from {WORKDIR}/checkpoints at step 2" in r.getMessage()
              for r in caplog.records)
   assert _steps(bucket) == [2, 4]
-  result = evaluators.knn_eval(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  result = knn_eval_lib.knn_eval(tiny_config(f"folder:{image_folder}"), WORKDIR)
   assert result["step"] == 4
 
   run = bucket.local(WORKDIR)
-  with open(os.path.join(run, "knn_eval.json")) as f:
+  with open(os.path.join(run, knn_eval_lib.RESULT_FILE)) as f:
     assert json.load(f) == json.loads(json.dumps(result))
   with open(os.path.join(run, "config.json")) as f:
     assert json.load(f)["max_steps"] == 4
@@ -178,11 +179,11 @@ def test_pretrain_resume_knn_eval_export_and_embed_use_only_the_bucket(
 
   # The modes that read the checkpoint back: load_encoder, export, embed (an upload).
   assert corinfomax_jax.load_encoder(WORKDIR).step == 4
-  out = exporting.export_backbone(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  out = export_lib.export_backbone(tiny_config(f"folder:{image_folder}"), WORKDIR)
   assert out["safetensors"] == f"{WORKDIR}/export/backbone.safetensors"
   assert export.read_safetensors_header(bucket.local(out["safetensors"]))[
       "__metadata__"]["step"] == "4"
-  path = exporting.embed(tiny_config(f"folder:{image_folder}"), WORKDIR)
+  path = embed_lib.embed(tiny_config(f"folder:{image_folder}"), WORKDIR)
   assert path == f"{WORKDIR}/embeddings/test.npz"
   with np.load(bucket.local(path)) as npz:
     assert npz["features"].shape[0] == 24 and list(npz["index"]) == list(range(24))

@@ -10,12 +10,14 @@ from conftest import tiny_config
 
 import corinfomax_jax
 from corinfomax_jax import errors
-from corinfomax_jax.eval import evaluators
-from corinfomax_jax.interop import torchvision as export
-from corinfomax_jax.modes import exporting
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
 from corinfomax_jax.data import sources
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax.modes import embed as embed_lib
+from corinfomax_jax.modes import export as export_lib
+from corinfomax_jax.run import settings
 
 
 def _images(n=3):
@@ -26,7 +28,7 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
     pretrained_workdir, tmp_path, image_folder):
   os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
   workdir = tmp_path
-  out = exporting.export_backbone(tiny_config(f"folder:{image_folder}"), str(workdir))
+  out = export_lib.export_backbone(tiny_config(f"folder:{image_folder}"), str(workdir))
   enc = corinfomax_jax.load_encoder(str(workdir))
   expected = enc(_images())
   # The torchvision state_dict, read back, gives the encoder's features.
@@ -51,9 +53,9 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
   os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
   config = tiny_config(f"folder:{image_folder}")
   config.eval.batch_size = 8  # 24 test images: 3 batches, each gathered and written
-  path = exporting.embed(config, str(tmp_path))
-  assert path == str(tmp_path / "embeddings" / "test.npz")
-  assert not os.path.exists(tmp_path / "embeddings" / "test.parts")
+  path = embed_lib.embed(config, str(tmp_path))
+  assert path == str(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.npz")
+  assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.parts")
   with np.load(path) as npz:
     assert sorted(npz.files) == ["features", "index", "labels"]
     feats, labels, index = npz["features"], npz["labels"], npz["index"]
@@ -63,12 +65,13 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
   enc = corinfomax_jax.load_encoder(str(tmp_path))
   source = sources.get_source(config.dataset, None, "test")
   expected, expected_labels = evaluators.extract_features(
-      enc.model, enc.variables, mesh_lib.make_mesh(), source, batch_size=16, image_size=16)
+      enc.model, enc.variables, mesh_lib.make_mesh(), source, batch_size=16,
+      data=settings.resolve(config).data)
   np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(labels, expected_labels)
 
 
-@pytest.mark.parametrize("mode", [exporting.export_backbone, exporting.embed])
+@pytest.mark.parametrize("mode", [export_lib.export_backbone, embed_lib.embed])
 def test_without_a_checkpoint_fails_in_one_line(mode, tmp_path, image_folder):
   with pytest.raises(errors.ConfigError, match="No pretraining checkpoint") as e:
     mode(tiny_config(f"folder:{image_folder}"), str(tmp_path))

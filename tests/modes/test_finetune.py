@@ -87,9 +87,10 @@ def test_a_label_file_on_a_source_without_file_names_fails_in_one_line(image_fol
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("label_fraction", 0.0, "config.eval.label_fraction = 0.0 is invalid"),
-    ("label_fraction", 1.5, "config.eval.label_fraction = 1.5 is invalid"),
-    ("label_file", "/no/such/file.txt", "config.eval.label_file = '/no/such/file.txt'"),
+    ("label_fraction", 0.0, "config.eval.finetune.label_fraction = 0.0 is invalid"),
+    ("label_fraction", 1.5, "config.eval.finetune.label_fraction = 1.5 is invalid"),
+    ("label_file", "/no/such/file.txt",
+     "config.eval.finetune.label_file = '/no/such/file.txt'"),
     (None, None, "No pretraining checkpoint"),
 ])
 def test_fails_before_any_work_in_one_line(key, value, message, image_folder, tmp_path):

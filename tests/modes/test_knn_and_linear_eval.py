@@ -18,16 +18,19 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
-from corinfomax_jax.eval import evaluators
-from corinfomax_jax.eval import knn
-from corinfomax_jax.modes import linear_eval as linear_probe
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.data import pipeline
-from corinfomax_jax.modes import pretrain
 from corinfomax_jax.data import sources
+from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import knn
+from corinfomax_jax.modes import embed as embed_lib
+from corinfomax_jax.modes import export as export_lib
+from corinfomax_jax.modes import knn_eval as knn_eval_lib
+from corinfomax_jax.modes import linear_eval as linear_probe
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import settings
 
 _NUM_CLASSES = 3
 _PER_CLASS = 12  # in each split: 36 train and 36 test images, sorted by class
@@ -118,14 +121,17 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   # A probe of another protocol is not resumed silently.
   changed = config.copy_and_resolve_references()
   changed.eval.linear_lr = 0.5
-  with pytest.raises(errors.ConfigError, match="linear_lr"):
+  # (The probe's record keeps the flat key names of earlier versions; the message
+  # names the section, config.eval.linear.)
+  with pytest.raises(errors.ConfigError, match=r"linear_lr.*config\.eval\.linear changed"):
     linear_probe.linear_eval(changed, other)
 
 
 def test_probe_step_leaves_the_backbone_alone(pretrained):
   config, _, state = pretrained
   mesh = mesh_lib.make_mesh()
-  model = configuration.create_model(config)
+  run = settings.resolve(config)
+  model = run.model.create()
   tx = optax.sgd(0.5, momentum=0.9)
   probe = linear_probe.create_probe_state(_FEATURE_DIM, _NUM_CLASSES, tx, mesh, seed=0)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -133,7 +139,7 @@ def test_probe_step_leaves_the_backbone_alone(pretrained):
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8),
            "label": rng.integers(0, _NUM_CLASSES, 16).astype(np.int32)}
-  mean, std = configuration.normalization(config)
+  mean, std = run.data.mean, run.data.std
   step = jax.jit(lambda p, v, b: linear_probe.probe_train_step(
       p, v, b, model=model, tx=tx, learning_rate_fn=lambda s: 0.5, mean=mean, std=std),
                  in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P()),
@@ -162,7 +168,8 @@ def test_probe_step_leaves_the_backbone_alone(pretrained):
 def test_knn_monitor_matches_features_computed_directly(pretrained):
   config, _, state = pretrained
   mesh = mesh_lib.make_mesh()
-  model = configuration.create_model(config)
+  run = settings.resolve(config)
+  model = run.model.create()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   train_source = sources.get_source(config.dataset, None, "train")
   test_source = sources.get_source(config.dataset, None, "test")
@@ -170,11 +177,11 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
   # 36 test images in 3 global batches of 16, the last with 12 padding rows: sharded
   # extraction drops the padding and equals a plain, unsharded forward pass.
   feats, labels = evaluators.extract_features(model, variables, mesh, test_source,
-                                            batch_size=16, image_size=16)
+                                              batch_size=16, data=run.data)
   batches = list(pipeline.eval_batches(test_source, global_batch_size=16,
-                                             image_size=16))
+                                       image_size=16, aug_config=run.data.recipe))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
-  mean, std = configuration.normalization(config)
+  mean, std = run.data.mean, run.data.std
   images = ((images / 255.0 - np.array(mean)) / np.array(std)).astype(np.float32)
   direct = model.apply(jax.device_get(variables), images, train=False)[0]
   assert feats.shape == (_NUM_CLASSES * _PER_CLASS, _FEATURE_DIM)
@@ -182,9 +189,9 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
   np.testing.assert_array_equal(labels, np.repeat(np.arange(_NUM_CLASSES), _PER_CLASS))
 
   bank, bank_labels = evaluators.extract_features(model, variables, mesh, train_source,
-                                                batch_size=16, image_size=16)
-  result = evaluators.KnnEvaluator(config, model, mesh, train_source,
-                                   test_source).run(variables)
+                                                  batch_size=16, data=run.data)
+  result = evaluators.KnnEvaluator(run.eval.knn, run.data, run.eval.batch_size, model,
+                                   mesh, train_source, test_source).run(variables)
   ks = (10, 20, 100, 200)
   assert set(result) == {"top1", "top5", "num_bank_examples", "num_query_examples",
                          *(f"top{i}_k{k}" for i in (1, 5) for k in ks)}
@@ -199,15 +206,16 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
 def test_max_train_examples_spreads_over_the_classes(pretrained):
   config, _, state = pretrained
   mesh = mesh_lib.make_mesh()
-  model = configuration.create_model(config)
+  run = settings.resolve(config)
+  model = run.model.create()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   source = sources.get_source(config.dataset, None, "train")
   all_feats, _ = evaluators.extract_features(model, variables, mesh, source,
-                                           batch_size=16, image_size=16)
+                                             batch_size=16, data=run.data)
   # The folder is sorted by class (12 each): every 6th image covers all classes.
   feats, labels = evaluators.extract_features(model, variables, mesh, source,
-                                            batch_size=16, image_size=16,
-                                            max_examples=6)
+                                              batch_size=16, data=run.data,
+                                              max_examples=6)
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
   np.testing.assert_allclose(feats, all_feats[::6], rtol=1e-5, atol=1e-6)
 
@@ -215,7 +223,7 @@ def test_max_train_examples_spreads_over_the_classes(pretrained):
 def test_knn_eval_without_checkpoint_names_the_workdir(image_root, tmp_path):
   workdir = str(tmp_path / "empty")
   with pytest.raises(errors.ConfigError, match=f"{workdir}.*random_init"):
-    evaluators.knn_eval(_config(image_root), workdir)
+    knn_eval_lib.knn_eval(_config(image_root), workdir)
   with pytest.raises(errors.ConfigError, match="No pretraining checkpoint"):
     linear_probe.linear_eval(_config(image_root), workdir)
 
@@ -225,8 +233,8 @@ def test_knn_eval_of_random_init(image_root, tmp_path):
   config.eval.random_init = True
   config.eval.max_train_examples = 20
   workdir = str(tmp_path / "random")
-  result = evaluators.knn_eval(config, workdir)
-  assert _read_json(os.path.join(workdir, "knn_eval.json")) == result
+  result = knn_eval_lib.knn_eval(config, workdir)
+  assert _read_json(os.path.join(workdir, knn_eval_lib.RESULT_FILE)) == result
   assert result["random_init"] is True and result["step"] == 0
   assert (result["num_bank_examples"], result["num_query_examples"]) == (20, 36)
   assert 0 <= result["top1"] <= result["top5"] <= 100
@@ -235,8 +243,8 @@ def test_knn_eval_of_random_init(image_root, tmp_path):
 def test_knn_eval_of_the_checkpoint(pretrained, tmp_path):
   config, pretrain_dir, _ = pretrained
   workdir = str(_copy(pretrain_dir, tmp_path))
-  result = evaluators.knn_eval(config, workdir)
-  assert _read_json(os.path.join(workdir, "knn_eval.json")) == result
+  result = knn_eval_lib.knn_eval(config, workdir)
+  assert _read_json(os.path.join(workdir, knn_eval_lib.RESULT_FILE)) == result
   assert result["random_init"] is False and result["step"] == _PRETRAIN_STEPS
   assert (result["num_bank_examples"], result["num_query_examples"]) == (36, 36)
   assert (result["k"], result["temperature"]) == (200, 0.07)
@@ -263,14 +271,56 @@ def test_linear_eval_precomputed_variant(pretrained, tmp_path):
 def test_eval_config_errors(image_root, tmp_path):
   config = _config(image_root)
   config.eval.linear_batch_size = 12  # 8 devices
-  with pytest.raises(errors.ConfigError, match=r"config.eval.linear_batch_size = 12 .*8 "
+  with pytest.raises(errors.ConfigError, match=r"config.eval.linear.batch_size = 12 .*8 "
                      "devices"):
     linear_probe.linear_eval(config, str(tmp_path))
   config = _config(image_root)
   config.eval.linear_schedule = "linear"
-  with pytest.raises(errors.ConfigError, match="config.eval.linear_schedule"):
+  with pytest.raises(errors.ConfigError, match="config.eval.linear.schedule"):
     linear_probe.linear_eval(config, str(tmp_path))
   config = _config(image_root)
   config.eval.max_train_examples = 0
-  with pytest.raises(errors.ConfigError, match="config.eval.max_train_examples"):
-    evaluators.knn_eval(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match="config.eval.knn.max_train_examples"):
+    knn_eval_lib.knn_eval(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["vicreg", "barlow_twins"])
+def test_evaluation_modes_read_a_workdir_of_another_method(method, image_root, tmp_path):
+  """knn_eval, linear_eval, export and embed read the backbone whatever the objective."""
+  config = _config(image_root)
+  config.method = method
+  workdir = str(tmp_path / method)
+  state = pretrain.train_and_evaluate(config, workdir)
+  assert int(state.step) == _PRETRAIN_STEPS
+
+  result = knn_eval_lib.knn_eval(config, workdir)
+  assert _read_json(os.path.join(workdir, knn_eval_lib.RESULT_FILE)) == result
+  assert result["method"] == method and result["step"] == _PRETRAIN_STEPS
+  assert (result["num_bank_examples"], result["num_query_examples"]) == (36, 36)
+  assert 0 <= result["top1"] <= result["top5"] <= 100
+
+  # The checkpoint says which objective wrote it: another method's config is refused.
+  with pytest.raises(errors.ConfigError, match=f"method.*{method!r}.*'corinfomax'"):
+    knn_eval_lib.knn_eval(_config(image_root), workdir)
+
+  linear = config.copy_and_resolve_references()
+  linear.eval.linear.precomputed = True
+  linear.eval.linear.epochs = 2
+  result = linear_probe.linear_eval(linear, workdir)
+  assert _read_json(os.path.join(workdir, linear_probe.LINEAR_RESULT_FILE)) == result
+  assert result["variant"] == linear_probe.PRECOMPUTED_VARIANT
+  assert result["method"] == method and result["pretrain_step"] == _PRETRAIN_STEPS
+  assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
+  assert 0 <= result["top1"] <= result["top5"] == 100.0  # 3 classes
+
+  out = export_lib.export_backbone(config, workdir)
+  assert out["step"] == _PRETRAIN_STEPS
+  assert os.path.isfile(out["safetensors"]) and os.path.isfile(out["msgpack"])
+
+  path = embed_lib.embed(config, workdir)
+  assert path == os.path.join(workdir, embed_lib.EMBEDDINGS_DIR, "test.npz")
+  with np.load(path) as npz:
+    feats, labels = npz["features"], npz["labels"]
+  assert feats.shape == (_NUM_CLASSES * _PER_CLASS, _FEATURE_DIM)
+  assert np.all(np.isfinite(feats))
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(_NUM_CLASSES), _PER_CLASS))

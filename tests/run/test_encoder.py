@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import corinfomax_jax
-from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.run import settings
 from corinfomax_jax.run import train_state as train_state_lib
 from conftest import tiny_config
 
@@ -20,9 +20,9 @@ def test_features_equal_the_model_applied_to_the_restored_state(pretrained_workd
                                                                  image_folder):
   enc = corinfomax_jax.load_encoder(str(pretrained_workdir))
   assert enc.step == 4 and enc.config["model"]["width"] == 4
-  config = tiny_config(f"folder:{image_folder}")
-  model = configuration.create_model(config)
-  state = train_state_lib.load_pretrained(config, model, mesh_lib.make_mesh(),
+  run = settings.resolve(tiny_config(f"folder:{image_folder}"))
+  model = run.model.create()
+  state = train_state_lib.load_pretrained(run, model, mesh_lib.make_mesh(),
                                           str(pretrained_workdir))
   images = np.random.default_rng(0).normal(size=(5, 16, 16, 3)).astype(np.float32)
   expected = model.apply(train_state_lib.backbone_variables(state), images, train=False)[0]
