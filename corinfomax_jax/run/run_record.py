@@ -21,8 +21,8 @@ RESULT_KEYS = frozenset((
     "method", "learning_rate",
     "base_batch_size", "batch_size", "optimizer", "momentum", "weight_decay",
     "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size"))
-# The model, the augmentation, and every method's section (methods.METHODS).
-RESULT_PREFIXES = ("model.", "aug.", "corinfomax.", "vicreg.", "barlow_twins.")
+# The model and the augmentation; and the section of the run's method (config.method).
+RESULT_PREFIXES = ("model.", "aug.")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -37,9 +37,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def changed_result_keys(old: dict, new: dict) -> list[str]:
-  """'key old -> new' for each key that changes results and differs (flat dicts)."""
+  """'key old -> new' for each key that changes results and differs (flat dicts): the
+  RESULT_KEYS, the model and augmentation keys, and those of the new run's method."""
+  prefixes = RESULT_PREFIXES + (f"{new.get('method', 'corinfomax')}.",)
   keys = sorted(k for k in old.keys() | new.keys()
-                if k in RESULT_KEYS or k.startswith(RESULT_PREFIXES))
+                if k in RESULT_KEYS or k.startswith(prefixes))
   return [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys
           if old.get(k, "(absent)") != new.get(k, "(absent)")]
 
@@ -57,9 +59,12 @@ def write_run_config(record: dict, workdir: str,
     return record
   path = files.as_path(workdir) / RECORD
   if path.exists():
-    previous = settings.moved_keys_applied(json.loads(path.read_text()))
+    previous = json.loads(path.read_text())
+    # A record of an earlier version: its keys in their new places, and its method the
+    # only one there was.
+    comparable = {"method": "corinfomax", **settings.moved_keys_applied(previous)}
     if previous != record:
-      changed = changed_result_keys(flatten(previous), flatten(record))
+      changed = changed_result_keys(flatten(comparable), flatten(record))
       if changed:
         logging.warning("%s: this run changes keys that change results: %s (previous "
                         "record kept as %s.prev).", path, "; ".join(changed), RECORD)
