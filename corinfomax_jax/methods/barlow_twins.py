@@ -26,10 +26,7 @@ import numpy as np
 from corinfomax_jax.methods.batch_stats import checked_batch as _checked_batch
 from corinfomax_jax.methods.batch_stats import off_diagonal_sq_sum as _off_diagonal_sq_sum
 from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
-from corinfomax_jax.methods.batch_stats import BatchCovariances
-from corinfomax_jax.methods.batch_stats import batch_covariances
-from corinfomax_jax.methods.batch_stats import check_hyperparameter
-from corinfomax_jax.methods.batch_stats import zero_covariances
+from corinfomax_jax.methods.batch_stats import StatelessMethod
 from corinfomax_jax.methods.batch_stats import global_count as _global_count
 from corinfomax_jax.methods.batch_stats import global_sum as _global_sum
 from corinfomax_jax.methods.batch_stats import is_number as _is_number
@@ -111,27 +108,15 @@ def barlow_twins_loss(z1: jax.Array,
 
 
 @dataclasses.dataclass(frozen=True)
-class BarlowTwins:
+class BarlowTwins(StatelessMethod):
   """Barlow Twins for the trainer: the fields are the keys of `config.barlow_twins`.
 
   The loss carries no state; the trainer's state is the last batch's covariances
-  (`batch_stats.BatchCovariances`), for the spectrum that every method logs.
+  (batch_stats.StatelessMethod), for the spectrum that every method logs.
   """
   lambd: float = 0.0051
   scale: float = 1.0
   name: ClassVar[str] = "barlow_twins"
 
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      check_hyperparameter(self.name, field.name, getattr(self, field.name))
-
-  def init_state(self, dim: int) -> BatchCovariances:
-    return zero_covariances(dim)
-
-  def loss(self, z1, z2, state: BatchCovariances):
-    del state  # Barlow Twins' loss has no state
-    loss, metrics = barlow_twins_loss(z1, z2, lambd=self.lambd, scale=self.scale)
-    return loss, batch_covariances(z1, z2), metrics
-
-  def covariances(self, state: BatchCovariances):
-    return state.cov1, state.cov2
+  def stateless_loss(self, z1, z2):
+    return barlow_twins_loss(z1, z2, lambd=self.lambd, scale=self.scale)

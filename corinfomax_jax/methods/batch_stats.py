@@ -6,6 +6,7 @@ batch (the compiler inserts the reductions), and inside shard_map, pmap or a nam
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -131,3 +132,31 @@ def check_hyperparameter(method: str, name: str, value, *, low: float = 0.0,
     bound = "" if high is None else f" and {'<' if high_open else '<='} {high}"
     raise ValueError(f"{method}: {name} = {value!r} is invalid: expected a number >= "
                      f"{low}{bound}")
+
+
+class StatelessMethod:
+  """What a method whose loss carries no state shares (VICReg, Barlow Twins).
+
+  A subclass is a frozen dataclass of non-negative hyperparameters (its config section)
+  with a `name` and `stateless_loss(z1, z2) -> (loss, metrics)`. Its trainer state is the
+  last batch's covariances, so the spectrum is logged as for CorInfoMax.
+  """
+  name = ""
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      check_hyperparameter(self.name, field.name, getattr(self, field.name))
+
+  def stateless_loss(self, z1, z2):
+    raise NotImplementedError
+
+  def init_state(self, dim: int) -> BatchCovariances:
+    return zero_covariances(dim)
+
+  def loss(self, z1, z2, state: BatchCovariances):
+    del state  # the loss has no state: the new one is this batch's covariances
+    loss, metrics = self.stateless_loss(z1, z2)
+    return loss, batch_covariances(z1, z2), metrics
+
+  def covariances(self, state: BatchCovariances):
+    return state.cov1, state.cov2

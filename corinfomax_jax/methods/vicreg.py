@@ -27,10 +27,7 @@ import numpy as np
 from corinfomax_jax.methods.batch_stats import checked_batch
 from corinfomax_jax.methods.batch_stats import off_diagonal_sq_sum
 from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
-from corinfomax_jax.methods.batch_stats import BatchCovariances
-from corinfomax_jax.methods.batch_stats import batch_covariances
-from corinfomax_jax.methods.batch_stats import check_hyperparameter
-from corinfomax_jax.methods.batch_stats import zero_covariances
+from corinfomax_jax.methods.batch_stats import StatelessMethod
 from corinfomax_jax.methods.batch_stats import global_count as _global_count
 from corinfomax_jax.methods.batch_stats import global_sum as _global_sum
 from corinfomax_jax.methods.batch_stats import is_number as _is_number
@@ -133,11 +130,11 @@ def vicreg_loss(z1: jax.Array,
 
 
 @dataclasses.dataclass(frozen=True)
-class VICReg:
+class VICReg(StatelessMethod):
   """VICReg for the trainer: the fields are the keys of `config.vicreg`.
 
   The loss carries no state; the trainer's state is the last batch's covariances
-  (`batch_stats.BatchCovariances`), for the spectrum that every method logs.
+  (batch_stats.StatelessMethod), for the spectrum that every method logs.
   """
   sim_weight: float = 25.0
   var_weight: float = 25.0
@@ -145,19 +142,6 @@ class VICReg:
   eps: float = 1e-4
   name: ClassVar[str] = "vicreg"
 
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      check_hyperparameter(self.name, field.name, getattr(self, field.name))
-
-  def init_state(self, dim: int) -> BatchCovariances:
-    return zero_covariances(dim)
-
-  def loss(self, z1, z2, state: BatchCovariances):
-    del state  # VICReg's loss has no state
-    loss, metrics = vicreg_loss(z1, z2, sim_weight=self.sim_weight,
-                                var_weight=self.var_weight, cov_weight=self.cov_weight,
-                                eps=self.eps)
-    return loss, batch_covariances(z1, z2), metrics
-
-  def covariances(self, state: BatchCovariances):
-    return state.cov1, state.cov2
+  def stateless_loss(self, z1, z2):
+    return vicreg_loss(z1, z2, sim_weight=self.sim_weight, var_weight=self.var_weight,
+                       cov_weight=self.cov_weight, eps=self.eps)

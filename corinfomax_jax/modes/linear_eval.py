@@ -90,8 +90,7 @@ def train_linear_probe_on_features(train_feats, train_labels, num_classes: int, 
   learning_rate = linear_probe_schedule(lr, schedule, steps_per_epoch=steps_per_epoch,
                                         epochs=epochs, min_lr=min_lr,
                                         step_epochs=step_epochs)
-  tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                   optax.sgd(learning_rate, momentum=momentum))
+  tx = train_state_lib.sgd(learning_rate, momentum=momentum, weight_decay=weight_decay)
 
   init_key, key = jax.random.split(jax.random.key(seed))
   params = models.init_linear_head(dim, num_classes, init="lecun_normal", rng=init_key)
