@@ -101,7 +101,7 @@ def get_config():
   # kNN (InstDisc's weighted kNN): every k and temperature in one pass; top1/top5 report
   # k = 200, T = 0.07.
   c.eval.knn = ml_collections.ConfigDict()
-  c.eval.knn.every_epochs = 0  # monitor cadence during pretraining; 0: off
+  c.eval.knn.every_epochs = 0.0  # monitor cadence during pretraining; 0: off
   c.eval.knn.k = (10, 20, 100, 200)
   c.eval.knn.temperature = (0.07,)  # one or several temperatures
   c.eval.knn.max_train_examples = -1  # memory bank size limit; -1: whole split
@@ -110,7 +110,7 @@ def get_config():
   c.eval.online_probe = ml_collections.ConfigDict()
   c.eval.online_probe.enabled = False
   c.eval.online_probe.lr = 0.1
-  c.eval.online_probe.every_epochs = 1  # test top-1 cadence, when listed in monitors
+  c.eval.online_probe.every_epochs = 1.0  # test top-1 cadence, when listed in monitors
   # Linear probe (--mode=linear_eval), the paper's protocol.
   c.eval.linear = ml_collections.ConfigDict()
   c.eval.linear.epochs = 100

@@ -70,7 +70,7 @@ def tiny_config(dataset, **overrides):
   c.checkpoint_every_steps = 2
   c.spectrum_every_steps = 2
   c.eval.batch_size = 16
-  # Keys of earlier versions (alpha, width, knn_every_epochs, ...) may be given flat:
+  # Top-level keys of earlier versions (alpha, width, projector, ...) may be given flat:
   # settings.resolve moves them to their sections, as it does for a user's config file.
   c.update(overrides)
   return c

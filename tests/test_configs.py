@@ -1,4 +1,5 @@
-"""configs/: every file passes the checks, and every key can be set on the command line."""
+"""configs/: every file resolves (settings.resolve), and every key can be set on the
+command line."""
 import pathlib
 
 from absl import flags
@@ -6,7 +7,7 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import pytest
 
-from corinfomax_jax.run import configuration
+from corinfomax_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
@@ -35,8 +36,12 @@ def _flag_value(value):
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-def test_config_file_passes_the_checks(name):
-  configuration.validate_config(_parse(name))
+def test_config_file_resolves(name):
+  config = _parse(name)
+  run = settings.resolve(config)
+  assert run.method.name == config.method
+  assert run.data.dataset == config.dataset and run.train.batch_size == config.batch_size
+  assert run.record["model"]["projector"] == list(config.model.projector)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -50,7 +55,8 @@ def test_every_key_overrides_on_the_command_line(name):
   config = _parse(name)
   leaves = dict(_leaves(config))
   unset = {"data_dir": "/tmp/tfds", "aug.mean": "(0.5,0.5,0.5)", "aug.std": "(0.2,0.2,0.2)",
-           "eval.embed_split": "validation", "eval.label_file": "/tmp/labels.txt"}
+           "eval.embed_split": "validation",
+           "eval.finetune.label_file": "/tmp/labels.txt"}
   flags_ = []
   for key, value in leaves.items():
     if isinstance(value, config_dict.FieldReference):
@@ -73,23 +79,21 @@ def test_data_dir_and_augmentation_numbers_override(name):
   config = _parse(name, "--config.data_dir=/data/tfds", "--config.aug.view2.solarize_p=0.3",
                   "--config.aug.crop_scale=(0.2,1.0)")
   assert config.data_dir == "/data/tfds"
-  aug = configuration.aug_overrides(config)
-  assert aug["view2"] == {"blur_p": 0.1, "solarize_p": 0.3}
-  assert aug["crop_scale"] == (0.2, 1.0)
-  configuration.validate_config(config)
+  run = settings.resolve(config)
+  assert run.data.data_dir == "/data/tfds"
+  recipe = run.data.recipe
+  assert recipe["view2"] == {"blur_p": 0.1, "solarize_p": 0.3}
+  assert tuple(recipe["crop_scale"]) == (0.2, 1.0)
 
 
 def test_aug_leaves_the_data_set_statistics_unless_set():
   from corinfomax_jax.data import augment  # pylint: disable=g-import-not-at-top
-  cifar100 = _parse("cifar100.py")
-  recipe = augment.with_overrides(augment.default_aug_config("cifar100"),
-                                  configuration.aug_overrides(cifar100))
-  assert recipe == augment.default_aug_config("cifar100")  # the paper's, CIFAR-100's stats
-  assert recipe["mean"] == augment.normalization_stats("cifar100")[0]
-  cpu = _parse("cifar10_cpu.py", "--config.dataset=folder:/anywhere")
-  recipe = augment.with_overrides(augment.default_aug_config(cpu.dataset),
-                                  configuration.aug_overrides(cpu))
-  assert recipe["mean"] == augment.normalization_stats("cifar10")[0]  # a folder of CIFAR
+  cifar100 = settings.resolve(_parse("cifar100.py")).data
+  # The paper's recipe with CIFAR-100's statistics.
+  assert cifar100.recipe == augment.default_aug_config("cifar100")
+  assert cifar100.mean == tuple(augment.normalization_stats("cifar100")[0])
+  cpu = settings.resolve(_parse("cifar10_cpu.py", "--config.dataset=folder:/anywhere")).data
+  assert cpu.mean == tuple(augment.normalization_stats("cifar10")[0])  # a folder of CIFAR
 
 
 def test_cifar10_cpu_reads_the_folder_beside_the_checkout_when_there(tmp_path, monkeypatch,
@@ -109,4 +113,4 @@ def test_cifar10_cpu_reads_the_folder_beside_the_checkout_when_there(tmp_path, m
     config = cifar10_cpu.get_config()
   assert config.dataset == f"folder:{folder}"
   assert f"reading the CIFAR-10 folder {folder}" in caplog.text
-  configuration.validate_config(config)
+  assert settings.resolve(config).data.dataset == f"folder:{folder}"

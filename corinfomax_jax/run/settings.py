@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any
@@ -228,13 +229,57 @@ def _walk(tree: dict, keys: list[str]):
   return tree if isinstance(tree, dict) else None
 
 
+# Every key resolve reads, by section ("" the top level); config.aug and config.model
+# are checked by the augmentation recipe and the backbone registry, the methods'
+# sections by the methods.
+_KEYS = {
+    "": ("dataset", "data_dir", "train_split", "eval_split", "image_size",
+         "skip_bad_images", "aug", "model", "method", *methods_lib.METHODS, "batch_size",
+         "num_epochs", "max_steps", "optimizer", "momentum", "weight_decay",
+         "learning_rate", "base_batch_size", "min_learning_rate", "warmup_epochs",
+         "warmup_start_lr", "lars_eta", "seed", "log_every_steps",
+         "checkpoint_every_steps", "keep_checkpoints", "spectrum_every_steps",
+         "profile_steps", "eval"),
+    "eval": ("batch_size", "monitors", "random_init", "embed_split", "knn",
+             "online_probe", "linear", "finetune"),
+    "eval.knn": ("every_epochs", "k", "temperature", "max_train_examples"),
+    "eval.online_probe": ("enabled", "lr", "every_epochs"),
+    "eval.linear": tuple(f.name for f in dataclasses.fields(Linear)),
+    "eval.finetune": tuple(f.name for f in dataclasses.fields(Finetune)),
+}
+
+
+def _check_known_keys(raw: dict) -> None:
+  """ConfigError naming a key that no part of the library reads (a typo, or a key set
+  in a config file that nothing would have used), with the closest known keys."""
+  for section, known in _KEYS.items():
+    tree = raw if not section else _walk(raw, section.split("."))
+    for key in sorted(tree or {}):
+      if key not in known:
+        path = f"{section}.{key}" if section else key
+        # Candidates: this section's keys, and keys of earlier versions (by new name).
+        prefix = f"{section}." if section else ""
+        candidates = {k: prefix + k for k in known}
+        candidates.update({old[len(prefix):]: new for old, new in MOVED_KEYS.items()
+                           if old.startswith(prefix) and "." not in old[len(prefix):]})
+        close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.5)
+        raise ConfigError(
+            f"config.{path} is not a configuration key: no part of the library reads "
+            f"it. Closest keys: {', '.join('config.' + candidates[k] for k in close)}."
+            if close else
+            f"config.{path} is not a configuration key: no part of the library reads "
+            f"it. config{'.' + section if section else ''} has "
+            f"{', '.join(sorted(known))}.")
+
+
 def resolve(config) -> Settings:
   """The checked, typed settings of `config` (an ml_collections ConfigDict or a dict).
 
-  Raises ConfigError naming the first value that cannot work.
+  Raises ConfigError naming the first value that cannot work, or a key nothing reads.
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   raw = moved_keys_applied(raw)
+  _check_known_keys(raw)
   model = _model(raw)
   method = _method(raw)
   data = _data(raw)

@@ -224,8 +224,8 @@ def probe_steps(workdir):
 def test_linear_eval_sigterm_saves_the_probe_and_resumes(image_folder, tmp_path):
   workdir = str(tmp_path)
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), workdir)
-  probe_flags = ["--mode=linear_eval", "--config.eval.linear_batch_size=16",
-                 "--config.eval.batch_size=16", "--config.eval.linear_epochs=100000"]
+  probe_flags = ["--mode=linear_eval", "--config.eval.linear.batch_size=16",
+                 "--config.eval.batch_size=16", "--config.eval.linear.epochs=100000"]
   proc = subprocess.Popen(main_command(image_folder, workdir, *probe_flags),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   wait_for(lambda: probe_steps(workdir), proc)
@@ -240,6 +240,7 @@ def test_linear_eval_sigterm_saves_the_probe_and_resumes(image_folder, tmp_path)
   assert not os.path.exists(os.path.join(workdir, "linear_eval.json"))
 
   rerun = subprocess.run(
+      # The flat flag of earlier versions still works (moved to eval.linear.max_steps).
       main_command(image_folder, workdir, *probe_flags,
                    f"--config.eval.linear_max_steps={last + 2}"),
       capture_output=True, text=True, timeout=300)

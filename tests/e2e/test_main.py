@@ -87,8 +87,12 @@ def test_traceback_goes_to_error_log_and_to_the_log_at_verbosity_1(tmp_path):
 
 @pytest.mark.parametrize("flag, key, closest", [
     ("--config.nonexistent=1", "config.nonexistent", None),
-    ("--config.eval.knn_kk=5", "config.eval.knn_kk", "config.eval.knn_k"),
-    ("--config.evall.knn_k=5", "config.evall.knn_k", "config.eval.knn_k"),
+    # The kNN keys live in their section config.eval.knn now.
+    ("--config.eval.knn_kk=5", "config.eval.knn_kk", "config.eval.knn.k"),
+    ("--config.evall.knn_k=5", "config.evall.knn_k", "config.eval.knn.k"),
+    ("--config.eval.knn.kk=5", "config.eval.knn.kk", "config.eval.knn.k"),
+    ("--config.eval.online_probe.every_epoch=2", "config.eval.online_probe.every_epoch",
+     "config.eval.online_probe.every_epochs"),
 ])
 def test_unknown_config_key_names_the_closest_keys(tmp_path, image_folder, flag, key,
                                                    closest):
@@ -103,6 +107,7 @@ def test_eval_split_missing_fails_before_any_training(tmp_path):
   """kNN monitor on, no test/ split: fails at once, no checkpoint, no training step."""
   folder = make_image_folder(tmp_path / "data", splits=("train",))
   workdir = tmp_path / "w"
+  # The flag of earlier versions: main.py moves it to --config.eval.knn.every_epochs.
   proc = run_main(folder, workdir, "--config.eval.knn_every_epochs=1",
                   "--config.max_steps=4", "--config.checkpoint_every_steps=1")
   assert_one_error_line(proc, "no split 'test'")

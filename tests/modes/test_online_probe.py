@@ -1,5 +1,6 @@
 """The online linear probe: trained inside the pretraining step, never touching the backbone."""
 import json
+import logging
 import re
 
 import jax
@@ -8,22 +9,23 @@ import pytest
 from conftest import tiny_config
 
 from corinfomax_jax.data import augment
-from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import settings
 from corinfomax_jax.run import train_state as train_state_lib
 
 
 def _step_twice(config, probe_classes):
-  model = configuration.create_model(config)
-  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-  tx = train_state_lib.create_optimizer(config, lr_fn)
+  run = settings.resolve(config)
+  model = run.model.create()
+  lr_fn = train_state_lib.create_learning_rate_fn(run.optimizer, steps_per_epoch=10)
+  tx = train_state_lib.create_optimizer(run.optimizer, lr_fn)
   mesh = mesh_lib.make_mesh()
-  state = train_state_lib.create_train_state(config, model, tx, mesh,
+  state = train_state_lib.create_train_state(run, model, tx, mesh,
                                              probe_classes=probe_classes)
-  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+  step = pretrain.jit_train_step(run, model, tx, lr_fn, mesh)
   rng = np.random.default_rng(0)
   batch = {}
   for k in ("view1", "view2"):
@@ -37,7 +39,7 @@ def _step_twice(config, probe_classes):
 
 def test_the_probe_trains_and_leaves_pretraining_exactly_as_without_it():
   config = tiny_config("cifar10")
-  config.eval.online_probe = True
+  config.eval.online_probe.enabled = True
   without, m0 = _step_twice(config, 0)
   with_probe, m1 = _step_twice(config, 3)
   assert without.probe == {} and "online_probe_top1" not in m0
@@ -54,18 +56,24 @@ def test_the_probe_trains_and_leaves_pretraining_exactly_as_without_it():
   assert 0 <= m1["online_probe_top1"] <= 100 and np.isfinite(m1["online_probe_loss"])
 
 
-def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folder, tmp_path):
+def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folder, tmp_path,
+                                                                     caplog):
   overrides = dict(max_steps=2, checkpoint_every_steps=2)
   config = tiny_config(f"folder:{image_folder}", **overrides)
-  config.eval.online_probe = True
+  config.eval.online_probe.enabled = True
   config.eval.monitors = ("online_probe",)
-  config.eval.knn_every_epochs = 1  # 24 images, batch 16: at step 1 and the last
-  state = pretrain.train_and_evaluate(config, str(tmp_path))
+  # The probe monitor's own cadence (the kNN one stays off): 24 images, batch 16.
+  config.eval.online_probe.every_epochs = 1
+  with caplog.at_level(logging.INFO):
+    state = pretrain.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2 and set(state.probe) == {"params", "opt_state"}
-  result = evaluators.OnlineProbeEvaluator(config, configuration.create_model(config),
-                                           mesh_lib.make_mesh(), None,
-                                           evaluators.open_sources(config)[1]
-                                           ).run_on_state(state)
+  assert "online_probe monitor at step" in caplog.text
+  assert "knn monitor at step" not in caplog.text
+  run = settings.resolve(config)
+  result = evaluators.OnlineProbeEvaluator(
+      run.eval.online_probe, run.data, run.eval.batch_size, run.model.create(),
+      mesh_lib.make_mesh(), None, evaluators.open_sources(run.data)[1]
+  ).run_on_state(state)
   assert result["num_test_examples"] == 24 and 0 <= result["test_top1"] <= 100
   record = json.loads((tmp_path / "checkpoints/2/run/metadata").read_text())
   assert record["online_probe_classes"] == 2
@@ -74,9 +82,10 @@ def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folde
   resumed = pretrain.train_and_evaluate(config, str(tmp_path))
   assert int(resumed.step) == 3 and not np.array_equal(
       resumed.probe["params"]["kernel"], state.probe["params"]["kernel"])
-  config.eval.online_probe, config.eval.monitors, config.max_steps = False, ("knn",), 4
+  config.eval.online_probe.enabled, config.eval.monitors, config.max_steps = (
+      False, ("knn",), 4)
   with pytest.raises(errors.ConfigError, match=re.escape(
-      "written with config.eval.online_probe=True, this run has False")) as e:
+      "written with config.eval.online_probe.enabled=True, this run has False")) as e:
     pretrain.train_and_evaluate(config, str(tmp_path))
   assert "\n" not in str(e.value)
 
@@ -84,5 +93,9 @@ def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folde
 def test_the_probe_monitor_needs_the_probe():
   config = tiny_config("cifar10")
   config.eval.monitors = ("knn", "online_probe")
-  with pytest.raises(errors.ConfigError, match="config.eval.monitors .*online_probe=True"):
-    configuration.validate_config(config)
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "config.eval.monitors lists 'online_probe', but config.eval.online_probe.enabled is "
+      "False")):
+    settings.resolve(config)
+  config.eval.online_probe.enabled = True
+  assert settings.resolve(config).eval.monitors == ("knn", "online_probe")

@@ -16,10 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 from corinfomax_jax.methods import corinfomax as objective
 from corinfomax_jax.data import augment
-from corinfomax_jax.run import configuration
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import settings
 from corinfomax_jax.run import train_state as train_state_lib
 
 
@@ -67,7 +67,8 @@ def test_learning_rate_schedule_and_linear_scaling():
   config = tiny_config("cifar10", learning_rate=0.5, base_batch_size=8, batch_size=16,
                        warmup_epochs=2, warmup_start_lr=0.01, num_epochs=10,
                        min_learning_rate=1e-3)
-  lr = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=5)
+  lr = train_state_lib.create_learning_rate_fn(settings.resolve(config).optimizer,
+                                               steps_per_epoch=5)
   peak = 0.5 * 16 / 8
   np.testing.assert_allclose(float(lr(0)), 0.01, rtol=1e-6)
   np.testing.assert_allclose(float(lr(10)), peak, rtol=1e-6)  # end of warmup
@@ -76,17 +77,17 @@ def test_learning_rate_schedule_and_linear_scaling():
 
 
 def test_train_step_on_8_devices_equals_one_device():
-  config = tiny_config("cifar10", dtype="float32")
-  model = configuration.create_model(config)
-  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-  tx = train_state_lib.create_optimizer(config, lr_fn)
+  run = settings.resolve(tiny_config("cifar10", dtype="float32"))
+  model = run.model.create()
+  lr_fn = train_state_lib.create_learning_rate_fn(run.optimizer, steps_per_epoch=10)
+  tx = train_state_lib.create_optimizer(run.optimizer, lr_fn)
   batch = _two_view_batch(16, 16)
 
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = mesh_lib.make_mesh(devices)
-    state = train_state_lib.create_train_state(config, model, tx, mesh)
-    step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
+    state = train_state_lib.create_train_state(run, model, tx, mesh)
+    step = pretrain.jit_train_step(run, model, tx, lr_fn, mesh)
     sharded = jax.device_put(batch, NamedSharding(mesh, P(mesh_lib.DATA_AXIS)))
     for _ in range(2):
       state, metrics = step(state, sharded)
@@ -108,29 +109,28 @@ def test_train_step_on_8_devices_equals_one_device():
 
 
 def test_bfloat16_runs_network_in_bf16_with_float32_state():
-  config = tiny_config("cifar10", dtype="bfloat16")
-  model = configuration.create_model(config)
-  lr_fn = train_state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-  tx = train_state_lib.create_optimizer(config, lr_fn)
+  run = settings.resolve(tiny_config("cifar10", dtype="bfloat16"))
+  model = run.model.create()
+  lr_fn = train_state_lib.create_learning_rate_fn(run.optimizer, steps_per_epoch=10)
+  tx = train_state_lib.create_optimizer(run.optimizer, lr_fn)
   mesh = mesh_lib.make_mesh()
-  state = train_state_lib.create_train_state(config, model, tx, mesh)
+  state = train_state_lib.create_train_state(run, model, tx, mesh)
   batch = _two_view_batch(16, 16)
   jaxpr = str(jax.make_jaxpr(functools.partial(
       pretrain.train_step, model=model, tx=tx, learning_rate_fn=lr_fn,
-      loss_kw=pretrain.loss_kwargs(config), views_fn=pretrain.make_views(config)))(
-          state, batch))
+      method=run.method, views_fn=pretrain.make_views(run.data)))(state, batch))
   assert "bf16" in jaxpr  # the convolutions run in bfloat16
-  state, metrics = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)(state, batch)
+  state, metrics = pretrain.jit_train_step(run, model, tx, lr_fn, mesh)(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   for leaf in jax.tree.leaves((state.params, state.loss_state)):
     assert leaf.dtype == jnp.float32
 
 
 def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
-  config = tiny_config("cifar10", optimizer="lars", weight_decay=0.5)
+  run = settings.resolve(tiny_config("cifar10", optimizer="lars", weight_decay=0.5))
   params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
             "bn": {"scale": jnp.ones((4,))}}
-  tx = train_state_lib.create_optimizer(config, lambda step: 1.0)
+  tx = train_state_lib.create_optimizer(run.optimizer, lambda step: 1.0)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
   # With zero gradients only weight decay moves a parameter.
@@ -151,16 +151,24 @@ def test_resume_across_a_restart_equals_one_run(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(model="resnet34"), "resnet34"),
+    ({"model.backbone": "resnet34"}, "resnet34"),
     (dict(learning_rate=-0.1), "config.learning_rate = -0.1"),
     (dict(batch_size=12), "config.batch_size = 12 does not divide over the 8 devices"),
     (dict(projector=(2048, 0, 64)), "config.model.projector = (2048, 0, 64)"),
     (dict(dtype="float16"), "config.model.dtype = 'float16'"),
-    (dict(la_R=1.5), "config.la_R = 1.5"),
+    (dict(la_R=1.5), "config.corinfomax.la_R = 1.5"),  # the flat key, named where it went
+    ({"corinfomax.la_R": 1.5}, "config.corinfomax.la_R = 1.5"),
+    (dict(method="simclr"), "config.method = 'simclr'"),
+    ({"vicreg.sim_weight": 10.0}, "config.vicreg.sim_weight is set"),
     (dict(max_steps=0), "config.max_steps = 0"),
 ])
 def test_invalid_config_fails_before_any_work(overrides, message, image_folder, tmp_path):
-  config = _folder_config(image_folder, **overrides)
+  config = _folder_config(image_folder, **{k: v for k, v in overrides.items()
+                                           if "." not in k})
+  for key, value in overrides.items():  # keys inside a section
+    if "." in key:
+      section, leaf = key.split(".")
+      config[section][leaf] = value
   workdir = tmp_path / "never_created"
   with pytest.raises(errors.ConfigError, match=re.escape(message)):
     pretrain.train_and_evaluate(config, str(workdir))
@@ -168,12 +176,13 @@ def test_invalid_config_fails_before_any_work(overrides, message, image_folder, 
 
 
 def test_state_is_one_pytree_with_the_loss_state():
-  config = tiny_config("cifar10")
-  model = configuration.create_model(config)
-  tx = train_state_lib.create_optimizer(config, train_state_lib.create_learning_rate_fn(config, 10))
-  state = train_state_lib.create_train_state(config, model, tx, mesh_lib.make_mesh())
+  run = settings.resolve(tiny_config("cifar10"))
+  model = run.model.create()
+  tx = train_state_lib.create_optimizer(
+      run.optimizer, train_state_lib.create_learning_rate_fn(run.optimizer, 10))
+  state = train_state_lib.create_train_state(run, model, tx, mesh_lib.make_mesh())
   assert isinstance(state.loss_state, objective.CorInfoMaxState)
-  np.testing.assert_array_equal(state.loss_state.cov1, np.eye(8) * config.r_init)
+  np.testing.assert_array_equal(state.loss_state.cov1, np.eye(8) * run.method.r_init)
   assert int(state.step) == 0
   for leaf in jax.tree.leaves(state):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8

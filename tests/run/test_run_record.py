@@ -9,13 +9,27 @@ from corinfomax_jax.run import run_record
 
 
 def test_changed_result_keys_name_old_and_new_and_skip_bookkeeping():
-  old = {"alpha": 250.0, "log_every_steps": 50, "aug.view2.solarize_p": 0.2,
-         "model.width": 8}
-  new = {"alpha": 500.0, "log_every_steps": 10, "aug.view2.solarize_p": 0.3,
-         "model.width": 8, "model.dtype": "bfloat16"}
+  old = {"corinfomax.alpha": 250.0, "log_every_steps": 50, "aug.view2.solarize_p": 0.2,
+         "model.width": 8, "eval.knn.every_epochs": 1}
+  new = {"corinfomax.alpha": 500.0, "log_every_steps": 10, "aug.view2.solarize_p": 0.3,
+         "model.width": 8, "model.dtype": "bfloat16", "eval.knn.every_epochs": 2}
   assert run_record.changed_result_keys(old, new) == [
-      "alpha 250.0 -> 500.0", "aug.view2.solarize_p 0.2 -> 0.3",
+      "aug.view2.solarize_p 0.2 -> 0.3", "corinfomax.alpha 250.0 -> 500.0",
       "model.dtype (absent) -> bfloat16"]
+
+
+def test_a_record_of_an_earlier_version_is_compared_in_the_new_places(tmp_path, caplog):
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"alpha": 250.0, "model": {"width": 8}, "eval": {"knn_k": 20}}))
+  new = {"corinfomax": {"alpha": 500.0}, "model": {"width": 8}, "eval": {"knn": {"k": 20}}}
+  with caplog.at_level(logging.WARNING):
+    run_record.write_run_config(new, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if "change results" in r.getMessage()]
+  assert len(warnings) == 1 and "corinfomax.alpha 250.0 -> 500.0" in warnings[0], warnings
+  assert "knn" not in warnings[0]  # moved, not changed; and not a result key
+  assert json.loads((tmp_path / "config.json").read_text()) == new
+  assert json.loads((tmp_path / "config.json.prev").read_text()) == {
+      "corinfomax": {"alpha": 250.0}, "model": {"width": 8}, "eval": {"knn": {"k": 20}}}
 
 
 def test_resume_with_a_changed_alpha_warns_once_and_records_the_new(image_folder, tmp_path,
@@ -23,7 +37,8 @@ def test_resume_with_a_changed_alpha_warns_once_and_records_the_new(image_folder
   config = tiny_config(f"folder:{image_folder}", max_steps=1)
   pretrain.train_and_evaluate(config, str(tmp_path))
   first = json.loads((tmp_path / "config.json").read_text())
-  assert first["alpha"] == 250.0 and first["model"]["width"] == 4
+  assert first["corinfomax"]["alpha"] == 250.0 and first["model"]["width"] == 4
+  assert first["method"] == "corinfomax" and "alpha" not in first
   assert first["aug"]["view1"]["blur_p"] == 1.0 and first["data_dir"] is None
 
   config = tiny_config(f"folder:{image_folder}", max_steps=2, alpha=500.0)
@@ -31,7 +46,7 @@ def test_resume_with_a_changed_alpha_warns_once_and_records_the_new(image_folder
     pretrain.train_and_evaluate(config, str(tmp_path))
   warnings = [r.getMessage() for r in caplog.records if "change results" in r.getMessage()]
   assert len(warnings) == 1, warnings
-  assert "alpha 250.0 -> 500.0" in warnings[0]
+  assert "corinfomax.alpha 250.0 -> 500.0" in warnings[0]
   assert "max_steps" not in warnings[0]  # bookkeeping, not a result
-  assert json.loads((tmp_path / "config.json").read_text())["alpha"] == 500.0
+  assert json.loads((tmp_path / "config.json").read_text())["corinfomax"]["alpha"] == 500.0
   assert json.loads((tmp_path / "config.json.prev").read_text()) == first
