@@ -7,8 +7,8 @@ from absl import logging
 
 from corinfomax_jax import files
 from corinfomax_jax.interop import torchvision as export
+from corinfomax_jax.modes import startup
 from corinfomax_jax.run import encoder as encoder_lib
-from corinfomax_jax.run import workdir as workdir_lib
 
 EXPORT_DIR = "export"
 SAFETENSORS_FILE = "backbone.safetensors"
@@ -36,8 +36,9 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
 
   Returns {"safetensors": path, "msgpack": path, "step": ...}.
   """
-  del config  # the checkpoint's record describes the model
-  workdir_lib.check_workdir(workdir, create=False)
+  # The checkpoint's record describes the model; the configuration is checked as in
+  # every mode, and the workdir must hold the pretraining.
+  startup.begin(config, workdir, create_workdir=False)
   enc = encoder_lib.load_encoder(workdir)
   model = enc.config["model"]
   backbone = {k: enc.variables[k]["backbone"] for k in ("params", "batch_stats")}

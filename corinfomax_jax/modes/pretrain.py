@@ -144,6 +144,24 @@ class SpectrumLog:
     logging.info("Covariance spectrum plot: %s", path)
 
 
+def _monitors(run: settings_lib.Settings, model, mesh, source) -> list:
+  """The evaluators pretraining runs, their splits opened and checked now (so that they
+  fail before any training), and the online probe's labels checked."""
+  if run.eval.online_probe.enabled and source.unlabelled:
+    raise errors.ConfigError(
+        f"{run.data.dataset} split {run.data.train_split!r} has no class directories, so "
+        "the online probe (config.eval.online_probe.enabled=True) has no labels to "
+        "learn; give it <split>/<class>/<image>, or set "
+        "config.eval.online_probe.enabled=False.")
+  if not evaluators_lib.monitors_on(run.eval):
+    return []
+  mesh_lib.check_batch_divides(run.eval.batch_size, jax.device_count(),
+                               jax.process_count(), key="eval.batch_size")
+  return evaluators_lib.create_evaluators(
+      run.eval, run.data, model, mesh,
+      *evaluators_lib.open_sources(run.data, needs_labels="the monitors in eval.monitors"))
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Pretrains with config.method, resuming from the latest checkpoint in `workdir`."""
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -164,18 +182,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                "method %s.", data.dataset, data.train_split, source.num_examples,
                source.num_classes, num_steps, batch_size, steps_per_epoch, run.method)
   model = run.model.create()
-  evaluators = []
-  if evaluators_lib.monitors_on(run.eval):
-    mesh_lib.check_batch_divides(run.eval.batch_size, jax.device_count(),
-                                 jax.process_count(), key="eval.batch_size")
-    evaluators = evaluators_lib.create_evaluators(
-        run.eval, data, model, mesh,
-        *evaluators_lib.open_sources(data, needs_labels="the monitors in eval.monitors"))
-  if run.eval.online_probe.enabled and source.unlabelled:
-    raise errors.ConfigError(
-        f"{data.dataset} split {data.train_split!r} has no class directories, so the "
-        "online probe (config.eval.online_probe.enabled=True) has no labels to learn; "
-        "give it <split>/<class>/<image>, or set config.eval.online_probe.enabled=False.")
+  evaluators = _monitors(run, model, mesh, source)
 
   # --- Model, optimizer, state (with the online probe when enabled).
   learning_rate_fn = train_state_lib.create_learning_rate_fn(run.optimizer,
