@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from corinfomax_jax.methods.batch_stats import checked_batch as _checked_batch
+from corinfomax_jax.methods.batch_stats import checked_views as _checked_views
 from corinfomax_jax.methods.batch_stats import off_diagonal_sq_sum as _off_diagonal_sq_sum
 from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
 from corinfomax_jax.methods.batch_stats import StatelessMethod
@@ -78,14 +78,15 @@ def barlow_twins_loss(z1: jax.Array,
   Statistics are computed in float32 whatever the dtype of z (e.g. bfloat16), with
   matmuls at full float32 precision.
 
-  Raises ValueError if z1 or z2 is not 2-D, if their shapes differ, for a global batch
-  N < 2 (nothing to standardise over, as torch's BatchNorm refuses; a local shard of one
-  under `axis_name` is fine), or for lambd or scale negative or not finite, given as a
-  Python number (traced values are not checked).
+  Raises TypeError for complex z; ValueError if z1 or z2 is not 2-D, if their shapes
+  differ, for an `axis_name` that no enclosing map binds, for a global batch N < 2
+  (nothing to standardise over, as torch's BatchNorm refuses; a local shard of one under
+  `axis_name` is fine), or for lambd or scale negative or not finite, given as a Python
+  number (traced values are not checked).
 
   Args:
     z1, z2: (N, D) projector outputs of the two views (the local shard under
-      `axis_name`).
+      `axis_name`): arrays or (nested) lists; integer and boolean values become float32.
     lambd: weight of the off-diagonal term.
     scale: overall factor of the loss.
     axis_name: the mapped axis (or tuple of axes) over which the batch is split, or
@@ -95,7 +96,7 @@ def barlow_twins_loss(z1: jax.Array,
     (loss, metrics) with metrics a dict of float32 scalars: "loss", and the unweighted
     sums "on_diag", "off_diag".
   """
-  _checked_batch("barlow_twins_loss", z1, z2, axis_name)
+  z1, z2, _ = _checked_views("barlow_twins_loss", z1, z2, axis_name)
   for name, value in (("lambd", lambd), ("scale", scale)):
     if _is_number(value) and not (np.isfinite(value) and value >= 0):
       raise ValueError(f"barlow_twins_loss: {name} = {value!r} must be a finite number >= 0")

@@ -73,19 +73,51 @@ def is_number(value) -> bool:
   return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
-def checked_batch(fn: str, z1: jax.Array, z2: jax.Array, axis_name) -> int | jax.Array:
-  """The global batch size N of (N, D) inputs, after checking what a user can get wrong."""
+def check_axis_name(fn: str, axis_name) -> None:
+  """ValueError naming `axis_name` unless it is None or an axis bound where fn is called."""
+  if axis_name is None:
+    return
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:  # jax's way of saying no enclosing map binds this name
+    raise ValueError(
+        f"{fn}: axis_name={axis_name!r} is not bound here: it is only for use inside "
+        "shard_map / pmap / a named vmap over that axis (pass None under jax.jit, where a "
+        "sharded batch is summed over by the compiler)") from None
+
+
+def checked_views(fn: str, z1, z2, axis_name):
+  """(z1, z2, N): the two views as arrays and the global batch size N of their (N, D)
+  rows, after checking what a user can get wrong.
+
+  Args:
+    fn: the loss's name, to start each message with.
+    z1, z2: the projector outputs: arrays, NumPy arrays or (nested) lists of numbers.
+    axis_name: the loss's `axis_name`, None or an axis bound by an enclosing map.
+
+  Returns:
+    (z1, z2, n) with z1, z2 jax arrays (dtype unchanged: the loss casts them) and n an
+    int, or a traced value under a map whose size is not static.
+
+  Raises TypeError for complex values, ValueError for shapes that are not one (N, D)
+  for both, an unbound axis_name or a global batch N < 2.
+  """
+  z1, z2 = jnp.asarray(z1), jnp.asarray(z2)
   for name, z in (("z1", z1), ("z2", z2)):
+    if jnp.issubdtype(z.dtype, jnp.complexfloating):
+      raise TypeError(f"{fn}: {name} has dtype {z.dtype}; complex values are not "
+                      "accepted: expected real (floating, integer or boolean) values")
     if z.ndim != 2:
       raise ValueError(f"{fn}: {name} must be 2-D (N, D), got shape {z.shape}")
   if z1.shape != z2.shape:
     raise ValueError(
         f"{fn}: z1 and z2 must have the same shape, got {z1.shape} and {z2.shape}")
+  check_axis_name(fn, axis_name)
   n = global_count(z1.shape[0], axis_name)
   if isinstance(n, int) and n < 2:
     raise ValueError(f"{fn}: z1 and z2 hold a global batch of N={n} rows; the batch "
                      "statistics need N >= 2")
-  return n
+  return z1, z2, n
 
 
 def off_diagonal_sq_sum(c: jax.Array) -> jax.Array:

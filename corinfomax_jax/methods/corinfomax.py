@@ -30,6 +30,7 @@ import numpy as np
 from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
 from corinfomax_jax.methods.batch_stats import global_count as _global_count
 from corinfomax_jax.methods.batch_stats import check_hyperparameter
+from corinfomax_jax.methods.batch_stats import checked_views as _checked_views
 from corinfomax_jax.methods.batch_stats import global_sum as _global_sum
 from corinfomax_jax.methods.batch_stats import is_number as _is_number
 
@@ -179,14 +180,16 @@ def corinfomax_loss(z1: jax.Array,
   a NaN loss must stop training before that state is saved, as the trainer's NaN guard
   (loop.ReportProgress.flush, run by loop.Checkpoint before each save) does.
 
-  Raises ValueError for a global batch N < 2 (no covariance; a local shard of one
-  under `axis_name` is fine), or for la_R, la_mu outside [0, 1) or eps < 0 given as
-  Python numbers (traced values are not checked).
+  Raises TypeError for complex z or a state that is not a CorInfoMaxState; ValueError
+  if z1 or z2 is not 2-D, if their shapes differ, for an `axis_name` that no enclosing
+  map binds, for a state of another D, for a global batch N < 2 (no covariance; a local
+  shard of one under `axis_name` is fine), or for la_R, la_mu outside [0, 1) or eps < 0
+  given as Python numbers (traced values are not checked).
 
   Args:
     z1, z2: (N, D) projector outputs of the two views (the local shard under
-      `axis_name`).
-    state: the moving estimates from the previous step (`init_state` at the start).
+      `axis_name`): arrays or (nested) lists; integer and boolean values become float32.
+    state: the moving estimates from the previous step (`init_state(D)` at the start).
     alpha: weight of the attraction term.
     la_R, la_mu: forgetting factors, the weights of the old covariance and mean.
     eps: diagonal load added before the log-determinant.
@@ -198,18 +201,17 @@ def corinfomax_loss(z1: jax.Array,
     (loss, new_state, metrics) with metrics a dict of float32 scalars: "loss",
     "cov_loss", "sim_loss", "logdet1", "logdet2".
   """
-  if z1.ndim != 2 or z1.shape != z2.shape:
-    raise ValueError(
-        f"corinfomax_loss: z1 and z2 must both be (N, D), got {z1.shape} and {z2.shape}")
+  z1, z2, n = _checked_views("corinfomax_loss", z1, z2, axis_name)
+  if not isinstance(state, CorInfoMaxState):
+    raise TypeError(
+        f"corinfomax_loss: state must be a CorInfoMaxState, got {type(state).__name__}; "
+        f"create it with init_state(D) (here init_state({z1.shape[1]})) and pass on the "
+        "state each step returns")
   dim = z1.shape[1]
   if state.cov1.shape != (dim, dim):
     raise ValueError(
         f"corinfomax_loss: state is for dimension {state.cov1.shape[0]} but z has "
         f"D={dim}; create it with init_state({dim})")
-  n = _global_count(z1.shape[0], axis_name)
-  if isinstance(n, int) and n < 2:
-    raise ValueError(
-        f"corinfomax_loss: the global batch has N={n} rows; the covariance needs N >= 2")
   for name, value in (("la_R", la_R), ("la_mu", la_mu)):
     if _is_number(value) and not 0 <= value < 1:
       raise ValueError(f"corinfomax_loss: {name} = {value!r} must be in [0, 1) (the "

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from corinfomax_jax.methods.batch_stats import checked_batch
+from corinfomax_jax.methods.batch_stats import checked_views
 from corinfomax_jax.methods.batch_stats import off_diagonal_sq_sum
 from corinfomax_jax.methods.batch_stats import HIGHEST as _HIGHEST
 from corinfomax_jax.methods.batch_stats import StatelessMethod
@@ -78,15 +78,16 @@ def vicreg_loss(z1: jax.Array,
   Statistics are computed in float32 whatever the dtype of z (e.g. bfloat16), with
   matmuls at full float32 precision.
 
-  Raises ValueError if z1 or z2 is not 2-D, if their shapes differ, for a global batch
-  N < 2 (no variance; a local shard of one under `axis_name` is fine), or for a weight
-  or eps that is negative or not finite, given as a Python number (traced values are
-  not checked). eps = 0 is accepted, but the gradient of sqrt is then infinite for a
+  Raises TypeError for complex z; ValueError if z1 or z2 is not 2-D, if their shapes
+  differ, for an `axis_name` that no enclosing map binds, for a global batch N < 2 (no
+  variance; a local shard of one under `axis_name` is fine), or for a weight or eps
+  that is negative or not finite, given as a Python number (traced values are not
+  checked). eps = 0 is accepted, but the gradient of sqrt is then infinite for a
   feature that is constant over the batch.
 
   Args:
     z1, z2: (N, D) projector outputs of the two views (the local shard under
-      `axis_name`).
+      `axis_name`): arrays or (nested) lists; integer and boolean values become float32.
     sim_weight: weight of the invariance term.
     var_weight: weight of the variance term.
     cov_weight: weight of the covariance term.
@@ -98,7 +99,7 @@ def vicreg_loss(z1: jax.Array,
     (loss, metrics) with metrics a dict of float32 scalars: "loss", and the unweighted
     terms "sim_loss", "var_loss", "cov_loss".
   """
-  n = checked_batch("vicreg_loss", z1, z2, axis_name)
+  z1, z2, n = checked_views("vicreg_loss", z1, z2, axis_name)
   for name, value in (("sim_weight", sim_weight), ("var_weight", var_weight),
                       ("cov_weight", cov_weight), ("eps", eps)):
     if _is_number(value) and not (np.isfinite(value) and value >= 0):

@@ -75,10 +75,15 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
                         "data set with a file_name feature, such as imagenet2012.")
     text = files.as_path(label_file).read_text()
     wanted = {line.strip() for line in text.splitlines() if line.strip()}
+    if not wanted:
+      raise ConfigError(
+          f"config.eval.finetune.label_file = {label_file!r} is empty (no file names in "
+          "it): expected image file names, one per line, or None for a class-balanced "
+          "subset of config.eval.finetune.label_fraction.")
     names = source.file_names()
     index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
     missing = wanted - set(names)
-    if missing or len(index) == 0:
+    if missing:
       raise ConfigError(
           f"config.eval.finetune.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
           f"names are not in {source.name} {source.split!r} (e.g. "

@@ -228,3 +228,35 @@ def test_traced_hyperparameters_are_not_checked():
   z1, z2 = views(np.random.default_rng(7), 8, 4)
   loss = jax.jit(lambda w: barlow_twins_loss(z1, z2, lambd=w, scale=w)[0])(0.5)
   assert np.isfinite(float(loss))
+
+
+# The loss API at its edges: what a user may pass by mistake, or in another form.
+_Z = np.random.default_rng(11).normal(size=(6, 4)).astype(np.float32)
+AS_GIVEN = {"list": lambda z: z.tolist(), "numpy": lambda z: z,
+            "int": lambda z: np.round(3 * z).astype(np.int32).tolist(),
+            "bool": lambda z: (z > 0).tolist()}
+
+
+@pytest.mark.parametrize("kind", AS_GIVEN)
+def test_lists_numpy_integer_and_boolean_views_give_the_float32_value(kind):
+  z1, z2 = AS_GIVEN[kind](_Z), AS_GIVEN[kind](_Z[::-1])
+  want = barlow_twins_loss(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32))
+  got = barlow_twins_loss(z1, z2)
+  assert got[0].dtype == jnp.float32
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("name", ["z1", "z2"])
+def test_complex_views_are_refused(name):
+  z = {"z1": _Z, "z2": _Z, name: _Z + 1j}
+  with pytest.raises(TypeError, match=f"barlow_twins_loss: {name} has dtype complex"):
+    barlow_twins_loss(z["z1"], z["z2"])
+
+
+@pytest.mark.parametrize("axis_name", ["data", ("data", "model")])
+def test_an_axis_name_no_map_binds_is_refused_in_one_line(axis_name):
+  msg = r"axis_name=.*data.* is only for use inside shard_map / pmap / a named vmap"
+  with pytest.raises(ValueError, match=msg):
+    barlow_twins_loss(_Z, _Z, axis_name=axis_name)
+  with pytest.raises(ValueError, match=r"pass None under jax\.jit"):
+    jax.jit(lambda a: barlow_twins_loss(a, a, axis_name="data"))(_Z)

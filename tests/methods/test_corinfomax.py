@@ -330,6 +330,49 @@ def test_bfloat16_inputs_use_float32_statistics():
   jax.tree.map(np.testing.assert_array_equal, state_b, state_f)
 
 
+# The loss API at its edges: what a user may pass by mistake, or in another form.
+_Z = np.random.default_rng(11).normal(size=(6, 4)).astype(np.float32)
+AS_GIVEN = {"list": lambda z: z.tolist(), "numpy": lambda z: z,
+            "int": lambda z: np.round(3 * z).astype(np.int32).tolist(),
+            "bool": lambda z: (z > 0).tolist()}
+
+
+@pytest.mark.parametrize("kind", AS_GIVEN)
+def test_lists_numpy_integer_and_boolean_views_give_the_float32_value(kind):
+  z1, z2 = AS_GIVEN[kind](_Z), AS_GIVEN[kind](_Z[::-1])
+  want = cim.corinfomax_loss(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32),
+                             cim.init_state(4))
+  got = cim.corinfomax_loss(z1, z2, cim.init_state(4))
+  assert got[0].dtype == jnp.float32
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("state", [None, tuple(cim.init_state(4)),
+                                   cim.init_state(4)._asdict()])
+def test_a_state_that_is_not_from_init_state_is_refused(state):
+  with pytest.raises(TypeError, match=r"state .*init_state\(D\) \(here init_state\(4\)\)"):
+    cim.corinfomax_loss(_Z, _Z, state)
+
+
+@pytest.mark.parametrize("name", ["z1", "z2"])
+def test_complex_views_are_refused(name):
+  z = {"z1": _Z, "z2": _Z, name: _Z + 1j}
+  with pytest.raises(TypeError, match=f"corinfomax_loss: {name} has dtype complex"):
+    cim.corinfomax_loss(z["z1"], z["z2"], cim.init_state(4))
+
+
+@pytest.mark.parametrize("axis_name", ["data", ("data", "model")])
+def test_an_axis_name_no_map_binds_is_refused_in_one_line(axis_name):
+  msg = r"axis_name=.*data.* is only for use inside shard_map / pmap / a named vmap"
+  with pytest.raises(ValueError, match=msg):
+    cim.corinfomax_loss(_Z, _Z, cim.init_state(4), axis_name=axis_name)
+  with pytest.raises(ValueError, match=r"pass None under jax\.jit"):
+    jax.jit(lambda a: cim.corinfomax_loss(a, a, cim.init_state(4), axis_name="data"))(_Z)
+  with pytest.raises(ValueError, match="axis_name='data' is not bound"):  # another name
+    jax.vmap(lambda a: cim.corinfomax_loss(a[None], a[None], cim.init_state(4),
+                                           axis_name="data")[0], axis_name="batch")(_Z)
+
+
 # ---------------------------------------------------------------------------------
 # The spectrum helper.
 # ---------------------------------------------------------------------------------

@@ -86,6 +86,16 @@ def test_a_label_file_on_a_source_without_file_names_fails_in_one_line(image_fol
     finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_label_file_is_named_as_empty(text, image_folder, tmp_path):
+  source = sources.get_source(f"folder:{image_folder}", None, "train")
+  names = tmp_path / "subset.txt"
+  names.write_text(text)
+  with pytest.raises(errors.ConfigError, match=re.escape(f"{str(names)!r} is empty")) as e:
+    finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
+  assert "\n" not in str(e.value) and "0 of its 0" not in str(e.value)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("label_fraction", 0.0, "config.eval.finetune.label_fraction = 0.0 is invalid"),
     ("label_fraction", 1.5, "config.eval.finetune.label_fraction = 1.5 is invalid"),

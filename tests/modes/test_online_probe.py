@@ -90,6 +90,24 @@ def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folde
   assert "\n" not in str(e.value)
 
 
+def test_the_probe_on_an_unlabelled_folder_is_refused_before_any_training(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ("train", "test"):  # root/<split>/<image>: no class directories
+    (tmp_path / "data" / split).mkdir(parents=True)
+    for i in range(16):
+      Image.fromarray(np.full((8, 8, 3), 16 * i, np.uint8)).save(
+          tmp_path / "data" / split / f"{i:02d}.png")
+  config = tiny_config(f"folder:{tmp_path / 'data'}", max_steps=1)
+  config.eval.online_probe.enabled = True
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "split 'train' has no class directories, so the online probe "
+      "(config.eval.online_probe.enabled=True) has no labels")) as e:
+    pretrain.train_and_evaluate(config, str(workdir))
+  assert "\n" not in str(e.value)
+  assert not train_state_lib.checkpoint_dir(str(workdir)).exists()
+
+
 def test_the_probe_monitor_needs_the_probe():
   config = tiny_config("cifar10")
   config.eval.monitors = ("knn", "online_probe")
