@@ -87,12 +87,26 @@ def _fail(error: BaseException, workdir: str | None) -> None:
       and jax.process_index() == 0):
     _append_error_log(workdir, f"error: {message}\n{trace}\n")
   sys.stderr.write(f"error: {message}\n")
+  _exit_now(1)
+
+
+def _exit_now(status: int) -> None:
+  """Flushes what was written and ends the process at once.
+
+  The mode's own `finally` blocks have run by now (checkpoints finished or aborted,
+  writers closed); what is left are background threads (tf.data's, orbax's) whose
+  teardown at interpreter shutdown can take long or never end, as after an unreadable
+  image, and a failed save's threads may still be failing on the same disk. The last
+  good checkpoint is intact, and a partial one is removed at the next start.
+  """
+  for handler in logging_std.getLogger().handlers + [logging.get_absl_handler()]:
+    try:
+      handler.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  sys.stdout.flush()
   sys.stderr.flush()
-  if isinstance(error, errors.CheckpointSaveError):
-    # orbax's background threads may still be failing on the same disk; the last good
-    # checkpoint is intact and a partial one is removed at the next start.
-    os._exit(1)
-  sys.exit(1)
+  os._exit(status)
 
 
 def _append_error_log(workdir: str, text: str) -> None:
@@ -126,8 +140,7 @@ def main(argv):
     MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
     sys.stderr.write("error: interrupted; nothing was saved since the last checkpoint.\n")
-    sys.stderr.flush()
-    os._exit(130)  # background threads (checkpointing, input) must not keep it alive
+    _exit_now(130)  # background threads (checkpointing, input) must not keep it alive
   except Exception as e:  # pylint: disable=broad-except
     _fail(e, FLAGS.workdir)
 
