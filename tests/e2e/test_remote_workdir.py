@@ -18,6 +18,7 @@ and the product code is unchanged. The stand-in itself is tests/gcs_stand_in.py.
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -102,6 +103,25 @@ def test_pretrain_resume_knn_eval_export_and_embed_use_only_the_bucket(
   assert path == f"{WORKDIR}/embeddings/test.npz"
   with np.load(bucket.local(path)) as npz:
     assert npz["features"].shape[0] == 24 and list(npz["index"]) == list(range(24))
+
+
+def test_an_image_folder_in_the_bucket_pretrains_and_evaluates_as_the_local_one(
+    bucket, image_folder, caplog):
+  """folder:gs://bucket/data: listed and read through epath, never by os or TensorFlow."""
+  shutil.copytree(image_folder, bucket.local("gs://bucket/data"))
+  dataset, workdir = "folder:gs://bucket/data", "gs://bucket/folder_run"
+  with caplog.at_level(logging.INFO):
+    state = pretrain.train_and_evaluate(tiny_config(dataset, max_steps=2), workdir)
+  assert int(state.step) == 2
+  assert "gs://bucket/data/train: 24 images in 2 classes." in caplog.messages
+  assert sorted(os.listdir(bucket.local(f"{workdir}/checkpoints"))) == ["2"]
+  remote = knn_eval_lib.knn_eval(tiny_config(dataset), workdir)
+  # The same checkpoint on the local copy: same images, order and labels, so same numbers.
+  local = knn_eval_lib.knn_eval(tiny_config(f"folder:{image_folder}"), workdir)
+  assert remote["num_bank_examples"] == local["num_bank_examples"] == 24
+  assert remote["num_query_examples"] == local["num_query_examples"] == 24
+  assert ({k: v for k, v in remote.items() if k != "dataset"}
+          == {k: v for k, v in local.items() if k != "dataset"})
 
 
 def test_files_write_and_move_to_a_url(bucket, tmp_path):
