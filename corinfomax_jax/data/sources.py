@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import difflib
 import os
+import posixpath
 import re
 from typing import Callable, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from corinfomax_jax import files
 from corinfomax_jax import tensorflow_setup
 
 
@@ -56,7 +58,8 @@ class Source:
   skip_bad_images: bool
   # Random access: int64 indices [n] -> (data string [n], label int32 [n]).
   load_batch: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None
-  # data string -> encoded image (tf.io.read_file for folders, else identity).
+  # data string -> encoded image (for folders tf.io.read_file, or epath for a URL;
+  # else identity).
   load_example: Callable[[tf.Tensor], tf.Tensor]
   # index -> human-readable location, for error messages.
   describe: Callable[[int], str]
@@ -80,7 +83,7 @@ class Source:
     try:
       data, _ = self.load_batch(tf.constant([index], tf.int64))
       decode_image(self.load_example(data[0]))
-    except (tf.errors.OpError, ValueError) as e:
+    except (tf.errors.OpError, ValueError, OSError) as e:  # OSError: epath's, eagerly
       return f"{type(e).__name__}: {getattr(e, 'message', str(e))}"
     return None
 
@@ -122,8 +125,11 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
 
 def _listing(path: str, limit: int = 20) -> str:
   try:
-    entries = sorted(tf.io.gfile.listdir(path))
-  except tf.errors.OpError:
+    if files.is_url(path):
+      entries = sorted(p.name for p in files.as_path(path).iterdir())
+    else:
+      entries = sorted(tf.io.gfile.listdir(path))
+  except (tf.errors.OpError, OSError):
     return "(cannot list it)"
   entries = [e.rstrip("/") for e in entries]
   more = f" ... ({len(entries)} in all)" if len(entries) > limit else ""
@@ -171,23 +177,27 @@ def imagenet100_classes() -> list[str]:
 
 def _folder_source(dataset: str, root: str, split: str,
                    skip_bad_images: bool) -> Source:
-  if not root or not os.path.isdir(root):
-    parent = os.path.dirname(os.path.abspath(root or "."))
-    raise ValueError(f"Image folder root {root!r} does not exist"
-                     + (f"; {parent} holds: {_listing(parent)}."
-                        if os.path.isdir(parent) else "."))
+  remote = files.is_url(root)
+  try:
+    found = bool(root) and _is_dir(root)
+  except Exception as e:  # pylint: disable=broad-except
+    # A store's client raises its own kinds (no credentials, no such bucket, no network).
+    raise ValueError(f"Image folder root {root!r} cannot be read: "
+                     f"{type(e).__name__}: {_first_line(e)}") from None
+  if not found:
+    raise ValueError(f"Image folder root {root!r} does not exist{_parent_holds(root)}")
   split_dir = os.path.join(root, split)
-  splits = sorted(e.name for e in os.scandir(root) if e.is_dir())
-  if not os.path.isdir(split_dir):
+  splits = _folders_in(root)
+  if not _is_dir(split_dir):
     raise ValueError(f"Image folder {root!r} has no split {split!r}; splits "
                      f"found: {splits or '(none)'}.")
-  classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  classes = _folders_in(split_dir)
   unlabelled = not classes  # images directly in root/<split>/: one class ""
   paths, labels, ignored, broken = [], [], 0, 0
   for label, name in enumerate(classes or [""]):
-    files, ignored_here, broken_here = _images_below(os.path.join(split_dir, name))
-    paths.extend(os.path.join(split_dir, name, f) for f in files)
-    labels.extend([label] * len(files))
+    files_here, ignored_here, broken_here = _images_below(os.path.join(split_dir, name))
+    paths.extend(os.path.join(split_dir, name, f) for f in files_here)
+    labels.extend([label] * len(files_here))
     ignored += ignored_here
     broken += broken_here
   classes = classes or [""]
@@ -223,9 +233,80 @@ def _folder_source(dataset: str, root: str, split: str,
   return Source(name=dataset, split=split, num_examples=len(paths),
                 class_names=tuple(classes), random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
-                load_example=tf.io.read_file,
+                load_example=_read_url if remote else tf.io.read_file,
                 describe=lambda i: paths[int(i)], unlabelled=unlabelled,
                 file_names=lambda: [os.path.basename(p) for p in paths])
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [""])[0]
+
+
+def _is_dir(path: str) -> bool:
+  """Whether `path` is a folder: os for a local path, epath for a URL (gs://...)."""
+  if files.is_url(path):
+    return files.as_path(path).is_dir()
+  return os.path.isdir(path)
+
+
+def _parent_holds(path: str) -> str:
+  """"; <parent> holds: <entries>." for the folder holding `path`, or "." if none."""
+  if not files.is_url(path):
+    parent = os.path.dirname(os.path.abspath(path or "."))
+  else:
+    scheme, rest = path.split("://", 1)
+    rest = rest.rstrip("/")
+    if "/" not in rest:  # a bucket: nothing above it to list
+      return "."
+    parent = f"{scheme}://{rest.rsplit('/', 1)[0]}"
+  try:
+    if not _is_dir(parent):
+      return "."
+  except Exception:  # pylint: disable=broad-except
+    return "."  # the message is about `path`; an unreadable parent adds nothing
+  return f"; {parent} holds: {_listing(parent)}."
+
+
+def _folders_in(path: str) -> list[str]:
+  """Names of the folders (or links to folders) directly in `path`, sorted."""
+  if not files.is_url(path):
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+  _, dirs, _ = next(iter(_walk(path)))
+  return sorted(dirs)
+
+
+def _walk(top: str):
+  """(folder, its folder names, its file names) below `top`, as os.walk.
+
+  A local path is walked by os, following directory links; a URL by epath (an
+  object store has no links).
+  """
+  if not files.is_url(top):
+    yield from os.walk(top, followlinks=True)
+    return
+  for parent, dirs, names in files.as_path(top).walk():
+    # TensorFlow's GCS listing may end a folder's name with "/".
+    yield os.fspath(parent), [d.rstrip("/") for d in dirs], names
+
+
+def _read_url(path: tf.Tensor) -> tf.Tensor:
+  """tf.io.read_file for a URL (gs://...), reading the bytes through epath.
+
+  TensorFlow's own file system for the scheme may be missing or not the one that
+  serves the rest of the run's files.
+
+  Args:
+    path: a scalar string tensor, the file's URL.
+
+  Returns:
+    A scalar string tensor, the file's bytes.
+  """
+  def read(url):
+    data = files.as_path(np.asarray(url).item().decode()).read_bytes()
+    return np.array(data, dtype=object)  # a bytes ("S") array would drop trailing NULs
+  data = tf.numpy_function(read, [path], tf.string, stateful=False)
+  data.set_shape([])
+  return data
 
 
 def _images_below(class_dir: str) -> tuple[list[str], int, int]:
@@ -233,20 +314,30 @@ def _images_below(class_dir: str) -> tuple[list[str], int, int]:
 
   Recursive, following directory links, as torchvision's ImageFolder: the official
   Tiny ImageNet layout train/<wnid>/images/<image> reads as is. A symlink to a missing
-  file is counted apart: it is a lost image, not a stray file.
+  file is counted apart: it is a lost image, not a stray file. `class_dir` may be a
+  URL (gs://...), listed through epath; an object store has no links to break.
   """
+  local = not files.is_url(class_dir)
   images, ignored, broken = [], 0, 0
-  for parent, dirs, files in os.walk(class_dir, followlinks=True):
+  for parent, dirs, names in _walk(class_dir):
     dirs.sort()
-    for f in files:
+    for f in names:
       path = os.path.join(parent, f)
-      if os.path.islink(path) and not os.path.exists(path):
+      if local and os.path.islink(path) and not os.path.exists(path):
         broken += 1
       elif f.lower().endswith(IMAGE_EXTENSIONS):
-        images.append(os.path.relpath(path, class_dir))
+        images.append(_relative(path, class_dir))
       else:
         ignored += 1
   return sorted(images), ignored, broken
+
+
+def _relative(path: str, top: str) -> str:
+  """`path` relative to the folder `top` that holds it; a URL is never made absolute."""
+  if not files.is_url(path):
+    return os.path.relpath(path, top)
+  # Lexically, on the part after the scheme, so no local call sees the URL.
+  return posixpath.relpath("/" + path.split("://", 1)[1], "/" + top.split("://", 1)[1])
 
 
 def _tfds_builder(dataset: str, tfds_name: str, data_dir: str | None):

@@ -112,3 +112,83 @@ def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
                        r"directories: .* needs labels") as e:
       run(config)
     assert "\n" not in str(e.value)
+
+
+def _same_tree_in_a_stand_in_bucket(tmp_path, monkeypatch, local):
+  """`local` copied to gs://bucket/data on the GCS stand-in (tests/gcs_stand_in.py)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from gcs_stand_in import BucketFolders  # pylint: disable=g-import-not-at-top
+  from gcs_stand_in import install_stand_in  # pylint: disable=g-import-not-at-top
+  fs = BucketFolders(tmp_path / "store")
+  shutil.copytree(local, fs.local("gs://bucket/data"))
+  install_stand_in(monkeypatch, fs)
+  return "gs://bucket/data"
+
+
+def test_a_folder_under_a_gs_url_lists_and_reads_as_the_local_folder(tmp_path,
+                                                                     monkeypatch):
+  local = tmp_path / "local"
+  for wnid in ("n02", "n01"):  # recursive class folders, as in the test above
+    for name in ("images/b.png", "images/a.png", "z.png", "images/deeper/c.JPG"):
+      _png(local / "train" / wnid / name, 10 + int(wnid[-1]))
+    (local / "train" / wnid / f"{wnid}_boxes.txt").write_text("boxes\n")
+  for i in range(3):  # an unlabelled split
+    _png(local / "unlabelled" / f"{i}.png", 40 * i)
+  url = _same_tree_in_a_stand_in_bucket(tmp_path, monkeypatch, local)
+  assert sources._images_below(f"{url}/train/n01") == sources._images_below(
+      str(local / "train" / "n01"))
+  for split in ("train", "unlabelled"):
+    mine = sources.get_source(f"folder:{local}", None, split)
+    remote = sources.get_source(f"folder:{url}", None, split)
+    assert (remote.class_names, remote.unlabelled) == (mine.class_names, mine.unlabelled)
+    n = mine.num_examples
+    assert remote.num_examples == n and n in (8, 3)
+    described = [remote.describe(i) for i in range(n)]
+    assert all(d.startswith(f"{url}/{split}/") for d in described)
+    assert ([d[len(url):] for d in described]
+            == [mine.describe(i)[len(str(local)):] for i in range(n)])
+    assert remote.file_names() == mine.file_names()
+    paths, labels = remote.load_batch(tf_indices(range(n)))
+    assert labels.numpy().tolist() == mine.load_batch(tf_indices(range(n)))[1].numpy().tolist()
+    # The bytes come through epath (TensorFlow has no gs:// file system here).
+    for i in range(n):
+      assert remote.load_example(paths[i]).numpy() == (local / described[i][
+          len(url) + 1:]).read_bytes()
+
+
+def test_gs_folder_errors_are_one_line_naming_the_url(tmp_path, monkeypatch):
+  import pytest  # pylint: disable=g-import-not-at-top
+  local = tmp_path / "local"
+  (local / "train").mkdir(parents=True)
+  (local / "train" / "README").write_text("no images\n")
+  url = _same_tree_in_a_stand_in_bucket(tmp_path, monkeypatch, local)
+  for dataset, split, message in [
+      (f"folder:{url}/nope", "train",
+       r"^Image folder root 'gs://bucket/data/nope' does not exist; gs://bucket/data "
+       r"holds: train\.$"),
+      (f"folder:{url}", "test",
+       r"^Image folder 'gs://bucket/data' has no split 'test'; splits found: \['train'\]"),
+      (f"folder:{url}", "train",
+       r"^Split 'gs://bucket/data/train' has no \.jpg/\.jpeg/\.png images .* it holds: "
+       r"README\.")]:
+    with pytest.raises(ValueError, match=message) as raised:
+      sources.get_source(dataset, None, split)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_image_removed_from_the_bucket_after_listing_is_named(tmp_path, monkeypatch):
+  import os  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  local = tmp_path / "local"
+  for i in range(4):
+    _png(local / "train" / "a" / f"{i}.png", 50 * i)
+  url = _same_tree_in_a_stand_in_bucket(tmp_path, monkeypatch, local)
+  source = sources.get_source(f"folder:{url}", None, "train")
+  os.remove(tmp_path / "store" / "bucket" / "data" / "train" / "a" / "2.png")
+  batches = pipeline.eval_batches(source, global_batch_size=4, image_size=8,
+                                  process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"^Cannot read image gs://bucket/data/train/a/2\.png: "
+                     r"FileNotFoundError") as raised:
+    list(batches)
+  assert "\n" not in str(raised.value)

@@ -13,24 +13,24 @@ gs:// paths leave Python code that this project or orbax owns:
   - tf.summary.create_file_writer (TensorBoard events), whose gs:// file system is
     TensorFlow's C++ one: here it gets the local path.
 Above these seams the run takes orbax's gs:// path (commit files instead of renames)
-and the product code is unchanged.
+and the product code is unchanged. The stand-in itself is tests/gcs_stand_in.py.
 """
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
-import types
 
 import numpy as np
 import pytest
 from conftest import tiny_config
+from gcs_stand_in import BucketFolders
+from gcs_stand_in import install_stand_in
 from test_main import assert_one_error_line
 from test_main import run_main
 from etils import epath
-from etils.epath import backend as epath_backend
-from etils.epath import gpath
 
 import corinfomax_jax
 from corinfomax_jax import errors
@@ -43,90 +43,6 @@ from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import workdir as workdir_lib
 
 WORKDIR = "gs://bucket/run"
-
-
-class BucketFolders(epath_backend.Backend):
-  """epath's gs:// backend on local folders: gs://<bucket>/<key> is <root>/<bucket>/<key>."""
-
-  def __init__(self, root):
-    self.root = os.fspath(root)
-    self._os = epath_backend.os_backend
-
-  def local(self, url) -> str:
-    url = os.fspath(url)
-    assert url.startswith("gs://"), url
-    return os.path.join(self.root, url[len("gs://"):])
-
-  def url(self, local) -> str:
-    return "gs://" + os.path.relpath(local, self.root)
-
-  def open(self, path, mode):
-    return self._os.open(self.local(path), mode)
-
-  def exists(self, path):
-    return self._os.exists(self.local(path))
-
-  def isdir(self, path):
-    return self._os.isdir(self.local(path))
-
-  def listdir(self, path):
-    return self._os.listdir(self.local(path))
-
-  def glob(self, path):
-    return [self.url(p) for p in self._os.glob(self.local(path))]
-
-  def walk(self, top, *, top_down=True, on_error=None):
-    for root, dirs, names in self._os.walk(self.local(top), top_down=top_down,
-                                           on_error=on_error):
-      yield self.url(root), dirs, names
-
-  def makedirs(self, path, *, exist_ok=False, mode=None):
-    self._os.makedirs(self.local(path), exist_ok=exist_ok, mode=mode)
-
-  def mkdir(self, path, *, exist_ok=False, mode=None):
-    self._os.mkdir(self.local(path), exist_ok=exist_ok, mode=mode)
-
-  def rmtree(self, path):
-    self._os.rmtree(self.local(path))
-
-  def remove(self, path):
-    self._os.remove(self.local(path))
-
-  def rename(self, path, dst):
-    self._os.rename(self.local(path), self.local(dst))
-
-  def replace(self, path, dst):
-    self._os.replace(self.local(path), self.local(dst))
-
-  def copy(self, path, dst, overwrite):
-    self._os.copy(self.local(path), self.local(dst), overwrite=overwrite)
-
-  def stat(self, path):
-    return self._os.stat(self.local(path))
-
-
-def _storage_client_module():
-  """google.cloud.storage as orbax uses it: Client().get_bucket(name) of a flat bucket."""
-  bucket = types.SimpleNamespace(hierarchical_namespace_enabled=False)
-  client = types.SimpleNamespace(get_bucket=lambda name: bucket)
-  module = types.ModuleType("google.cloud.storage")
-  module.Client = lambda *args, **kwargs: client
-  return module
-
-
-def install_stand_in(monkeypatch, fs: BucketFolders) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
-  # epath: with TensorFlow installed it would pick TensorFlow's gfile for gs://.
-  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fs)  # pylint: disable=protected-access
-  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
-                      lambda path: {"driver": "file", "path": fs.local(path)})
-  monkeypatch.setitem(sys.modules, "google.cloud.storage", _storage_client_module())
-  gcs_utils.get_bucket.cache_clear()  # orbax caches buckets by name
-  create_file_writer = tf.summary.create_file_writer
-  monkeypatch.setattr(tf.summary, "create_file_writer", lambda logdir, *a, **k: (
-      create_file_writer(fs.local(logdir) if files.is_url(logdir) else logdir, *a, **k)))
 
 
 @pytest.fixture
@@ -187,6 +103,25 @@ def test_pretrain_resume_knn_eval_export_and_embed_use_only_the_bucket(
   assert path == f"{WORKDIR}/embeddings/test.npz"
   with np.load(bucket.local(path)) as npz:
     assert npz["features"].shape[0] == 24 and list(npz["index"]) == list(range(24))
+
+
+def test_an_image_folder_in_the_bucket_pretrains_and_evaluates_as_the_local_one(
+    bucket, image_folder, caplog):
+  """folder:gs://bucket/data: listed and read through epath, never by os or TensorFlow."""
+  shutil.copytree(image_folder, bucket.local("gs://bucket/data"))
+  dataset, workdir = "folder:gs://bucket/data", "gs://bucket/folder_run"
+  with caplog.at_level(logging.INFO):
+    state = pretrain.train_and_evaluate(tiny_config(dataset, max_steps=2), workdir)
+  assert int(state.step) == 2
+  assert "gs://bucket/data/train: 24 images in 2 classes." in caplog.messages
+  assert sorted(os.listdir(bucket.local(f"{workdir}/checkpoints"))) == ["2"]
+  remote = knn_eval_lib.knn_eval(tiny_config(dataset), workdir)
+  # The same checkpoint on the local copy: same images, order and labels, so same numbers.
+  local = knn_eval_lib.knn_eval(tiny_config(f"folder:{image_folder}"), workdir)
+  assert remote["num_bank_examples"] == local["num_bank_examples"] == 24
+  assert remote["num_query_examples"] == local["num_query_examples"] == 24
+  assert ({k: v for k, v in remote.items() if k != "dataset"}
+          == {k: v for k, v in local.items() if k != "dataset"})
 
 
 def test_files_write_and_move_to_a_url(bucket, tmp_path):
