@@ -15,6 +15,7 @@ from test_faults import committed_steps
 from test_faults import main_command
 from test_faults import wait_for
 from test_main import assert_one_error_line
+from test_remote_workdir import bucket  # noqa: F401  (a pytest fixture)
 
 from corinfomax_jax import errors
 from corinfomax_jax.data import pipeline
@@ -168,3 +169,15 @@ def test_the_lock_is_released_after_an_error_past_start_up(image_folder, tmp_pat
   with pytest.raises(errors.ConfigError, match="exceeds"):
     run(config, workdir)
   assert not os.path.exists(_lock_path(workdir))
+
+
+def test_a_gs_workdir_is_locked_through_the_file_layer(bucket, image_folder):
+  workdir = "gs://bucket/run"
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=1), workdir)
+  local = bucket.local(workdir)
+  assert os.path.isdir(os.path.join(local, "checkpoints"))
+  assert not os.path.exists(_lock_path(local))  # taken and released in the bucket
+  _write_lock(local)  # this live process
+  with pytest.raises(errors.WorkdirBusyError, match=f"pid {os.getpid()}"):
+    pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2),
+                                workdir)
