@@ -47,10 +47,6 @@ class WorkdirLock:
   def __exit__(self, *exc):
     self.release()
 
-  @property
-  def held(self) -> bool:
-    return self._held is not None
-
   def acquire(self) -> None:
     """Takes the lock (process 0), or raises WorkdirBusyError naming its holder.
 
