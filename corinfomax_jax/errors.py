@@ -15,3 +15,7 @@ class CheckpointSaveError(OSError):
 
 class WorkdirError(ConfigError):
   """The workdir cannot be made, reached or written; no file can be left in it."""
+
+
+class WorkdirBusyError(WorkdirError):
+  """Another run holds the workdir's lock; its files are left alone (no error.log)."""

@@ -30,6 +30,7 @@ from corinfomax_jax import models
 from corinfomax_jax.run import train_state as train_state_lib
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.errors import ConfigError
 
 FINETUNE_DIR = "finetune"  # TensorBoard events and checkpoints, in the workdir
@@ -185,7 +186,7 @@ def _plan(run: settings_lib.Settings, train_source) -> _Plan:
   return _Plan(subset, batch_size, steps_per_epoch, schedule_steps, num_steps)
 
 
-def _check_can_start(config, workdir: str):
+def _check_can_start(config, workdir: str, lock):
   """(settings, mesh), everything checked before any model work; ConfigError in one line."""
   def has_checkpoint(run):
     if not run.eval.random_init and not encoder_lib.checkpoint_steps(workdir):
@@ -195,7 +196,7 @@ def _check_can_start(config, workdir: str):
           "config.eval.random_init=True to fine-tune the random initialisation.")
 
   return startup.begin(
-      config, workdir, checks=(check_label_file, has_checkpoint),
+      config, workdir, checks=(check_label_file, has_checkpoint), lock=lock,
       batch_sizes=lambda r: {"eval.batch_size": r.eval.batch_size,
                              "eval.finetune.batch_size": r.eval.finetune.batch_size})
 
@@ -303,9 +304,15 @@ def finetune(config, workdir: str) -> dict:
   top5, test_loss, train_loss_last_epoch (None when nothing was left to train),
   label_fraction, label_file, num_labelled, epochs, steps, ...) and
   returns it with the final FinetuneState under "state", or {"preempted": True,
-  "step": s}.
+  "step": s}. Holds the workdir's lock (workdir_lock) from start-up until it returns or
+  raises.
   """
-  run, mesh = _check_can_start(config, workdir)
+  with workdir_lock.WorkdirLock(workdir, "finetune") as lock:
+    return _finetune(config, workdir, lock)
+
+
+def _finetune(config, workdir: str, lock) -> dict:
+  run, mesh = _check_can_start(config, workdir, lock)
   ft, data = run.eval.finetune, run.data
   train_source, eval_source = evaluators.open_sources(data)
   plan = _plan(run, train_source)

@@ -28,6 +28,7 @@ from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax import models
 from corinfomax_jax.run import train_state as train_state_lib
 from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.modes import startup
 from corinfomax_jax.errors import ConfigError
 
@@ -339,7 +340,13 @@ def linear_eval(config, workdir: str) -> dict:
   config.eval.linear.lr is used as given, not scaled with its batch_size (the
   paper's 0.2 is for batch 256). Logs and writes top-1/top-5 to TensorBoard
   (<workdir>/linear_eval) and <workdir>/linear_eval.json, and returns that dict.
+  Holds the workdir's lock (workdir_lock) from start-up until it returns or raises.
   """
+  with workdir_lock.WorkdirLock(workdir, "linear_eval") as lock:
+    return _linear_eval(config, workdir, lock)
+
+
+def _linear_eval(config, workdir: str, lock) -> dict:
   def batch_sizes(run):
     sizes = {"eval.batch_size": run.eval.batch_size}
     if not run.eval.linear.precomputed:
@@ -348,7 +355,7 @@ def linear_eval(config, workdir: str) -> dict:
 
   # The workdir must hold the pretraining: it is not created.
   run, mesh = startup.begin(config, workdir, batch_sizes=batch_sizes,
-                            create_workdir=False)
+                            create_workdir=False, lock=lock)
   lin, data = run.eval.linear, run.data
   # Every split and size check comes before the network is built and restored.
   train_source, eval_source = evaluators.open_sources(data)

@@ -28,6 +28,7 @@ from corinfomax_jax.run import loop
 from corinfomax_jax.run import run_record
 from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax.run.train_state import TrainState
 
@@ -163,13 +164,22 @@ def _monitors(run: settings_lib.Settings, model, mesh, source) -> list:
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Pretrains with config.method, resuming from the latest checkpoint in `workdir`."""
+  """Pretrains with config.method, resuming from the latest checkpoint in `workdir`.
+
+  Holds the workdir's lock (workdir_lock) from start-up until it returns or raises.
+  """
+  with workdir_lock.WorkdirLock(workdir, "pretrain") as lock:
+    return _train_and_evaluate(config, workdir, lock)
+
+
+def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
   run, mesh = startup.begin(config, workdir,
-                            batch_sizes=lambda r: {"batch_size": r.train.batch_size})
+                            batch_sizes=lambda r: {"batch_size": r.train.batch_size},
+                            lock=lock)
   train, data = run.train, run.data
   batch_size = train.batch_size
 

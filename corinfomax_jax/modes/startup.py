@@ -1,10 +1,13 @@
 """The start-up sequence every mode shares, so that every user error surfaces before work.
 
-  run, mesh = startup.begin(config, workdir, batch_sizes=..., create_workdir=...)
-  state = startup.backbone_state(run, model, mesh, workdir)   # evaluating modes
+  with workdir_lock.WorkdirLock(workdir, mode) as lock:     # modes that write checkpoints
+    run, mesh = startup.begin(config, workdir, batch_sizes=..., create_workdir=...,
+                              lock=lock)
+    state = startup.backbone_state(run, model, mesh, workdir)   # evaluating modes
 
 `begin` checks the whole configuration (settings.resolve), then that each global batch
-divides over the devices and processes, then the workdir, and only then builds the mesh.
+divides over the devices and processes, then the workdir, then takes the workdir's lock
+(writing modes), and only then builds the mesh.
 """
 from __future__ import annotations
 
@@ -16,18 +19,22 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import train_state as train_state_lib
 from corinfomax_jax.run import workdir as workdir_lib
+from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.run import writers
 
 
 def begin(config, workdir: str, *, batch_sizes: dict[str, int] | None = None,
-          create_workdir: bool = True, checks=()) -> tuple[settings_lib.Settings,
-                                                           jax.sharding.Mesh]:
+          create_workdir: bool = True, checks=(),
+          lock: workdir_lock.WorkdirLock | None = None) -> tuple[settings_lib.Settings,
+                                                                 jax.sharding.Mesh]:
   """(settings, mesh) of a mode, after every check that needs no data.
 
   batch_sizes: {config key: global batch} that must divide over the devices, e.g.
   {"batch_size": run.train.batch_size}; a function of the settings may be given to
   name them once the configuration is checked. checks: functions of the settings that
-  raise ConfigError (a mode's own keys), run before the workdir is touched.
+  raise ConfigError (a mode's own keys), run before the workdir is touched. lock: the
+  workdir lock of a mode that writes checkpoints, taken once the workdir is checked
+  (WorkdirBusyError when another run holds it); the mode's `with` block releases it.
   """
   run = settings_lib.resolve(config)
   if callable(batch_sizes):
@@ -37,6 +44,8 @@ def begin(config, workdir: str, *, batch_sizes: dict[str, int] | None = None,
   for key, size in (batch_sizes or {}).items():
     mesh_lib.check_batch_divides(size, jax.device_count(), jax.process_count(), key=key)
   workdir_lib.check_workdir(workdir, create=create_workdir)
+  if lock is not None:
+    lock.acquire()
   return run, mesh_lib.make_mesh()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from corinfomax_jax.data import augment
 from corinfomax_jax.run import checkpoints
@@ -126,6 +127,9 @@ def load_encoder(workdir: str, step: int | None = None) -> Encoder:
   variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
   encoder = Encoder(model=model, variables=variables, config=record,
                     step=int(restored["step"]))
+  # A writer may be adding checkpoints beside a reader: say which one was read.
+  logging.info("Read the backbone of the checkpoint of step %d in %s.", encoder.step,
+               directory)
   return encoder
 
 

@@ -93,11 +93,21 @@ class Preemption:
 def run(state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: Iterator,
         *, start_step: int, num_steps: int, actions: Sequence[Action],
         preemption: Preemption | None = None) -> tuple[Any, bool]:
-  """Steps start_step + 1 .. num_steps: (final state, whether it stopped for preemption)."""
+  """Steps start_step + 1 .. num_steps: (final state, whether it stopped for preemption).
+
+  At most one step is queued behind the one the device runs: once step n is dispatched
+  the loop waits for step n - 1's metrics, so a stop request that arrives during step
+  n - 1 ends the run at step n, and none later.
+  """
   preemption = preemption or Preemption()
   with preemption:
+    previous = None  # the metrics of the step before, until the device has finished it
     for step in range(start_step + 1, num_steps + 1):
       state, metrics = step_fn(state, next(batches))
+      # JAX dispatches asynchronously: unchecked, the loop runs as far ahead as the next
+      # sync (a progress report), and a stop request lands that many steps late.
+      jax.block_until_ready(previous)
+      previous = metrics
       preempted = preemption.reached(step)
       is_last = step == num_steps or preempted
       for action in actions:

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from corinfomax_jax.run import loop
@@ -56,6 +57,62 @@ def test_preemption_makes_that_step_the_last():
                           preemption=preemption)
   # The notice arrives during step 2's actions; step 3 is the last one run.
   assert preempted and log[-1] == ("a", 3, 6, True) and len(log) == 3
+
+
+class _Device:
+  """Steps run in order, one at a time, and finish only when the loop waits for one
+  (block_until_ready, or a report's device_get), as under JAX's asynchronous dispatch.
+
+  The stop request arrives while step `request_in` runs: when the step before it ends.
+  """
+
+  def __init__(self, preemption, request_in):
+    self.preemption, self.request_in = preemption, request_in
+    self.finished = self.most_ahead = 0
+
+  def step(self, state, batch):
+    del batch
+    step = state + 1
+    self.most_ahead = max(self.most_ahead, step - self.finished)
+    return step, {"loss": _Pending(self, step)}
+
+  def finish_through(self, step):
+    while self.finished < step:
+      self.finished += 1
+      if self.finished == self.request_in - 1:
+        self.preemption.requested = True
+
+
+class _Pending:
+  """A step's loss, ready once its step (and every one before it) has finished."""
+
+  def __init__(self, device, step):
+    self.device, self.step = device, step
+
+  def block_until_ready(self):
+    self.device.finish_through(self.step)
+    return self
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    self.block_until_ready()
+    return np.asarray(1.0, dtype)
+
+
+@pytest.mark.parametrize("request_in", [5, 8, 10])
+def test_a_stop_request_ends_the_run_at_the_step_it_arrived_in(request_in):
+  """Reports sync every 10 steps: a loop that ran ahead stopped at 10 whatever the step."""
+  log = []
+  preemption = loop.Preemption()
+  device = _Device(preemption, request_in)
+  report = loop.ReportProgress(name="t", num_steps=100, every_steps=10, batch_size=4,
+                               steps_per_epoch=10, writer=_Writer(), prefix="train/")
+  state, preempted = loop.run(0, device.step, iter(range(100)), start_step=0,
+                              num_steps=100, actions=[report, _Recorder(log, "a")],
+                              preemption=preemption)
+  assert preempted and state == request_in
+  assert log[-1] == ("a", request_in, request_in, True)
+  assert device.most_ahead == 2  # the step that runs, and one queued behind it
 
 
 def test_report_averages_logs_and_writes_every_n_steps():
