@@ -75,3 +75,20 @@ def test_requirements_txt_lists_what_pyproject_declares(wheel):
     return name, frozenset(re.findall(r"[<>=!]=?[^,]+", requirement[len(name):]))
 
   assert {normal(r) for r in listed} == {normal(r) for r in declared}
+
+
+def test_the_accelerator_extras_keep_the_core_jax_range(wheel):
+  """jax[cuda12] / jax[tpu] under the core's range: one resolution, matching builds."""
+  requires = re.findall(r"^Requires-Dist: (.*)$", _metadata(wheel), re.M)
+
+  def bounds(requirement):
+    spec = requirement.split(";")[0]
+    return frozenset(re.findall(r"[<>=!]=?[^,\s]+", spec.split("]")[-1]
+                                if "]" in spec else spec[len("jax"):]))
+
+  core = [r for r in requires if _name(r) == "jax" and "extra ==" not in r]
+  assert len(core) == 1
+  for extra in ("cuda12", "tpu"):
+    (accelerated,) = [r for r in requires if f'extra == "{extra}"' in r]
+    assert accelerated.startswith(f"jax[{extra}]"), accelerated
+    assert bounds(accelerated) == bounds(core[0]) != frozenset(), (accelerated, core)
