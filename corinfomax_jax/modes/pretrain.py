@@ -209,8 +209,13 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   try:
     restored, record = train_state_lib.restore(manager, state, run,
                                                probe_classes=probe_classes)
+    # A checkpoint keeps the values that change results: a resume is checked against it
+    # (config.json may be gone), or against config.json for checkpoints without them.
+    compared = restored is not None and run_record.warn_if_results_change(
+        record.get("results"), run.record,
+        f"The checkpoint of step {int(restored.step)} in {manager.directory}")
     # Only a run the checkpoint accepts rewrites the record of the run.
-    run_record.write_run_config(run.record, workdir, writer)
+    run_record.write_run_config(run.record, workdir, writer, compare=not compared)
     spectra = []
     if restored is not None:
       state = restored
@@ -234,7 +239,9 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
         nonfinite_hint=lambda: (
             f"The last good checkpoint is step {manager.latest_step()} in "
             f"{manager.directory}. Lower config.learning_rate or check the data."))
+    results = run_record.result_values(run.record)
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
+                         "results": results,
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
     actions = [
         report,

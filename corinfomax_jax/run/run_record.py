@@ -36,23 +36,49 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def _changes_results(key: str, method: str) -> bool:
+  return key in RESULT_KEYS or key.startswith(RESULT_PREFIXES + (f"{method}.",))
+
+
 def changed_result_keys(old: dict, new: dict) -> list[str]:
   """'key old -> new' for each key that changes results and differs (flat dicts): the
   RESULT_KEYS, the model and augmentation keys, and those of the new run's method."""
-  prefixes = RESULT_PREFIXES + (f"{new.get('method', 'corinfomax')}.",)
-  keys = sorted(k for k in old.keys() | new.keys()
-                if k in RESULT_KEYS or k.startswith(prefixes))
+  method = new.get("method", "corinfomax")
+  keys = sorted(k for k in old.keys() | new.keys() if _changes_results(k, method))
   return [f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys
           if old.get(k, "(absent)") != new.get(k, "(absent)")]
 
 
+def result_values(record: dict) -> dict:
+  """The flat values of `record` (a resolved configuration) that change results: what a
+  checkpoint keeps of the run that wrote it, so that a resume is checked against the
+  checkpoint itself, whatever became of config.json."""
+  method = record.get("method", "corinfomax")
+  return {k: v for k, v in flatten(record).items() if _changes_results(k, method)}
+
+
+def warn_if_results_change(saved: dict | None, record: dict, where: str) -> bool:
+  """Warns once, naming each key, when `record` changes values that `saved` (a
+  checkpoint's result_values) was trained with; returns whether it compared at all."""
+  if saved is None:
+    return False
+  changed = changed_result_keys(saved, result_values(record))
+  if changed:
+    logging.warning("%s was trained with other values of keys that change results; this "
+                    "run continues it with: %s.", where, "; ".join(changed))
+  return True
+
+
 def write_run_config(record: dict, workdir: str,
-                     writer: metrics.MetricWriter | None = None) -> dict:
+                     writer: metrics.MetricWriter | None = None, *,
+                     compare: bool = True) -> dict:
   """Writes the resolved configuration `record` (settings.Settings.record) to
   workdir/config.json, and as hparams to `writer`; returns the record.
 
   An existing record that differs is kept as config.json.prev: the steps already in
-  the checkpoint were trained under it, and overwriting alone would lose that. A
+  the checkpoint were trained under it, and overwriting alone would lose that. With
+  `compare` (when the checkpoint itself holds no result values to compare with, as in
+  earlier versions), a change of keys that change results is named in one warning; a
   record of an earlier version is compared with its keys in their new places.
   """
   if jax.process_index() != 0:
@@ -64,7 +90,7 @@ def write_run_config(record: dict, workdir: str,
     # only one there was.
     comparable = {"method": "corinfomax", **settings.moved_keys_applied(previous)}
     if previous != record:
-      changed = changed_result_keys(flatten(comparable), flatten(record))
+      changed = changed_result_keys(flatten(comparable), flatten(record)) if compare else []
       if changed:
         logging.warning("%s: this run changes keys that change results: %s (previous "
                         "record kept as %s.prev).", path, "; ".join(changed), RECORD)

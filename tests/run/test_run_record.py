@@ -28,8 +28,9 @@ def test_a_record_of_an_earlier_version_is_compared_in_the_new_places(tmp_path, 
   assert len(warnings) == 1 and "corinfomax.alpha 250.0 -> 500.0" in warnings[0], warnings
   assert "knn" not in warnings[0]  # moved, not changed; and not a result key
   assert json.loads((tmp_path / "config.json").read_text()) == new
+  # The record that was there is kept as it was written.
   assert json.loads((tmp_path / "config.json.prev").read_text()) == {
-      "corinfomax": {"alpha": 250.0}, "model": {"width": 8}, "eval": {"knn": {"k": 20}}}
+      "alpha": 250.0, "model": {"width": 8}, "eval": {"knn_k": 20}}
 
 
 def test_resume_with_a_changed_alpha_warns_once_and_records_the_new(image_folder, tmp_path,
@@ -50,3 +51,19 @@ def test_resume_with_a_changed_alpha_warns_once_and_records_the_new(image_folder
   assert "max_steps" not in warnings[0]  # bookkeeping, not a result
   assert json.loads((tmp_path / "config.json").read_text())["corinfomax"]["alpha"] == 500.0
   assert json.loads((tmp_path / "config.json.prev").read_text()) == first
+
+
+def test_a_resume_is_checked_against_the_checkpoint_even_without_config_json(
+    image_folder, tmp_path, caplog):
+  """The checkpoint keeps the values that change results: with config.json gone, a
+  resume that changes alpha still says so, once, naming the checkpoint's step."""
+  pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2),
+                              str(tmp_path))
+  (tmp_path / "config.json").unlink()
+  config = tiny_config(f"folder:{image_folder}", max_steps=3, alpha=500.0)
+  with caplog.at_level(logging.WARNING):
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if "change results" in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert "corinfomax.alpha 250.0 -> 500.0" in warnings[0]
+  assert "checkpoint of step 2" in warnings[0]
