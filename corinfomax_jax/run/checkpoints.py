@@ -8,6 +8,7 @@ temporary directory that the next run removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging as logging_std
 from typing import Any, Callable
@@ -62,11 +63,30 @@ def finish(manager) -> None:
     cause = " ".join(str(e).split()) or type(e).__name__
     if len(cause) > 300:  # the OS's reason ("File too large") ends the message
       cause = "..." + cause[-240:]
+    remedy = ("Free space there (or use another --workdir)" if _is_out_of_space(e)
+              else "Fix that (or use another --workdir)")
     raise CheckpointSaveError(
         f"Saving the checkpoint of step {step} in {manager.directory} failed ({cause}); "
         f"the last good checkpoint is "
-        f"{f'step {max(good)}' if good else 'none'}. Free space there (or use another "
-        "--workdir) and run again to resume.") from None
+        f"{f'step {max(good)}' if good else 'none'}. {remedy} and run again to "
+        "resume.") from None
+
+
+_OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_OUT_OF_SPACE_TEXTS = ("No space left", "Disk quota exceeded", "File too large")
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+  """True when `error` or an exception it chains says the disk, the quota or the file
+  size limit is full. orbax rewraps the OS's error, so its text is checked too."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno in _OUT_OF_SPACE_ERRNOS
+        or any(text in str(error) for text in _OUT_OF_SPACE_TEXTS)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def open_reader(directory):
