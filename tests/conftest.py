@@ -84,3 +84,17 @@ def pretrained_workdir(image_folder, tmp_path_factory):
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=4),
                               str(workdir))
   return workdir
+
+
+def damaged_copy(workdir, target, steps):
+  """A copy of `workdir` at `target` whose checkpoints of `steps` each have their
+  biggest state file cut in half (a crash during a save); returns `target`."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(workdir, target)
+  for step in steps:
+    paths = [p for p in glob.glob(f"{target}/checkpoints/{step}/state/**/*", recursive=True)
+             if os.path.isfile(p)]
+    biggest = max(paths, key=os.path.getsize)
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+  return target

@@ -8,6 +8,7 @@ temporary directory that the next run removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging as logging_std
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import jax
 from absl import logging
 
 from corinfomax_jax import files
+from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import CheckpointSaveError
 from corinfomax_jax.errors import ConfigError
 
@@ -61,62 +63,151 @@ def finish(manager) -> None:
     cause = " ".join(str(e).split()) or type(e).__name__
     if len(cause) > 300:  # the OS's reason ("File too large") ends the message
       cause = "..." + cause[-240:]
+    remedy = ("Free space there (or use another --workdir)" if _is_out_of_space(e)
+              else "Fix that (or use another --workdir)")
     raise CheckpointSaveError(
         f"Saving the checkpoint of step {step} in {manager.directory} failed ({cause}); "
         f"the last good checkpoint is "
-        f"{f'step {max(good)}' if good else 'none'}. Free space there (or use another "
-        "--workdir) and run again to resume.") from None
+        f"{f'step {max(good)}' if good else 'none'}. {remedy} and run again to "
+        "resume.") from None
+
+
+_OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_OUT_OF_SPACE_TEXTS = ("No space left", "Disk quota exceeded", "File too large")
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+  """True when `error` or an exception it chains says the disk, the quota or the file
+  size limit is full. orbax rewraps the OS's error, so its text is checked too."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno in _OUT_OF_SPACE_ERRNOS
+        or any(text in str(error) for text in _OUT_OF_SPACE_TEXTS)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def open_reader(directory):
+  """An orbax CheckpointManager that only reads `directory` (a local path or a URL).
+
+  Unlike create_manager's, it creates nothing and leaves alone the temporary directory
+  of a save in progress (a pretraining run writing to the same workdir).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # Not orbax's read_only option: it only skips saves, with two warnings.
+  options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(files.as_path(directory), options=options,
+                               item_names=("state", "run"))
 
 
 def restore_latest(manager, template: Any, check_record: Callable[[dict, int], None], *,
-                   set_aside: bool = True) -> tuple[Any, dict | None]:
-  """The latest usable checkpoint: (state, record), or (None, None) when there is none.
+                   set_aside: bool = True, step: int | None = None
+                   ) -> tuple[Any, dict | None]:
+  """The latest readable checkpoint: (state, record), or (None, None) when there is none.
 
-  `template` is the state pytree to restore into, or a function of the checkpoint's
-  record that returns it. `check_record(record, step)` raises ConfigError for a
-  checkpoint this run must not use (another model); that error propagates. A record of an older layout is refused the
-  same way. A checkpoint that cannot be read (a file truncated by a crash) is skipped
-  in favour of the one before it, with one warning and, when `set_aside` (a writer of
-  new checkpoints), renamed `<step>.unreadable`: nothing is deleted and no good
-  checkpoint is overwritten.
+  The one place that decides which step a run reads: every mode and load_encoder come
+  here, so with a damaged latest checkpoint they all read the same earlier step.
+  A checkpoint reads when its record and every array of its state read.
+
+  Args:
+    manager: the CheckpointManager of the checkpoint directory.
+    template: the state pytree to restore into, a function of the checkpoint's record
+      that returns it, or None for the tree as saved, each array replicated over this
+      process's devices.
+    check_record: `check_record(record, step)` raises ConfigError for a checkpoint this
+      run must not use (another model); that error propagates, as does the refusal of
+      a record of an older layout.
+    set_aside: True for a writer of new checkpoints (pretraining): an unreadable
+      checkpoint (a file truncated by a crash) is renamed `<step>.unreadable`, so
+      nothing is deleted and no new save collides with it, and when none reads the run
+      starts from scratch. False (a reader): nothing in the directory changes, and when
+      checkpoints exist but none reads, ConfigError names each step and its damage.
+    step: read only this step (which must exist); ConfigError when it is unreadable.
+
+  Returns:
+    (state, record) of the newest readable step, with one warning line per newer step
+    skipped saying why; (None, None) when there is no checkpoint (or, with set_aside,
+    none that reads).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   template_fn = template if callable(template) else lambda record: template
   unreadable = {}  # step -> why
-  found = None, None
+  found, found_step = (None, None), None
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   with _unretrieved_futures_silenced():
-    for step in sorted(manager.all_steps(), reverse=True):
+    for step_ in steps:
       try:
         record = manager.restore(
-            step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+            step_, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
       except Exception as e:  # pylint: disable=broad-except
-        record, error = None, e
-      if record is not None:
-        if record.get("format") != FORMAT:
-          raise ConfigError(
-              f"The checkpoints in {manager.directory} were written by an older version "
-              f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
-              f"version reads format {FORMAT}). Use a new --workdir, or the version that "
-              "wrote them.")
-        check_record(record, step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_fn(record))
-        try:
-          state = manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract)))["state"]
-          found = state, record
-          break
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-      unreadable[step] = (f"{type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+        unreadable[step_] = _cause(e)
+        continue
+      if record.get("format") != FORMAT:
+        raise ConfigError(
+            f"The checkpoints in {manager.directory} were written by an older version "
+            f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
+            f"version reads format {FORMAT}). Use a new --workdir, or the version that "
+            "wrote them.")
+      check_record(record, step_)
+      # Outside the try: a template that fails is a bug, not a damaged checkpoint.
+      abstract = None if template is None else jax.tree.map(
+          ocp.utils.to_shape_dtype_struct, template_fn(record))
+      try:
+        if abstract is None:
+          abstract = _saved_abstract(manager, step_)
+        state = manager.restore(step_, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+        found, found_step = (state, record), step_
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        unreadable[step_] = _cause(e)
+  if unreadable and found[0] is None and not set_aside:
+    if step is not None:
+      raise ConfigError(f"The checkpoint of step {step} in {manager.directory} is "
+                        f"unreadable ({unreadable[step]}).")
+    raise ConfigError(
+        f"No readable checkpoint in {manager.directory}: "
+        + "; ".join(f"step {s} is unreadable ({why})" for s, why in unreadable.items())
+        + ".")
   moved = _set_aside(manager, list(unreadable)) if unreadable and set_aside else {}
-  for step, why in unreadable.items():  # one line each
-    logging.warning("Checkpoint step %d in %s is unreadable (%s); %s.", step,
+  for step_, why in unreadable.items():  # one line each
+    logging.warning("Checkpoint step %d in %s is unreadable (%s); %s%s.", step_,
                     manager.directory, why,
-                    f"moved to {moved[step]}" if step in moved else "skipped")
+                    f"moved to {moved[step_]}" if step_ in moved else "skipped",
+                    f", reading step {found_step}" if found_step is not None else "")
   if unreadable and found[0] is None and set_aside:
     logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
   return found
+
+
+def _cause(error: BaseException, limit: int = 150) -> str:
+  """`Type: first line` of what made a checkpoint unreadable, at most `limit` characters
+  of the line. TensorStore's own error (the file and byte range) is the explicit cause
+  of orbax's, whose message is the whole store specification."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  line = lines[0] if lines else ""
+  if len(line) > limit:
+    line = line[:limit] + "..."
+  return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _saved_abstract(manager, step: int) -> Any:
+  """The state tree of `step` as saved (shapes, dtypes), replicated over this process's
+  devices: restoring it needs neither the configuration nor the writer's topology."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  replicated = mesh_lib.replicated(mesh_lib.make_mesh(jax.local_devices()))
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(files.as_path(manager.directory) / str(step) / "state")
+  finally:
+    handler.close()
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                      metadata)
 
 
 class UnretrievedFutures(logging_std.Filter):

@@ -5,19 +5,17 @@
                              # -> (N, 512 or 2048) numpy float32, BatchNorm in eval mode
     enc.model, enc.variables, enc.config, enc.step     # for Flax users
 
-Only the model keys of the checkpoint's record and the "params" / "batch_stats"
-subtrees of its state are read (orbax partial restore), so neither the run's
-configuration file, a mesh, ml_collections nor TensorFlow is needed. The variables are
+The checkpoint is read as saved (its shapes from its own metadata, the model from its
+record's model keys), so neither the run's configuration file, a mesh, ml_collections
+nor TensorFlow is needed; its "params" / "batch_stats" are kept. The variables are
 replicated over this process's devices and each call's batch is split over them.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -74,15 +72,6 @@ def features_fn(model, mesh: jax.sharding.Mesh, normalization=None):
                  out_shardings=mesh_lib.batch_sharded(mesh))
 
 
-def _read_record(directory, step: int) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(directory, item_names=("state", "run"))
-  try:
-    return manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-  finally:
-    manager.close()
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the finished pretraining checkpoints in `workdir`, ascending."""
   directory = train_state_lib.checkpoint_dir(workdir)
@@ -95,50 +84,45 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def load_encoder(workdir: str, step: int | None = None) -> Encoder:
   """The backbone of the pretraining checkpoint of `workdir` (latest, or `step`).
 
-  Raises ConfigError when there is no such checkpoint.
+  The latest checkpoint is the latest readable one, as every mode picks it
+  (checkpoints.restore_latest): a damaged newer step is skipped with one warning line.
+  Nothing in the workdir changes.
+
+  Args:
+    workdir: the pretraining run's --workdir (a local path or a URL).
+    step: a checkpoint step to read instead of the latest.
+
+  Returns:
+    The Encoder of that checkpoint.
+
+  Raises:
+    ConfigError: (one line) there is no checkpoint, no such step, or none (or not
+      `step`) reads: the directory, the step(s) and the damage are named.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  steps = checkpoint_steps(workdir)
   directory = train_state_lib.checkpoint_dir(workdir)
-  if not steps:
-    raise ConfigError(f"No pretraining checkpoint in workdir {workdir!r} (looked in "
-                      f"{directory}). Pretrain first with --mode=pretrain.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ConfigError(f"No pretraining checkpoint of step {step} in {directory}; "
-                      f"its steps are {steps}.")
-  record = _read_record(directory, step)
-  if record.get("format") != checkpoints.FORMAT:
-    raise ConfigError(f"The checkpoint of step {step} in {directory} has format "
-                      f"{record.get('format', 1)}; this version reads format "
-                      f"{checkpoints.FORMAT}.")
+  missing = ConfigError(f"No pretraining checkpoint in workdir {workdir!r} (looked in "
+                        f"{directory}). Pretrain first with --mode=pretrain.")
+  if not directory.is_dir():
+    raise missing
+  manager = checkpoints.open_reader(directory)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise missing
+    if step is not None and step not in steps:
+      raise ConfigError(f"No pretraining checkpoint of step {step} in {directory}; "
+                        f"its steps are {steps}.")
+    # The whole state is read, not only the backbone: a checkpoint reads here exactly
+    # when it reads for the modes that restore the train state.
+    state, record = checkpoints.restore_latest(manager, None, lambda record, step: None,
+                                               set_aside=False, step=step)
+  finally:
+    manager.close()
   model = models.create_model(**record["model"])
-  size = 32  # parameter shapes do not depend on the image size (global pooling)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, size, size, 3)), train=False))
-  mesh = mesh_lib.make_mesh(jax.local_devices())
-  replicated = mesh_lib.replicated(mesh)
-  abstract = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                             sharding=replicated), shapes[k])
-              for k in ("params", "batch_stats")}
-  abstract["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  restored = _restore_subtrees(directory / str(step) / "state", abstract, ocp)
-  variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   encoder = Encoder(model=model, variables=variables, config=record,
-                    step=int(restored["step"]))
+                    step=int(state["step"]))
   # A writer may be adding checkpoints beside a reader: say which one was read.
   logging.info("Read the backbone of the checkpoint of step %d in %s.", encoder.step,
                directory)
   return encoder
-
-
-def _restore_subtrees(path, abstract: Any, ocp) -> dict:
-  """The subtrees of the state pytree at `path` that `abstract` names (partial restore)."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
-  finally:
-    checkpointer.close()

@@ -199,7 +199,8 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
 
 def load_pretrained(run: settings_lib.Settings, model, mesh, workdir: str,
                     hint: str = "") -> TrainState:
-  """The latest pretraining checkpoint of `workdir`; ConfigError when there is none."""
+  """The latest readable pretraining checkpoint of `workdir` (checkpoints.restore_latest
+  picks it, as for every mode); ConfigError when there is none. Changes nothing there."""
   directory = checkpoint_dir(workdir)
   missing = ConfigError(
       f"No pretraining checkpoint in workdir {workdir!r} (looked in {directory}). "
@@ -208,7 +209,7 @@ def load_pretrained(run: settings_lib.Settings, model, mesh, workdir: str,
     raise missing
   template = lambda record: initial_state(
       run, model, mesh, probe_classes=record.get("online_probe_classes", 0))
-  manager = create_checkpoint_manager(workdir, run.train.keep_checkpoints)
+  manager = checkpoints.open_reader(directory)
   try:
     state, _ = restore(manager, template, run, set_aside=False, probe_classes=None)
   finally:

@@ -37,9 +37,10 @@ def main_command(image_folder, workdir, *flags):
 
 
 def committed_steps(workdir):
-  return sorted(int(os.path.basename(os.path.dirname(p)))
-                for p in glob.glob(os.path.join(workdir, "checkpoints", "*",
-                                                "commit_success.txt")))
+  names = (os.path.basename(os.path.dirname(p)) for p in glob.glob(
+      os.path.join(workdir, "checkpoints", "*", "commit_success.txt")))
+  # orbax writes commit_success.txt before renaming <step>.orbax-checkpoint-tmp.
+  return sorted(int(n) for n in names if n.isdigit())
 
 
 def read_scalars(workdir, tag):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import damaged_copy
 from conftest import tiny_config
 
 import corinfomax_jax
@@ -17,6 +18,7 @@ from corinfomax_jax.eval import evaluators
 from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax.modes import embed as embed_lib
 from corinfomax_jax.modes import export as export_lib
+from corinfomax_jax.modes import knn_eval as knn_eval_lib
 from corinfomax_jax.run import settings
 
 
@@ -76,3 +78,26 @@ def test_without_a_checkpoint_fails_in_one_line(mode, tmp_path, image_folder):
   with pytest.raises(errors.ConfigError, match="No pretraining checkpoint") as e:
     mode(tiny_config(f"folder:{image_folder}"), str(tmp_path))
   assert "\n" not in str(e.value)
+
+
+def test_export_and_knn_eval_read_the_same_step_of_a_damaged_workdir(
+    pretrained_workdir, tmp_path, image_folder):
+  workdir = str(damaged_copy(pretrained_workdir, tmp_path / "w", steps=[4]))
+  listing = sorted(os.listdir(f"{workdir}/checkpoints"))
+  config = tiny_config(f"folder:{image_folder}")
+  out = export_lib.export_backbone(config, workdir)
+  assert out["step"] == 2
+  assert export.read_safetensors_header(out["safetensors"])["__metadata__"]["step"] == "2"
+  assert knn_eval_lib.knn_eval(config, workdir)["step"] == 2
+  assert sorted(os.listdir(f"{workdir}/checkpoints")) == listing  # nothing set aside
+
+
+def test_export_without_a_readable_checkpoint_fails_in_one_short_line(
+    pretrained_workdir, tmp_path, image_folder):
+  workdir = str(damaged_copy(pretrained_workdir, tmp_path / "w", steps=[2, 4]))
+  with pytest.raises(errors.ConfigError, match="No readable checkpoint in") as e:
+    export_lib.export_backbone(tiny_config(f"folder:{image_folder}"), workdir)
+  message = str(e.value)
+  assert "\n" not in message and len(message) < 600, message
+  assert "step 4 is unreadable" in message and "step 2 is unreadable" in message
+  assert not os.path.exists(os.path.join(workdir, export_lib.EXPORT_DIR))

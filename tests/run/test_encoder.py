@@ -11,6 +11,7 @@ from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.run import settings
 from corinfomax_jax.run import train_state as train_state_lib
+from conftest import damaged_copy
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +38,43 @@ def test_an_earlier_step_and_a_missing_one(pretrained_workdir):
   assert corinfomax_jax.load_encoder(str(pretrained_workdir), step=2).step == 2
   with pytest.raises(errors.ConfigError, match=r"step 3 .* steps are \[2, 4\]"):
     corinfomax_jax.load_encoder(str(pretrained_workdir), step=3)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_as_every_mode_skips_it(
+    pretrained_workdir, image_folder, tmp_path, caplog):
+  workdir = str(damaged_copy(pretrained_workdir, tmp_path / "w", steps=[4]))
+  listing = sorted(os.listdir(f"{workdir}/checkpoints"))
+  with caplog.at_level("WARNING"):
+    enc = corinfomax_jax.load_encoder(workdir)
+  assert enc.step == 2
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  assert "step 4" in warnings[0] and "reading step 2" in warnings[0], warnings
+  # The same step as the undamaged workdir's step 2, and as the modes that read the
+  # whole train state (knn_eval, linear_eval, finetune) pick.
+  images = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+      enc(images), corinfomax_jax.load_encoder(str(pretrained_workdir), step=2)(images))
+  run = settings.resolve(tiny_config(f"folder:{image_folder}"))
+  state = train_state_lib.load_pretrained(run, run.model.create(), mesh_lib.make_mesh(),
+                                          workdir)
+  assert int(state.step) == 2
+  assert sorted(os.listdir(f"{workdir}/checkpoints")) == listing  # a reader renames nothing
+
+
+def test_no_readable_step_or_an_unreadable_step_is_one_config_error(pretrained_workdir,
+                                                                     tmp_path):
+  workdir = str(damaged_copy(pretrained_workdir, tmp_path / "w", steps=[2, 4]))
+  with pytest.raises(errors.ConfigError, match="No readable checkpoint in") as e:
+    corinfomax_jax.load_encoder(workdir)
+  message = str(e.value)
+  assert "\n" not in message and len(message) < 600, message
+  assert f"{workdir}/checkpoints" in message
+  assert "step 4 is unreadable (ValueError: " in message and "step 2 is unreadable" in message
+  with pytest.raises(errors.ConfigError, match=r"checkpoint of step 4 in .* is unreadable "
+                     r"\(ValueError: ") as e:
+    corinfomax_jax.load_encoder(workdir, step=4)
+  assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)
 
 
 def test_no_checkpoint_is_one_line(tmp_path):
