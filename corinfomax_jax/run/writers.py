@@ -73,14 +73,17 @@ def write_json(path: str | os.PathLike, result: dict) -> None:
   files.write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
-def plot_spectra(spectra: Sequence[tuple[int, np.ndarray]], path: str | os.PathLike, *,
-                 title: str = "Covariance eigenvalues", figsize=(6.4, 4.8),
-                 dpi: int = 100) -> str | os.PathLike:
-  """Writes a PNG of eigenvalue spectra (descending, log y), one line per step.
+def plot_spectra(spectra: Sequence[tuple[int | str, np.ndarray]],
+                 path: str | os.PathLike, *, title: str = "Covariance eigenvalues",
+                 ylabel: str = "eigenvalue", reference: float | None = 1e-8,
+                 figsize=(6.4, 4.8), dpi: int = 100) -> str | os.PathLike:
+  """Writes a PNG of eigenvalue spectra (descending, log y), one line per entry.
 
+  Each entry is (step, eigenvalues), labelled "step N", or (label, eigenvalues).
   Eigenvalues below 1e-12 (collapsed directions, or tiny negative values from
   rounding) are drawn at 1e-12 so they show at the bottom instead of vanishing from a
-  log axis. The image is figsize * dpi pixels. Returns path.
+  log axis; `reference` draws a dashed line (the objective's eps). The image is
+  figsize * dpi pixels. Returns path.
   """
   # Agg canvas on a bare Figure: no pyplot global state, no display needed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -92,13 +95,15 @@ def plot_spectra(spectra: Sequence[tuple[int, np.ndarray]], path: str | os.PathL
   fig = Figure(figsize=figsize, dpi=dpi)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for step, eigenvalues in spectra:
+  for key, eigenvalues in spectra:
     values = np.sort(np.asarray(eigenvalues, np.float64).ravel())[::-1]
-    ax.plot(np.arange(values.size), np.maximum(values, floor), label=f"step {step}")
-  ax.axhline(1e-8, color="gray", linestyle="--", linewidth=1, label="1e-8")
+    label = key if isinstance(key, str) else f"step {key}"
+    ax.plot(np.arange(values.size), np.maximum(values, floor), label=label)
+  if reference is not None:
+    ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label=f"{reference:g}")
   ax.set_yscale("log")
   ax.set_xlabel("eigenvalue index (descending)")
-  ax.set_ylabel(f"eigenvalue (clipped at {floor:g})")
+  ax.set_ylabel(f"{ylabel} (clipped at {floor:g})")
   ax.set_title(title)
   ax.legend(fontsize="small")
   png = io.BytesIO()  # matplotlib writes local files only; `path` may be a URL
