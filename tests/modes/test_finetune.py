@@ -137,3 +137,21 @@ def test_learns_writes_json_and_resumes_as_one_run(pretrained_workdir, image_fol
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert {k: v for k, v in one.items() if k != "state"} == pytest.approx(
       {k: v for k, v in two.items() if k != "state"})
+
+
+def test_another_methods_pretraining_trains_the_online_probe_and_fine_tunes(
+    image_folder, tmp_path):
+  """Barlow Twins through the same trainer: the online probe learns beside it, the
+  spectrum is logged from its batch covariances, and fine-tuning starts from it."""
+  from corinfomax_jax.modes import pretrain  # pylint: disable=g-import-not-at-top
+  config = tiny_config(f"folder:{image_folder}", max_steps=2, spectrum_every_steps=1)
+  config.method = "barlow_twins"
+  config.eval.online_probe.enabled = True
+  state = pretrain.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2 and state.probe["params"]["kernel"].shape == (32, 2)
+  assert (tmp_path / "spectrum.png").stat().st_size > 0
+  config = _config(image_folder, finetune_epochs=1)
+  config.method = "barlow_twins"
+  result = finetune.finetune(config, str(tmp_path))
+  assert result["pretrain_step"] == 2 and result["method"] == "barlow_twins"
+  assert 0 <= result["top1"] <= 100 and math.isfinite(result["test_loss"])
