@@ -13,6 +13,7 @@ module hides the GPUs and TPUs from it (`tensorflow_setup.hide_accelerators_from
 import concurrent.futures
 import dataclasses
 import difflib
+import io
 import os
 import posixpath
 import re
@@ -20,6 +21,7 @@ from typing import Callable, Sequence
 
 from absl import logging
 import numpy as np
+from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -116,11 +118,47 @@ class Source:
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-  """Encoded JPEG/PNG/GIF/BMP of any mode -> uint8 RGB [h, w, 3]."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False,
-                             dtype=tf.uint8)
+  """Encoded JPEG/PNG/GIF/BMP of any mode -> uint8 RGB [h, w, 3], PIL's pixels for JPEG.
+
+  The reference loads `Image.open(f).convert("RGB")`; a JPEG here gives exactly those
+  pixels, in every mode:
+    * RGB (YCbCr) and grayscale JPEGs: `tf.io.decode_jpeg` with libjpeg's accurate
+      integer IDCT, as PIL decodes (`tf.io.decode_image` uses the fast one, up to ~5
+      levels off);
+    * CMYK and YCCK JPEGs (4 components; rare, e.g. a few dozen in ImageNet's train
+      split): TensorFlow's CMYK -> RGB truncates where PIL rounds (1 level) and reads a
+      CMYK file without an Adobe marker as inverted (up to 255 levels), and it cannot
+      return the CMYK planes, so these go through PIL itself (`tf.numpy_function`).
+  Other formats: `tf.io.decode_image`, which matches PIL's convert("RGB") for 8-bit
+  PNGs of every mode (L, LA, P, RGB, RGBA) but not for 16-bit ones.
+
+  Args:
+    encoded: a scalar string tensor, the file's bytes.
+
+  Returns:
+    uint8 [h, w, 3]. Unreadable bytes raise a `tf.errors.OpError`, as TensorFlow's
+    decoders do.
+  """
+  def decode_jpeg():
+    image = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    with tf.control_dependencies([image]):  # a bad file fails in the decoder, as before
+      components = tf.image.extract_jpeg_shape(encoded)[2]
+    return tf.cond(components == 4,
+                   lambda: tf.numpy_function(_pil_rgb, [encoded], tf.uint8,
+                                             stateful=False),
+                   lambda: image)
+
+  image = tf.cond(tf.io.is_jpeg(encoded), decode_jpeg,
+                  lambda: tf.io.decode_image(encoded, channels=3,
+                                             expand_animations=False, dtype=tf.uint8))
   image.set_shape([None, None, 3])
   return image
+
+
+def _pil_rgb(encoded) -> np.ndarray:
+  """PIL's Image.open(...).convert("RGB") of the bytes, uint8 [h, w, 3]."""
+  with Image.open(io.BytesIO(np.asarray(encoded).item())) as image:
+    return np.asarray(image.convert("RGB"))
 
 
 def _listing(path: str, limit: int = 20) -> str:
