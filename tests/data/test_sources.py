@@ -1,12 +1,20 @@
-"""sources: TensorFlow kept off the accelerators, recursive and unlabelled image folders."""
+"""sources: TensorFlow kept off the accelerators, recursive and unlabelled image folders,
+JPEGs decoded to PIL's pixels."""
+import io
 import pathlib
 import subprocess
 import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
 
 from corinfomax_jax import tensorflow_setup
 from corinfomax_jax.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+MAKE_JPEGS = ROOT.parent / "shared" / "tools" / "make_imagenet_sized_jpegs.py"
 
 
 class _RecordingTfConfig:
@@ -192,3 +200,83 @@ def test_an_image_removed_from_the_bucket_after_listing_is_named(tmp_path, monke
                      r"FileNotFoundError") as raised:
     list(batches)
   assert "\n" not in str(raised.value)
+
+
+@pytest.fixture(scope="session")
+def imagenet_sized_jpegs(tmp_path_factory):
+  """12 photograph-like JPEGs at ImageNet's sizes (quality 90, 4:2:0), sorted paths."""
+  if not MAKE_JPEGS.exists():
+    pytest.skip(f"{MAKE_JPEGS} not found")
+  out = tmp_path_factory.mktemp("imagenet_sized")
+  subprocess.run([sys.executable, str(MAKE_JPEGS), str(out), "--n", "12"], check=True,
+                 capture_output=True)
+  paths = sorted(out.glob("train/*/*.jpg"))
+  assert len(paths) == 12
+  return paths
+
+
+def _pil_rgb(data: bytes) -> np.ndarray:
+  """The reference's loader: Image.open(f).convert("RGB")."""
+  return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+  out = io.BytesIO()
+  image.save(out, fmt, **options)
+  return out.getvalue()
+
+
+def _without_adobe_marker(jpeg: bytes) -> bytes:
+  """The JPEG less its APP14 (Adobe) segment: a CMYK file PIL reads as not inverted."""
+  at = jpeg.index(b"\xff\xee")
+  return jpeg[:at] + jpeg[at + 2 + int.from_bytes(jpeg[at + 2:at + 4], "big"):]
+
+
+def test_real_jpegs_decode_to_pils_pixels_where_tf_decode_image_does_not(
+    imagenet_sized_jpegs):
+  paths = [str(p) for p in imagenet_sized_jpegs]
+  # As the pipeline decodes: inside tf.data, from the file.
+  decoded = tf.data.Dataset.from_tensor_slices(paths).map(
+      lambda p: sources.decode_image(tf.io.read_file(p)))
+  fast_idct_off = []
+  for path, image in zip(paths, decoded.as_numpy_iterator()):
+    with open(path, "rb") as f:
+      data = f.read()
+    want = _pil_rgb(data)
+    assert image.dtype == np.uint8 and np.array_equal(image, want), path
+    plain = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    fast_idct_off.append(int(np.abs(plain.astype(int) - want).max()))
+  # libjpeg's fast IDCT (tf.io.decode_image's) is off somewhere in every file.
+  assert min(fast_idct_off) >= 1, fast_idct_off
+
+
+def test_grayscale_and_cmyk_jpegs_and_pngs_decode_to_pils_pixels():
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (37, 29, 3), np.uint8)
+  cmyk = _encoded(Image.fromarray(rng.integers(0, 256, (37, 29, 4), np.uint8), "CMYK"),
+                  "JPEG", quality=95)
+  cases = {
+      "grayscale JPEG": _encoded(Image.fromarray(rgb[..., 0]), "JPEG", quality=90),
+      "progressive 4:4:4 JPEG": _encoded(Image.fromarray(rgb), "JPEG", quality=90,
+                                         subsampling=0, progressive=True),
+      "CMYK JPEG (Adobe marker, inverted)": cmyk,
+      "CMYK JPEG without the Adobe marker": _without_adobe_marker(cmyk),
+      "RGB PNG": _encoded(Image.fromarray(rgb), "PNG"),
+      "palette PNG": _encoded(Image.fromarray(rgb).convert("P"), "PNG"),
+  }
+  for name, data in cases.items():
+    image = sources.decode_image(tf.constant(data)).numpy()
+    assert image.dtype == np.uint8 and np.array_equal(image, _pil_rgb(data)), name
+  assert Image.open(io.BytesIO(cmyk)).mode == "CMYK"
+  for name in ("CMYK JPEG (Adobe marker, inverted)", "CMYK JPEG without the Adobe marker"):
+    # TensorFlow's own CMYK -> RGB is not PIL's: what the detour through PIL is for.
+    tf_rgb = tf.io.decode_jpeg(cases[name], channels=3,
+                               dct_method="INTEGER_ACCURATE").numpy()
+    assert not np.array_equal(tf_rgb, _pil_rgb(cases[name])), name
+
+
+def test_unreadable_jpeg_bytes_raise_a_tensorflow_error():
+  cmyk = _encoded(Image.new("CMYK", (16, 16), (1, 2, 3, 4)), "JPEG")
+  for data in (b"\xff\xd8\xff junk after a JPEG's magic", cmyk[:200], b"not an image"):
+    with pytest.raises(tf.errors.InvalidArgumentError):
+      sources.decode_image(tf.constant(data))
