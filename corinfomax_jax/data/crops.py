@@ -5,7 +5,9 @@ crop runs on the accelerator (`augment`). Every random choice is an explicit uni
 draw in [0, 1), so an op is a pure function of (image, draws):
   * `random_resized_crop`: torchvision's RandomResizedCrop (10 attempts, then the
     centred fallback), then its RandomHorizontalFlip: the window is cut out and resized
-    by PIL's own bicubic resize, as the reference does on its PIL images (bit-exact);
+    by PIL's own bicubic resize, as the reference does on its PIL images: bit-exact
+    with the reference for JPEGs and 8-bit PNGs, whose decoded pixels
+    (`sources.decode_image`) are PIL's own;
   * `resize_center_crop`: torchvision's Resize(int) + CenterCrop, for evaluation;
 `HOST_DRAWS` columns per example per view: crop (4 per attempt), then flip.
 
