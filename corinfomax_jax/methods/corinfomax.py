@@ -65,7 +65,6 @@ def init_state(dim: int, r_init: float = 1.0) -> CorInfoMaxState:
 # ---------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def psd_logdet(a: jax.Array, floor: float) -> jax.Array:
   """log det(a) for a symmetric matrix that is positive definite in exact arithmetic.
 
@@ -76,7 +75,18 @@ def psd_logdet(a: jax.Array, floor: float) -> jax.Array:
   where the exact eigenvalues lie (a = R + floor * I with R positive semi-definite).
   The gradient is a^-1 (of the clipped matrix on the fallback path), symmetric.
   """
-  return _psd_logdet_fwd(a, floor)[0]
+  return psd_logdet_and_fallback(a, floor)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def psd_logdet_and_fallback(a: jax.Array, floor: float) -> tuple[jax.Array, jax.Array]:
+  """(psd_logdet(a, floor), 1.0 if it took the eigenvalue path else 0.0), float32.
+
+  One Cholesky decides both: the flag is the test that chose the path. It carries no
+  gradient.
+  """
+  (logdet, fell_back), _ = _psd_logdet_fwd(a, floor)
+  return logdet, fell_back
 
 
 def _psd_logdet_fwd(a, floor):
@@ -96,15 +106,17 @@ def _psd_logdet_fwd(a, floor):
     return jnp.sum(jnp.log(w)), inv
 
   logdet, inv = jax.lax.cond(chol_ok, from_cholesky, from_eigenvalues, None)
-  return logdet, 0.5 * (inv + inv.T)
+  fell_back = jnp.logical_not(chol_ok).astype(jnp.float32)
+  return (logdet, fell_back), 0.5 * (inv + inv.T)
 
 
 def _psd_logdet_bwd(floor, inv, g):
   del floor
-  return (g * inv,)
+  g_logdet, _ = g  # the flag is a count, not a function of a
+  return (g_logdet * inv,)
 
 
-psd_logdet.defvjp(_psd_logdet_fwd, _psd_logdet_bwd)
+psd_logdet_and_fallback.defvjp(_psd_logdet_fwd, _psd_logdet_bwd)
 
 
 # ---------------------------------------------------------------------------------
@@ -199,7 +211,9 @@ def corinfomax_loss(z1: jax.Array,
 
   Returns:
     (loss, new_state, metrics) with metrics a dict of float32 scalars: "loss",
-    "cov_loss", "sim_loss", "logdet1", "logdet2".
+    "cov_loss", "sim_loss", "logdet1", "logdet2", and "cholesky_fallbacks": how many
+    of the two log-determinants (0, 1 or 2) float32 Cholesky could not factor, so
+    that they came from clipped eigenvalues (see psd_logdet).
   """
   z1, z2, n = _checked_views("corinfomax_loss", z1, z2, axis_name)
   if not isinstance(state, CorInfoMaxState):
@@ -230,8 +244,8 @@ def corinfomax_loss(z1: jax.Array,
 
   eye = jnp.eye(dim, dtype=jnp.float32)
   floor = float(max(eps, np.finfo(np.float32).tiny))
-  logdet1 = psd_logdet(cov1 + eps * eye, floor)
-  logdet2 = psd_logdet(cov2 + eps * eye, floor)
+  logdet1, fell_back1 = psd_logdet_and_fallback(cov1 + eps * eye, floor)
+  logdet2, fell_back2 = psd_logdet_and_fallback(cov2 + eps * eye, floor)
   cov_loss = -(logdet1 + logdet2) / dim
 
   sim_loss = jnp.sum(_global_sum((z1 - z2)**2, axis_name)) / (n * dim)
@@ -244,6 +258,7 @@ def corinfomax_loss(z1: jax.Array,
       "sim_loss": sim_loss,
       "logdet1": logdet1,
       "logdet2": logdet2,
+      "cholesky_fallbacks": fell_back1 + fell_back2,
   }
   return loss, new_state, metrics
 

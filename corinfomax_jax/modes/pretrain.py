@@ -245,7 +245,8 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
         prefix="train/",
         nonfinite_hint=lambda: (
             f"The last good checkpoint is step {manager.latest_step()} in "
-            f"{manager.directory}. Lower config.learning_rate or check the data."))
+            f"{manager.directory}. Lower config.learning_rate or check the data."),
+        totals=("cholesky_fallbacks",))
     results = run_record.result_values(run.record)
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
                          "results": results,

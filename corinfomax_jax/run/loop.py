@@ -130,14 +130,20 @@ class ReportProgress:
   "loss" is NaN or infinite, so call `flush` before saving a checkpoint. It logs one
   line (process 0): step / total, epoch, the mean of each metric, images/s, elapsed
   time and ETA; and writes the means to TensorBoard as `<prefix><name>`.
+
+  For each metric named in `totals` (counts, such as "cholesky_fallbacks") that the
+  step returns, it also logs `<name>_total`: the sum over every step since this
+  ReportProgress was created, i.e. since the process started or resumed.
   """
 
   def __init__(self, *, name: str, num_steps: int, every_steps: int, batch_size: int,
                steps_per_epoch: int, writer, prefix: str,
-               nonfinite_hint: Callable[[], str] = lambda: ""):
+               nonfinite_hint: Callable[[], str] = lambda: "",
+               totals: Sequence[str] = ()):
     self._name, self._num_steps, self._every = name, num_steps, every_steps
     self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
     self._writer, self._prefix, self._hint = writer, prefix, nonfinite_hint
+    self._totals = dict.fromkeys(totals, 0.0)
     self._pending: list[tuple[int, Any]] = []
     self._start = self._last = time.time()
     self._first_step = None  # steps before the first report include compilation
@@ -163,6 +169,9 @@ class ReportProgress:
     now = time.time()
     step = steps[-1]
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    for k in [k for k in self._totals if k in fetched[0]]:
+      self._totals[k] += float(np.sum([m[k] for m in fetched]))
+      mean[f"{k}_total"] = self._totals[k]  # logged beside the means, not one of them
     images_per_s = len(fetched) * self._batch_size / max(now - self._last, 1e-9)
     if self._timed_from is None:
       eta = "?"

@@ -180,6 +180,65 @@ def test_psd_logdet_falls_back_when_float32_cholesky_fails():
 
 
 # ---------------------------------------------------------------------------------
+# "cholesky_fallbacks": how many branches took psd_logdet's eigenvalue path.
+# ---------------------------------------------------------------------------------
+def _rank_deficient_views(rng, n=16, d=64):
+  """Unnormalised views with N < D: with la_R = 0 each covariance has rank N - 1 and
+  scale ~1, so float32 rounding (~1e-7) swamps eps = 1e-8 and Cholesky breaks down."""
+  return tuple(rng.normal(size=(n, d)).astype(np.float32) for _ in range(2))
+
+
+def _cholesky_fails(cov, eps):
+  """The independent check: does float32 Cholesky of cov + eps I break down?"""
+  a = cov + eps * jnp.eye(cov.shape[0])
+  chol = np.asarray(jnp.linalg.cholesky(0.5 * (a + a.T)))
+  return not (np.all(np.isfinite(chol)) and np.all(np.diagonal(chol) > 0))
+
+
+def test_cholesky_fallbacks_is_zero_for_a_well_conditioned_batch():
+  rng = np.random.default_rng(12)
+  _, state, metrics = jax.jit(cim.corinfomax_loss)(*views(rng, 128, 32), cim.init_state(32))
+  assert metrics["cholesky_fallbacks"].dtype == jnp.float32
+  assert metrics["cholesky_fallbacks"].shape == ()
+  assert float(metrics["cholesky_fallbacks"]) == 0.0
+  assert not _cholesky_fails(state.cov1, 1e-8) and not _cholesky_fails(state.cov2, 1e-8)
+
+
+def _no_memory_step(z1, z2, state, la_R):
+  """Loss, state, metrics and gradients of unnormalised views (see above), jitted."""
+  loss_fn = functools.partial(cim.corinfomax_loss, la_R=la_R, normalize=False)
+  return jax.jit(functools.partial(_loss_and_grads, loss_fn))(z1, z2, state)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cholesky_fallbacks_counts_the_branches_whose_cholesky_fails(seed):
+  z1, z2 = _rank_deficient_views(np.random.default_rng(seed))
+  loss, state, metrics, grads = _no_memory_step(z1, z2, cim.init_state(64), la_R=0.0)
+  assert [_cholesky_fails(c, 1e-8) for c in (state.cov1, state.cov2)] == [True, True]
+  assert float(metrics["cholesky_fallbacks"]) == 2.0
+  for leaf in (loss, *grads, *state):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  # One branch collapsed: its old covariance is 0, the other's is I.
+  state = cim.init_state(64)._replace(cov1=jnp.zeros((64, 64)))
+  loss, state, metrics, _ = _no_memory_step(z1, z2, state, la_R=0.5)
+  assert [_cholesky_fails(c, 1e-8) for c in (state.cov1, state.cov2)] == [True, False]
+  assert float(metrics["cholesky_fallbacks"]) == 1.0 and np.isfinite(float(loss))
+
+
+def test_cholesky_fallbacks_is_the_same_sharded_over_8_devices():
+  assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  batch = NamedSharding(mesh, P("data"))
+  state = cim.init_state(64)._replace(cov1=jnp.zeros((64, 64)))
+  f = jax.jit(functools.partial(cim.corinfomax_loss, normalize=False, la_R=0.5))
+  z1, z2 = _rank_deficient_views(np.random.default_rng(13))
+  want = f(z1, z2, state)[2]["cholesky_fallbacks"]
+  got = f(jax.device_put(z1, batch), jax.device_put(z2, batch), state)[2]
+  assert float(want) == float(got["cholesky_fallbacks"]) == 1.0
+  assert np.isfinite(float(got["loss"]))
+
+
+# ---------------------------------------------------------------------------------
 # Sharded and mapped computations equal the global one.
 # ---------------------------------------------------------------------------------
 def _loss_and_grads(loss_fn, z1, z2, state):

@@ -128,6 +128,23 @@ def test_report_averages_logs_and_writes_every_n_steps():
   assert writer.written[1][1]["train/images_per_s"] > 0
 
 
+def test_report_totals_a_count_over_the_run_beside_its_interval_mean():
+  writer = _Writer()
+  report = loop.ReportProgress(name="t", num_steps=6, every_steps=3, batch_size=4,
+                               steps_per_epoch=2, writer=writer, prefix="train/",
+                               totals=("fallbacks", "absent"))
+  counts = iter([0.0, 2.0, 1.0, 0.0, 0.0, 1.0])
+  step = lambda state, batch: (state, {"loss": jnp.float32(batch),
+                                       "fallbacks": jnp.float32(next(counts))})
+  loop.run(0, step, iter([1.0] * 6), start_step=0, num_steps=6, actions=[report])
+  first, second = (values for _, values in writer.written)
+  assert first["train/fallbacks"] == pytest.approx(1.0)  # (0 + 2 + 1) / 3
+  assert first["train/fallbacks_total"] == 3.0
+  assert second["train/fallbacks"] == pytest.approx(1 / 3)
+  assert second["train/fallbacks_total"] == 4.0  # the run so far, not the interval
+  assert "train/absent_total" not in second  # a metric the step does not return
+
+
 def test_nan_guard_names_the_step_and_runs_before_a_save():
   saved = []
 
