@@ -87,9 +87,10 @@ def main():
     kind = re.sub(r"\.\d+$", "", name)
     kinds[kind] += ms / args.steps
     counts[kind] += 1
-  m = config.model
-  print(f"{m.backbone} width {m.width} {config.image_size}px batch {config.batch_size} "
-        f"{m.dtype} on {jax.devices()[0].device_kind}: {total / args.steps:.0f} ms of "
+  m = config.model.kwargs
+  print(f"{config.method.name} {m['backbone']} width {m.get('width')} "
+        f"{config.data.image_size}px batch {config.train.batch_size} "
+        f"{m['dtype']} on {jax.devices()[0].device_kind}: {total / args.steps:.0f} ms of "
         f"XLA ops per step (summed over threads); trace in {trace_dir}")
   for kind, ms in kinds.most_common(8):
     print(f"  {ms:10.1f} ms {100 * ms * args.steps / total:5.1f}%  "
