@@ -7,8 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from corinfomax_jax.methods.vicreg import vicreg_loss
 
@@ -129,90 +127,8 @@ def test_identical_whitened_views_cost_nothing_and_collapsed_ones_cost_the_hinge
 
 
 # ---------------------------------------------------------------------------------
-# Sharded and mapped computations equal the global one.
+# Bad hyperparameters (sharding, dtypes and bad views: test_stateless_losses.py).
 # ---------------------------------------------------------------------------------
-def test_sharded_over_8_devices_equals_unsharded():
-  assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
-  rng = np.random.default_rng(3)
-  n, d = 64, 32
-  z1, z2 = views(rng, n, d)
-  f = jax.jit(functools.partial(_loss_and_grads, vicreg_loss))
-  want = f(z1, z2)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  batch = NamedSharding(mesh, P("data"))
-  got = f(jax.device_put(z1, batch), jax.device_put(z2, batch))
-  assert got[1][0].sharding.is_equivalent_to(batch, 2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), got, want)
-
-
-@pytest.mark.parametrize("mapping", ["shard_map", "shard_map_unchecked", "pmap", "vmap"])
-def test_axis_name_collectives_equal_unsharded(mapping):
-  rng = np.random.default_rng(4)
-  n, d = 64, 32
-  z1, z2 = views(rng, n, d)
-  want = jax.jit(functools.partial(_loss_and_grads, vicreg_loss))(z1, z2)
-  local = functools.partial(_loss_and_grads, functools.partial(vicreg_loss, axis_name="data"))
-
-  if mapping.startswith("shard_map"):
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    batch = NamedSharding(mesh, P("data"))
-    f = jax.jit(
-        jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
-                      out_specs=((P(), P()), (P("data"), P("data"))),
-                      check_vma=mapping == "shard_map"))
-    got = f(jax.device_put(z1, batch), jax.device_put(z2, batch))
-  else:  # 8 devices (pmap) or a vmapped axis of size 8, each with 8 rows
-    split = lambda z: z.reshape(8, n // 8, d)
-    mapped = (jax.pmap(local, axis_name="data") if mapping == "pmap"
-              else jax.jit(jax.vmap(local, axis_name="data")))
-    (loss, metrics), grads = mapped(split(z1), split(z2))
-    got = ((loss[0], jax.tree.map(lambda x: x[0], metrics)),
-           tuple(g.reshape(n, d) for g in grads))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), got, want)
-
-
-def test_a_local_shard_of_one_is_a_legitimate_batch():
-  rng = np.random.default_rng(5)
-  z1, z2 = views(rng, 8, 4)
-  local = lambda a, b: vicreg_loss(a[None], b[None], axis_name="data")[0]
-  mapped = jax.vmap(local, axis_name="data")(z1, z2)
-  np.testing.assert_allclose(mapped, vicreg_loss(z1, z2)[0], rtol=1e-5)
-  with pytest.raises(ValueError, match="N=1 rows"):  # one device, one row: one in all
-    jax.vmap(local, axis_name="data")(z1[:1], z2[:1])
-
-
-# ---------------------------------------------------------------------------------
-# Input dtypes and bad input.
-# ---------------------------------------------------------------------------------
-def test_bfloat16_inputs_use_float32_statistics():
-  rng = np.random.default_rng(6)
-  z1, z2 = views(rng, 64, 32)
-  z1b, z2b = jnp.asarray(z1, jnp.bfloat16), jnp.asarray(z2, jnp.bfloat16)
-  loss_b, metrics_b = vicreg_loss(z1b, z2b)
-  assert loss_b.dtype == jnp.float32
-  assert all(v.dtype == jnp.float32 for v in metrics_b.values())
-  # Exactly the float32 computation on the rounded inputs, and close to the unrounded.
-  loss_f, _ = vicreg_loss(z1b.astype(jnp.float32), z2b.astype(jnp.float32))
-  np.testing.assert_array_equal(loss_b, loss_f)
-  np.testing.assert_allclose(float(loss_b), float(vicreg_loss(z1, z2)[0]), rtol=1e-2)
-  g = jax.grad(lambda a, b: vicreg_loss(a, b)[0])(z1b, z2b)
-  assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
-
-
-@pytest.mark.parametrize("shapes,name", [(((8,), (8,)), "z1"), (((4, 8), (4, 8, 1)), "z2"),
-                                         (((4, 8), (4, 6)), "z1 and z2"),
-                                         (((4, 8), (5, 8)), "z1 and z2")])
-def test_inputs_that_are_not_matching_matrices_are_refused(shapes, name):
-  with pytest.raises(ValueError, match=f"vicreg_loss: {name}"):
-    vicreg_loss(jnp.ones(shapes[0]), jnp.ones(shapes[1]))
-
-
-@pytest.mark.parametrize("n", [0, 1])
-def test_a_global_batch_under_two_is_refused(n):
-  with pytest.raises(ValueError, match=f"N={n} rows"):
-    vicreg_loss(jnp.ones((n, 8)), jnp.ones((n, 8)))
-
-
 @pytest.mark.parametrize("kw", [dict(sim_weight=-1.0), dict(var_weight=-0.5),
                                 dict(cov_weight=-1), dict(eps=-1e-4),
                                 dict(eps=float("nan")), dict(cov_weight=float("inf"))])
@@ -226,35 +142,3 @@ def test_traced_hyperparameters_are_not_checked():
   z1, z2 = views(np.random.default_rng(7), 8, 4)
   loss = jax.jit(lambda w: vicreg_loss(z1, z2, sim_weight=w, eps=w)[0])(0.5)
   assert np.isfinite(float(loss))
-
-
-# The loss API at its edges: what a user may pass by mistake, or in another form.
-_Z = np.random.default_rng(11).normal(size=(6, 4)).astype(np.float32)
-AS_GIVEN = {"list": lambda z: z.tolist(), "numpy": lambda z: z,
-            "int": lambda z: np.round(3 * z).astype(np.int32).tolist(),
-            "bool": lambda z: (z > 0).tolist()}
-
-
-@pytest.mark.parametrize("kind", AS_GIVEN)
-def test_lists_numpy_integer_and_boolean_views_give_the_float32_value(kind):
-  z1, z2 = AS_GIVEN[kind](_Z), AS_GIVEN[kind](_Z[::-1])
-  want = vicreg_loss(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32))
-  got = vicreg_loss(z1, z2)
-  assert got[0].dtype == jnp.float32
-  jax.tree.map(np.testing.assert_array_equal, got, want)
-
-
-@pytest.mark.parametrize("name", ["z1", "z2"])
-def test_complex_views_are_refused(name):
-  z = {"z1": _Z, "z2": _Z, name: _Z + 1j}
-  with pytest.raises(TypeError, match=f"vicreg_loss: {name} has dtype complex"):
-    vicreg_loss(z["z1"], z["z2"])
-
-
-@pytest.mark.parametrize("axis_name", ["data", ("data", "model")])
-def test_an_axis_name_no_map_binds_is_refused_in_one_line(axis_name):
-  msg = r"axis_name=.*data.* is only for use inside shard_map / pmap / a named vmap"
-  with pytest.raises(ValueError, match=msg):
-    vicreg_loss(_Z, _Z, axis_name=axis_name)
-  with pytest.raises(ValueError, match=r"pass None under jax\.jit"):
-    jax.jit(lambda a: vicreg_loss(a, a, axis_name="data"))(_Z)
