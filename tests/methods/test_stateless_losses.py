@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import loss_testing
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -22,18 +23,9 @@ def loss_fn(request):
   return request.param
 
 
-def views(rng, n, d, noise=0.3, dtype=np.float32):
-  """Two correlated views with a mean, feature scales both sides of 1 and correlations."""
-  scales = np.linspace(0.2, 2.0, d)
-  mix = np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)
-  base = (rng.normal(size=(n, d)) * scales) @ mix + 0.5
-  z1 = base + noise * rng.normal(size=(n, d))
-  z2 = base + noise * rng.normal(size=(n, d))
-  return z1.astype(dtype), z2.astype(dtype)
+views = loss_testing.views
+_loss_and_grads = loss_testing.loss_and_grads
 
-
-def _loss_and_grads(loss_fn, z1, z2):
-  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(z1, z2)
 
 
 # ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import loss_testing
 
 from corinfomax_jax.methods.vicreg import vicreg_loss
 
@@ -39,23 +40,10 @@ def ref_vicreg(z1, z2, sim_weight=25.0, var_weight=25.0, cov_weight=1.0, eps=1e-
   return loss, sim_loss, var_loss, cov_loss, tuple(grads)
 
 
-def views(rng, n, d, noise=0.3, dtype=np.float32):
-  """Two correlated views with a mean, feature scales both sides of 1 and correlations."""
-  scales = np.linspace(0.2, 2.0, d)
-  mix = np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)
-  base = (rng.normal(size=(n, d)) * scales) @ mix + 0.5
-  z1 = base + noise * rng.normal(size=(n, d))
-  z2 = base + noise * rng.normal(size=(n, d))
-  return z1.astype(dtype), z2.astype(dtype)
+views = loss_testing.views
+_loss_and_grads = loss_testing.loss_and_grads
+_relative_error = loss_testing.relative_error
 
-
-def _loss_and_grads(loss_fn, z1, z2):
-  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(z1, z2)
-
-
-def _relative_error(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 def test_reference_gradient_matches_its_finite_differences():
