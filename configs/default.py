@@ -54,6 +54,9 @@ def get_config():
   c.corinfomax.eps = 1e-8  # diagonal load in logdet(R + eps I)
   c.corinfomax.r_init = 1.0  # R_ini: initial covariance R_ini * I
   c.corinfomax.normalize = True  # L2-normalise projector outputs
+  # dtype of the moving mean and covariance and of the log-determinant: "float32", or
+  # "float64" as the reference (turns on JAX's x64 mode; not on TPU; see README).
+  c.corinfomax.stats_dtype = "float32"
   # VICReg (Bardes et al., 2022; facebookresearch/vicreg main_vicreg.py defaults).
   c.vicreg = ml_collections.ConfigDict()
   c.vicreg.sim_weight = 25.0  # invariance (mean squared error) weight, lambda

@@ -39,8 +39,9 @@ from corinfomax_jax.methods.batch_stats import is_number as _is_number
 class CorInfoMaxState(NamedTuple):
   """Moving estimates of each branch's mean and covariance.
 
-  mu1, mu2: (D,) float32; cov1, cov2: (D, D) float32. A NamedTuple is a pytree, so the
-  state can live inside a train state, be sharded, donated and checkpointed as is.
+  mu1, mu2: (D,); cov1, cov2: (D, D); float32, or float64 with stats_dtype=jnp.float64.
+  A NamedTuple is a pytree, so the state can live inside a train state, be sharded,
+  donated and checkpointed as is.
   """
   mu1: jax.Array
   mu2: jax.Array
@@ -48,15 +49,41 @@ class CorInfoMaxState(NamedTuple):
   cov2: jax.Array
 
 
-def init_state(dim: int, r_init: float = 1.0) -> CorInfoMaxState:
-  """The state before the first step: zero means and covariances r_init * I (R_ini)."""
+def checked_stats_dtype(fn: str, name: str, dtype) -> np.dtype:
+  """np.dtype(dtype) if it is float32, or float64 where this process can compute in it.
+
+  Without x64 mode jax silently turns float64 arrays into float32, so that case is
+  refused rather than run at a precision the caller did not ask for.
+  """
+  try:
+    dtype = np.dtype(dtype)
+  except TypeError:
+    dtype = None
+  if dtype not in (np.float32, np.float64):
+    raise ValueError(f"{fn}: {name} must be float32 or float64, got {dtype!r}")
+  if dtype == np.float64:
+    if jax.default_backend() == "tpu":
+      raise ValueError(f"{fn}: {name}=float64 is not available on TPU: TPUs have no "
+                       "float64; use float32")
+    if jax.dtypes.canonicalize_dtype(np.float64) != np.float64:
+      raise ValueError(
+          f"{fn}: {name}=float64 needs JAX's x64 mode, which is off (arrays would "
+          "silently be float32): call jax.config.update(\"jax_enable_x64\", True) at "
+          "start-up or set JAX_ENABLE_X64=1")
+  return dtype
+
+
+def init_state(dim: int, r_init: float = 1.0, dtype=jnp.float32) -> CorInfoMaxState:
+  """The state before the first step: zero means and covariances r_init * I (R_ini),
+  of `dtype` (float32, or float64 for corinfomax_loss's stats_dtype=jnp.float64)."""
   if int(dim) != dim or dim < 1:
     raise ValueError(f"init_state: dim must be a positive integer, got {dim!r}")
   if not np.isfinite(r_init) or r_init <= 0:
     raise ValueError(
         f"init_state: r_init must be a positive finite number, got {r_init!r}")
-  zeros = jnp.zeros((dim,), jnp.float32)
-  cov = r_init * jnp.eye(dim, dtype=jnp.float32)
+  dtype = checked_stats_dtype("init_state", "dtype", dtype)
+  zeros = jnp.zeros((dim,), dtype)
+  cov = r_init * jnp.eye(dim, dtype=dtype)
   return CorInfoMaxState(mu1=zeros, mu2=zeros, cov1=cov, cov2=cov)
 
 
@@ -80,7 +107,8 @@ def psd_logdet(a: jax.Array, floor: float) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def psd_logdet_and_fallback(a: jax.Array, floor: float) -> tuple[jax.Array, jax.Array]:
-  """(psd_logdet(a, floor), 1.0 if it took the eigenvalue path else 0.0), float32.
+  """(psd_logdet(a, floor) in a's dtype, 1.0 if it took the eigenvalue path else 0.0
+  as float32).
 
   One Cholesky decides both: the flag is the test that chose the path. It carries no
   gradient.
@@ -164,7 +192,8 @@ def corinfomax_loss(z1: jax.Array,
                     la_mu: float = 0.01,
                     eps: float = 1e-8,
                     normalize: bool = True,
-                    axis_name=None):
+                    axis_name=None,
+                    stats_dtype=jnp.float32):
   """The CorInfoMax loss of a batch of view pairs, and the updated moving estimates.
 
   For each branch b with z_b of shape (N, D):
@@ -185,7 +214,9 @@ def corinfomax_loss(z1: jax.Array,
   pass the mapped `axis_name`: per-device partial sums are then combined with `psum`,
   so value and gradient equal the global computation.
 
-  Statistics are computed in float32 whatever the dtype of z (e.g. bfloat16).
+  Statistics are computed in `stats_dtype` whatever the dtype of z (e.g. bfloat16):
+  float32, or float64 as the reference keeps R and mu (needs x64 mode; not on TPU). The
+  loss and metrics are float32 either way and z's gradient has z's dtype.
 
   A NaN or infinity in z enters the returned state, which carries it for many steps
   (with la_R = 0.01 its weight shrinks only 100-fold a step, and NaN never shrinks):
@@ -196,7 +227,8 @@ def corinfomax_loss(z1: jax.Array,
   if z1 or z2 is not 2-D, if their shapes differ, for an `axis_name` that no enclosing
   map binds, for a state of another D, for a global batch N < 2 (no covariance; a local
   shard of one under `axis_name` is fine), or for la_R, la_mu outside [0, 1) or eps < 0
-  given as Python numbers (traced values are not checked).
+  given as Python numbers (traced values are not checked), and for a stats_dtype other
+  than float32 and float64, or float64 without x64 mode or on TPU.
 
   Args:
     z1, z2: (N, D) projector outputs of the two views (the local shard under
@@ -208,11 +240,13 @@ def corinfomax_loss(z1: jax.Array,
     normalize: L2-normalise the rows of z1 and z2 first.
     axis_name: the mapped axis (or tuple of axes) over which the batch is split, or
       None when z holds the whole batch (also when it is a sharded global array).
+    stats_dtype: the dtype of the moving and batch statistics, the log-determinants
+      and the returned state: jnp.float32 or jnp.float64.
 
   Returns:
     (loss, new_state, metrics) with metrics a dict of float32 scalars: "loss",
     "cov_loss", "sim_loss", "logdet1", "logdet2", and "cholesky_fallbacks": how many
-    of the two log-determinants (0, 1 or 2) float32 Cholesky could not factor, so
+    of the two log-determinants (0, 1 or 2) Cholesky could not factor, so
     that they came from clipped eigenvalues (see psd_logdet).
   """
   z1, z2, n = _checked_views("corinfomax_loss", z1, z2, axis_name)
@@ -232,18 +266,20 @@ def corinfomax_loss(z1: jax.Array,
                        "weight of the previous estimate)")
   if _is_number(eps) and not eps >= 0:
     raise ValueError(f"corinfomax_loss: eps = {eps!r} must be >= 0")
-  z1 = z1.astype(jnp.float32)
-  z2 = z2.astype(jnp.float32)
+  stats_dtype = checked_stats_dtype("corinfomax_loss", "stats_dtype", stats_dtype)
+  # astype's transpose casts z's gradient back to z's dtype.
+  z1 = z1.astype(stats_dtype)
+  z2 = z2.astype(stats_dtype)
   if normalize:
     z1 = l2_normalize(z1)
     z2 = l2_normalize(z2)
-  state = jax.tree.map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), state)
+  state = jax.tree.map(lambda x: jax.lax.stop_gradient(x.astype(stats_dtype)), state)
 
   mu1, cov1 = _branch_update(z1, state.mu1, state.cov1, la_R, la_mu, axis_name)
   mu2, cov2 = _branch_update(z2, state.mu2, state.cov2, la_R, la_mu, axis_name)
 
-  eye = jnp.eye(dim, dtype=jnp.float32)
-  floor = float(max(eps, np.finfo(np.float32).tiny))
+  eye = jnp.eye(dim, dtype=stats_dtype)
+  floor = float(max(eps, np.finfo(stats_dtype).tiny))
   logdet1, fell_back1 = psd_logdet_and_fallback(cov1 + eps * eye, floor)
   logdet2, fell_back2 = psd_logdet_and_fallback(cov2 + eps * eye, floor)
   cov_loss = -(logdet1 + logdet2) / dim
@@ -260,7 +296,9 @@ def corinfomax_loss(z1: jax.Array,
       "logdet2": logdet2,
       "cholesky_fallbacks": fell_back1 + fell_back2,
   }
-  return loss, new_state, metrics
+  # float32 out whatever stats_dtype, so that the caller's gradients keep their dtype.
+  metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+  return metrics["loss"], new_state, metrics
 
 
 # ---------------------------------------------------------------------------------
@@ -318,6 +356,7 @@ class CorInfoMax:
   eps: float = 1e-8  # diagonal load of the log-determinant
   r_init: float = 1.0  # R_ini: the initial covariance R_ini * I
   normalize: bool = True  # L2-normalise the projector outputs
+  stats_dtype: str = "float32"  # of the statistics and state: "float32" or "float64"
   name: ClassVar[str] = "corinfomax"
 
   def __post_init__(self):
@@ -329,14 +368,18 @@ class CorInfoMax:
     if not isinstance(self.normalize, bool):
       raise ValueError(f"{self.name}: normalize = {self.normalize!r} is invalid: "
                        "expected True or False")
+    if self.stats_dtype not in ("float32", "float64"):
+      raise ValueError(f"{self.name}: stats_dtype = {self.stats_dtype!r} is invalid: "
+                       "expected 'float32' or 'float64'")
 
   def init_state(self, dim: int) -> CorInfoMaxState:
-    return init_state(dim, self.r_init)
+    return init_state(dim, self.r_init, dtype=self.stats_dtype)
 
   def loss(self, z1, z2, state: CorInfoMaxState):
     """(loss, new state, metrics) of `corinfomax_loss` with these hyperparameters."""
     return corinfomax_loss(z1, z2, state, alpha=self.alpha, la_R=self.la_R,
-                           la_mu=self.la_mu, eps=self.eps, normalize=self.normalize)
+                           la_mu=self.la_mu, eps=self.eps, normalize=self.normalize,
+                           stats_dtype=self.stats_dtype)
 
   def covariances(self, state: CorInfoMaxState):
     """The moving covariances, whose spectra the trainer logs."""

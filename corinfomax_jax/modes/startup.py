@@ -5,9 +5,10 @@
                               lock=lock)
     state = startup.backbone_state(run, model, mesh, workdir)   # evaluating modes
 
-`begin` checks the whole configuration (settings.resolve), then that each global batch
-divides over the devices and processes, then the workdir, then takes the workdir's lock
-(writing modes), and only then builds the mesh.
+`begin` checks the whole configuration (settings.resolve), enables JAX's x64 mode if
+the method's statistics are float64, then checks that each global batch divides over the
+devices and processes, then the workdir, then takes the workdir's lock (writing modes),
+and only then builds the mesh.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax
 from absl import logging
 
 from corinfomax_jax import files
+from corinfomax_jax.errors import ConfigError
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import train_state as train_state_lib
@@ -37,6 +39,7 @@ def begin(config, workdir: str, *, batch_sizes: dict[str, int] | None = None,
   (WorkdirBusyError when another run holds it); the mode's `with` block releases it.
   """
   run = settings_lib.resolve(config)
+  enable_x64_for(run)
   if callable(batch_sizes):
     batch_sizes = batch_sizes(run)
   for check in checks:
@@ -47,6 +50,25 @@ def begin(config, workdir: str, *, batch_sizes: dict[str, int] | None = None,
   if lock is not None:
     lock.acquire()
   return run, mesh_lib.make_mesh()
+
+
+def enable_x64_for(run: settings_lib.Settings) -> None:
+  """Turns on JAX's x64 mode when the method keeps float64 statistics
+  (config.corinfomax.stats_dtype = "float64"), before anything is traced.
+
+  x64 changes only the default dtypes of new arrays: every array of the train state is
+  created with an explicit dtype (int32 step, uint32 keys, float32 parameters), so only
+  the method's state is float64. The mode is process-wide and stays on.
+  """
+  if getattr(run.method, "stats_dtype", "float32") != "float64":
+    return
+  if jax.default_backend() == "tpu":
+    raise ConfigError(f"config.{run.method.name}.stats_dtype = 'float64' is not available "
+                      "on TPU: TPUs have no float64; use 'float32'")
+  if not jax.config.jax_enable_x64:
+    jax.config.update("jax_enable_x64", True)
+    logging.info("config.%s.stats_dtype = 'float64': enabled JAX's x64 mode.",
+                 run.method.name)
 
 
 def backbone_state(run: settings_lib.Settings, model, mesh, workdir: str,

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import corinfomax_jax as cim
+from corinfomax_jax.methods import corinfomax as objective
 
 
 # ---------------------------------------------------------------------------------
@@ -455,3 +456,109 @@ def test_covariance_spectrum_of_known_covariances():
   rank1 = np.outer(np.arange(1.0, 5.0), np.arange(1.0, 5.0))
   np.testing.assert_allclose(float(cim.covariance_spectrum(rank1).effective_rank), 1.0,
                              rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------
+# stats_dtype: float64 statistics, as the reference keeps R and mu.
+# ---------------------------------------------------------------------------------
+# x64 mode is process-global unless scoped: jax.enable_x64(True) scopes it to the block.
+@pytest.mark.parametrize("alpha,la_R,la_mu,eps,normalize,n,d", [
+    (250.0, 0.01, 0.01, 1e-8, True, 128, 64),
+    (1.0, 0.5, 0.9, 1e-4, False, 96, 48),
+    (250.0, 0.01, 0.01, 1e-8, True, 48, 96),  # N < D
+    (2000.0, 0.1, 0.1, 1e-8, True, 512, 256),
+])
+def test_float64_statistics_match_the_float64_reference(alpha, la_R, la_mu, eps, normalize,
+                                                        n, d):
+  rng = np.random.default_rng(d * 3 + n)
+  with jax.enable_x64(True):
+    loss_fn = jax.jit(functools.partial(
+        cim.corinfomax_loss, alpha=alpha, la_R=la_R, la_mu=la_mu, eps=eps,
+        normalize=normalize, stats_dtype=jnp.float64))
+    state, ref_state = cim.init_state(d, dtype=jnp.float64), ref_init(d)
+    for _ in range(3):
+      z1, z2 = views(rng, n, d)
+      loss, state, metrics = loss_fn(z1, z2, state)
+      ref_loss, _, _, ref_state = ref_step(z1, z2, ref_state, alpha, la_R, la_mu, eps,
+                                           normalize)
+      assert all(x.dtype == jnp.float64 for x in state)
+      assert_state_close(state, ref_state, rtol=1e-10)
+      # The loss is the float64 value rounded to float32: within half a float32 ulp of
+      # the reference (the float32 statistics are ~1e-5 off in cov_loss).
+      assert loss.dtype == jnp.float32
+      assert all(v.dtype == jnp.float32 for v in metrics.values())
+      np.testing.assert_allclose(float(loss), ref_loss, rtol=2.0**-24, atol=0)
+      # The float64 log-determinant itself, on the returned state: to 1e-10.
+      for cov, ref_cov in zip(state[2:], ref_state[2:]):
+        logdet = cim.psd_logdet(cov + eps * jnp.eye(d, dtype=jnp.float64), eps)
+        assert logdet.dtype == jnp.float64
+        np.testing.assert_allclose(float(logdet),
+                                   np.linalg.slogdet(ref_cov + eps * np.eye(d))[1],
+                                   rtol=1e-10)
+    grads = jax.grad(lambda a, b: loss_fn(a, b, state)[0], argnums=(0, 1))(
+        jnp.asarray(z1), jnp.asarray(z2, jnp.bfloat16))
+    assert grads[0].dtype == jnp.float32 and grads[1].dtype == jnp.bfloat16
+
+
+def test_float64_eigenvalue_fallback_stays_float64():
+  # Rank 2 plus a floor below float64 rounding of its scale: Cholesky breaks down.
+  rng = np.random.default_rng(14)
+  u = rng.normal(size=(32, 2))
+  a = u @ u.T
+  floor = 1e-20
+  with jax.enable_x64(True):
+    logdet, fell_back = objective.psd_logdet_and_fallback(jnp.asarray(a, jnp.float64),
+                                                          floor)
+    assert logdet.dtype == jnp.float64 and float(fell_back) == 1.0
+  w = np.maximum(np.linalg.eigvalsh(a), floor)
+  # The two large eigenvalues to 1e-10; the 30 clipped ones are rounding noise >= floor.
+  assert np.sum(np.log(w[-2:])) + 30 * np.log(floor) - 1e-10 <= float(logdet)
+  assert float(logdet) <= np.sum(np.log(w[-2:])) + 30 * np.log(1e-15 * np.abs(a).max())
+
+
+def test_float32_statistics_are_unchanged_bit_for_bit():
+  # Loss, state, metrics and gradients of three carried steps, as computed before
+  # stats_dtype existed (the float32 path must not have moved by a bit).
+  import hashlib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(21)
+  state = cim.init_state(32)
+  f = jax.jit(lambda a, b, s: _loss_and_grads(
+      functools.partial(cim.corinfomax_loss, la_R=0.1, la_mu=0.1), a, b, s))
+  for _ in range(3):
+    loss, state, metrics, grads = f(*views(rng, 64, 32), state)
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves((loss, state, metrics, grads)):
+    digest.update(np.asarray(leaf).tobytes())
+  assert np.asarray(loss).tobytes().hex() == "8f3f1141"  # 9.078017234802246
+  assert digest.hexdigest() == (
+      "4c114fd4f368d97369f706034a1252a03923fc4a67e9544e31e8b13d5d0b1085")
+
+
+def test_float64_without_x64_mode_is_refused_in_one_line():
+  assert not jax.config.jax_enable_x64
+  msg = r"stats_dtype=float64 needs JAX's x64 mode.*jax_enable_x64.*JAX_ENABLE_X64=1"
+  with pytest.raises(ValueError, match=msg) as e:
+    cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype=jnp.float64)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="init_state: dtype=float64 needs JAX's x64 mode"):
+    cim.init_state(4, dtype=jnp.float64)
+  with pytest.raises(ValueError, match="stats_dtype must be float32 or float64"):
+    cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype=jnp.bfloat16)
+
+
+def test_float64_on_tpu_is_refused(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match="stats_dtype=float64 .*TPUs have no float64"):
+      cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype=jnp.float64)
+
+
+def test_method_stats_dtype_is_checked_and_passed_on():
+  from corinfomax_jax import methods  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="stats_dtype = 'float16' is invalid"):
+    methods.create_method("corinfomax", stats_dtype="float16")
+  method = methods.create_method("corinfomax", stats_dtype="float64")
+  with jax.enable_x64(True):
+    state = method.init_state(4)
+    _, new_state, _ = method.loss(_Z, _Z[::-1], state)
+  assert all(x.dtype == jnp.float64 for x in (*state, *new_state))

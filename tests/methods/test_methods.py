@@ -21,7 +21,8 @@ def _views(n=32, d=8, seed=0):
 def test_the_registry_names_each_method_by_its_config_section():
   assert sorted(methods.METHODS) == ["barlow_twins", "corinfomax", "vicreg"]
   assert methods.hyperparameters("corinfomax") == dict(
-      alpha=250.0, la_R=0.01, la_mu=0.01, eps=1e-8, r_init=1.0, normalize=True)
+      alpha=250.0, la_R=0.01, la_mu=0.01, eps=1e-8, r_init=1.0, normalize=True,
+      stats_dtype="float32")
   assert methods.hyperparameters("vicreg") == dict(
       sim_weight=25.0, var_weight=25.0, cov_weight=1.0, eps=1e-4)
   assert methods.hyperparameters("barlow_twins") == dict(lambd=0.0051, scale=1.0)

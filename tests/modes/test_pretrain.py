@@ -186,3 +186,64 @@ def test_state_is_one_pytree_with_the_loss_state():
   assert int(state.step) == 0
   for leaf in jax.tree.leaves(state):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+
+
+_FLOAT64_RUN = """
+import sys
+import jax, numpy as np, orbax.checkpoint as ocp
+from absl import logging
+from conftest import tiny_config
+from corinfomax_jax.modes import pretrain
+folder, workdir = sys.argv[1:]
+logging.set_verbosity(logging.INFO)
+assert not jax.config.jax_enable_x64
+config = tiny_config(f"folder:{folder}", max_steps=2)
+config.corinfomax.stats_dtype = "float64"
+first = pretrain.train_and_evaluate(config, workdir)
+assert jax.config.jax_enable_x64  # turned on by startup.begin
+config.max_steps = 4
+state = pretrain.train_and_evaluate(config, workdir)  # resumes from the step-2 checkpoint
+for s, step in ((first, 2), (state, 4)):
+  assert s.step.dtype == np.int32 and int(s.step) == step
+  assert [x.dtype for x in s.loss_state] == [np.float64] * 4
+  wide = [l.dtype for l in jax.tree.leaves(s.replace(loss_state=()))
+          if l.dtype.itemsize > 4]
+  assert not wide, wide  # x64 changed nothing but the method's state
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(s))
+saved = ocp.StandardCheckpointer().metadata(f"{workdir}/checkpoints/2/state")
+saved = getattr(saved, "item_metadata", saved)
+assert [saved["loss_state"][k].dtype for k in ("mu1", "mu2", "cov1", "cov2")] == (
+    [np.float64] * 4), saved["loss_state"]
+assert saved["step"].dtype == np.int32
+print("FLOAT64 RUN OK")
+"""
+
+
+def test_float64_statistics_train_resume_and_checkpoint(image_folder, tmp_path):
+  # x64 mode is process-wide once enabled: the run gets its own process.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [os.path.join(root, "tests"), root, os.environ.get("PYTHONPATH", "")])}
+  env.pop("JAX_ENABLE_X64", None)
+  out = subprocess.run([sys.executable, "-c", "import conftest\n" + _FLOAT64_RUN,
+                        str(image_folder), str(tmp_path / "wd")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "FLOAT64 RUN OK" in out.stdout
+  assert "enabled JAX's x64 mode" in out.stderr
+  assert not jax.config.jax_enable_x64  # nothing leaked into this process
+
+
+def test_float64_statistics_setting_is_checked():
+  with pytest.raises(errors.ConfigError, match="config.corinfomax.stats_dtype"):
+    settings.resolve(tiny_config("cifar10", corinfomax={"stats_dtype": "float16"}))
+  run = settings.resolve(tiny_config("cifar10", corinfomax={"stats_dtype": "float64"}))
+  assert run.method.stats_dtype == "float64"
+  from corinfomax_jax.modes import startup  # pylint: disable=g-import-not-at-top
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(errors.ConfigError, match="stats_dtype = 'float64' .*TPUs have no"):
+      startup.enable_x64_for(run)
+  assert not jax.config.jax_enable_x64
