@@ -268,7 +268,9 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
     tests = []
     if restored is not None:
       state = restored
-      tests = [t for t in saved.get("tests", []) if t["step"] <= int(state.step)]
+      # Epoch ends only: a test at a max_steps stop mid-epoch is no epoch of this run.
+      tests = [t for t in saved.get("tests", [])
+               if t["step"] <= int(state.step) and t["step"] % plan.steps_per_epoch == 0]
       logging.info("Fine-tuning resumed from %s at step %d of %d.", manager.directory,
                    int(state.step), plan.num_steps)
     start_step = int(state.step)

@@ -192,14 +192,26 @@ def test_the_paper_protocol_steps_and_initialises_as_the_reference():
 
 def test_evaluated_every_epoch_reports_the_last_and_the_best(pretrained_workdir,
                                                              image_folder, tmp_path):
-  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  for name in ("one", "two"):
+    (tmp_path / name).mkdir()
+    os.symlink(pretrained_workdir / "checkpoints", tmp_path / name / "checkpoints")
   config = _config(image_folder, finetune_epochs=3)  # 1 step per epoch
   config.eval.finetune.update(evaluate_every_epoch=True, schedule="step", step_epochs=1,
                               head_init="normal", crop_interpolation="bilinear")
-  result = finetune.finetune(config, str(tmp_path))
-  written = json.loads((tmp_path / "finetune.json").read_text())
+  result = finetune.finetune(config, str(tmp_path / "one"))
+  written = json.loads((tmp_path / "one" / "finetune.json").read_text())
   last, best = written["last"], written["best"]
   assert last["epoch"] == 3 and best["epoch"] in (1, 2, 3)
   assert best["top1"] >= last["top1"] and last["top1"] == written["top1"] == result["top1"]
   assert "test split" in best["chosen_on"]
   assert (written["schedule"], written["head_init"]) == ("step", "normal")
+  # Stopped after epoch 2 and resumed: the checkpoint's record kept epochs 1 and 2.
+  config.eval.finetune.max_steps = 2
+  finetune.finetune(config, str(tmp_path / "two"))
+  saved = json.loads((tmp_path / "two" / "finetune" / "checkpoints" / "2" / "run" /
+                      "metadata").read_text())
+  assert [t["epoch"] for t in saved["tests"]] == [1, 2]
+  config.eval.finetune.max_steps = -1
+  resumed = finetune.finetune(config, str(tmp_path / "two"))
+  assert resumed["last"] == pytest.approx(last) and resumed["best"]["epoch"] == best["epoch"]
+  assert resumed["best"]["top1"] == pytest.approx(best["top1"])
