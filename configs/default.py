@@ -133,8 +133,42 @@ def get_config():
   c.eval.finetune.label_file = config_dict.placeholder(str)
   c.eval.finetune.epochs = 30
   c.eval.finetune.batch_size = 256
-  c.eval.finetune.backbone_lr = 0.01  # cosine to 0; SGD momentum 0.9
+  c.eval.finetune.backbone_lr = 0.01
   c.eval.finetune.head_lr = 0.1
   c.eval.finetune.weight_decay = 0.0
+  c.eval.finetune.momentum = 0.9  # SGD momentum
+  # cosine: each lr to 0 over the epochs; step: each lr times its step_factor every
+  # step_epochs epochs (the reference's StepLR).
+  c.eval.finetune.schedule = "cosine"
+  c.eval.finetune.step_epochs = 5
+  c.eval.finetune.backbone_step_factor = 0.2
+  c.eval.finetune.head_step_factor = 0.1
+  c.eval.finetune.head_init = "zeros"  # zeros | normal: kernel N(0, 0.01^2), bias 0
+  c.eval.finetune.crop_interpolation = "bicubic"  # the training crop's resize | bilinear
+  # True: test after every epoch, and finetune.json also reports the best epoch.
+  c.eval.finetune.evaluate_every_epoch = False
   c.eval.finetune.max_steps = -1  # stop after this many steps; -1: epochs
   return c
+
+
+def set_paper_finetune(c, percent: int) -> None:
+  """Sets c.eval.finetune to the paper's semi-supervised protocol on `percent`% (1 or 10)
+  of ImageNet's labels: the reference's semi_supervised/evaluate_step.py.
+
+  20 epochs of batch 256, SGD momentum 0.9 without weight decay, lr 0.005 (backbone)
+  and 10 (1%) or 20 (10%) (head), each a step every 5 epochs (x0.2 backbone, x0.1
+  head); head N(0, 0.01^2), zero bias; bilinear random resized crops + flips; tested
+  after every epoch (finetune.json's best is the paper's figure). label_file: SimCLR's
+  list, 1percent.txt or 10percent.txt, read relative to the working directory: download
+  it there or set --config.eval.finetune.label_file=<path>.
+  """
+  head_lr = {1: 10.0, 10: 20.0}
+  if percent not in head_lr:
+    raise ValueError(f"the paper's semi-supervised protocol is for 1 or 10 percent of "
+                     f"the labels, not {percent!r}")
+  c.eval.finetune.update(
+      label_fraction=percent / 100, label_file=f"{percent}percent.txt", epochs=20,
+      batch_size=256, backbone_lr=0.005, head_lr=head_lr[percent], weight_decay=0.0,
+      momentum=0.9, schedule="step", step_epochs=5, backbone_step_factor=0.2,
+      head_step_factor=0.1, head_init="normal", crop_interpolation="bilinear",
+      evaluate_every_epoch=True)

@@ -114,3 +114,17 @@ def test_cifar10_cpu_reads_the_folder_beside_the_checkout_when_there(tmp_path, m
   assert config.dataset == f"folder:{folder}"
   assert f"reading the CIFAR-10 folder {folder}" in caplog.text
   assert settings.resolve(config).data.dataset == f"folder:{folder}"
+
+
+@pytest.mark.parametrize("arg,percent,head_lr", [("semi1", 1, 10.0), ("semi10", 10, 20.0)])
+def test_imagenet1k_takes_the_papers_semi_supervised_protocol_as_an_argument(
+    arg, percent, head_lr):
+  ft = settings.resolve(_parse(f"imagenet1k.py:{arg}")).eval.finetune
+  assert (ft.label_file, ft.label_fraction, ft.head_lr, ft.backbone_lr) == (
+      f"{percent}percent.txt", percent / 100, head_lr, 0.005)
+  assert (ft.epochs, ft.batch_size, ft.weight_decay, ft.schedule, ft.head_init,
+          ft.crop_interpolation, ft.evaluate_every_epoch) == (
+              20, 256, 0.0, "step", "normal", "bilinear", True)
+  plain = settings.resolve(_parse("imagenet1k.py")).eval.finetune
+  assert (plain.schedule, plain.head_init, plain.crop_interpolation) == (
+      "cosine", "zeros", "bicubic")

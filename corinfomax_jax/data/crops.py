@@ -5,7 +5,8 @@ crop runs on the accelerator (`augment`). Every random choice is an explicit uni
 draw in [0, 1), so an op is a pure function of (image, draws):
   * `random_resized_crop`: torchvision's RandomResizedCrop (10 attempts, then the
     centred fallback), then its RandomHorizontalFlip: the window is cut out and resized
-    by PIL's own bicubic resize, as the reference does on its PIL images: bit-exact
+    by PIL's own bicubic (or, as torchvision's default, bilinear) resize, as the
+    reference does on its PIL images: bit-exact
     with the reference for JPEGs and 8-bit PNGs, whose decoded pixels
     (`sources.decode_image`) are PIL's own;
   * `resize_center_crop`: torchvision's Resize(int) + CenterCrop, for evaluation;
@@ -25,6 +26,9 @@ CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then centr
 CROP_COLUMNS = (0, 4 * CROP_ATTEMPTS)  # scale, log-ratio, top, left per attempt
 FLIP_COLUMN = 4 * CROP_ATTEMPTS
 HOST_DRAWS = FLIP_COLUMN + 1
+# The random crop's resize: the reference's pretraining views are bicubic; its
+# semi-supervised views use torchvision's default, bilinear.
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def crop_window(height: int, width: int, u, scale, ratio) -> tuple[int, int, int, int]:
@@ -57,18 +61,22 @@ def crop_window(height: int, width: int, u, scale, ratio) -> tuple[int, int, int
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _pil_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def _pil_resize(image: np.ndarray, height: int, width: int,
+                interpolation: str = "bicubic") -> np.ndarray:
   # PIL's resize is the reference's (torchvision resizes PIL images with it):
-  # antialiased bicubic in fixed point, rounded to uint8.
-  return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+  # antialiased bicubic (or bilinear) in fixed point, rounded to uint8.
+  return np.asarray(Image.fromarray(image).resize((width, height),
+                                                  INTERPOLATIONS[interpolation]))
 
 
 def random_resized_crop_np(image: np.ndarray, u: np.ndarray, size: int, scale, ratio,
-                           flip_p: float = 0.0) -> np.ndarray:
-  """uint8 [h, w, 3] -> uint8 [size, size, 3]; u: the HOST_DRAWS columns of the draws."""
+                           flip_p: float = 0.0,
+                           interpolation: str = "bicubic") -> np.ndarray:
+  """uint8 [h, w, 3] -> uint8 [size, size, 3]; u: the HOST_DRAWS columns of the draws;
+  interpolation: a key of INTERPOLATIONS."""
   top, left, h, w = crop_window(image.shape[0], image.shape[1],
                                 u[CROP_COLUMNS[0]:CROP_COLUMNS[1]], scale, ratio)
-  out = _pil_bicubic(image[top:top + h, left:left + w], size, size)
+  out = _pil_resize(image[top:top + h, left:left + w], size, size, interpolation)
   if u[FLIP_COLUMN] < flip_p:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
@@ -80,16 +88,21 @@ def resize_center_crop_np(image: np.ndarray, size: int, resize_ratio: float) -> 
   h, w = image.shape[:2]
   # torchvision: the long side becomes int(target * long / short).
   new_h, new_w = (target, target * w // h) if h <= w else (target * h // w, target)
-  resized = _pil_bicubic(image, new_h, new_w)
+  resized = _pil_resize(image, new_h, new_w)
   top = int(round((new_h - size) / 2))
   left = int(round((new_w - size) / 2))
   return np.ascontiguousarray(resized[top:top + size, left:left + size])
 
 
-def random_resized_crop(image, u, size: int, scale, ratio, flip_p: float = 0.0):
+def random_resized_crop(image, u, size: int, scale, ratio, flip_p: float = 0.0,
+                        interpolation: str = "bicubic"):
   """tf uint8 [h, w, 3] -> uint8 [size, size, 3]: random_resized_crop_np in tf.data."""
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"crop interpolation {interpolation!r} is not supported; accepted: "
+                     f"{list(INTERPOLATIONS)}")
   out = tf.numpy_function(
-      lambda im, uu: random_resized_crop_np(im, uu, size, scale, ratio, flip_p),
+      lambda im, uu: random_resized_crop_np(im, uu, size, scale, ratio, flip_p,
+                                            interpolation),
       [image, u], tf.uint8, stateful=False)
   return tf.ensure_shape(out, [size, size, 3])
 

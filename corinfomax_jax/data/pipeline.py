@@ -112,6 +112,7 @@ class RandomCrop:
   scale: tuple[float, float]
   ratio: tuple[float, float]
   size: int
+  interpolation: str = "bicubic"  # a key of crops.INTERPOLATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _crop(image, u, crop, flip_p):
   """A view's host part: the random crop and flip, or the deterministic centre crop."""
   if isinstance(crop, RandomCrop):
     return crops.random_resized_crop(image, u[:crops.HOST_DRAWS], crop.size, crop.scale,
-                                     crop.ratio, flip_p)
+                                     crop.ratio, flip_p, crop.interpolation)
   return crops.resize_center_crop(image, crop.size, crop.resize_ratio)
 
 
@@ -372,10 +373,10 @@ def pretrain_batches(source: Source, *, global_batch_size: int,
       keys=("view1", draws_key("view1"), "view2", draws_key("view2"), "label"))
 
 
-def _probe_view(config, image_size):
+def _probe_view(config, image_size, interpolation="bicubic"):
   probe = augment.view_config(config, "probe")
-  return View("image", _VIEW_IDS["probe"], _random_crop(probe, image_size),
-              flip_p=probe.flip_p)
+  crop = dataclasses.replace(_random_crop(probe, image_size), interpolation=interpolation)
+  return View("image", _VIEW_IDS["probe"], crop, flip_p=probe.flip_p)
 
 
 def probe_train_batches(source: Source, *, global_batch_size: int,
@@ -383,17 +384,19 @@ def probe_train_batches(source: Source, *, global_batch_size: int,
                         process_index: int | None = None,
                         process_count: int | None = None,
                         aug_config: Mapping[str, Any] | None = None,
-                        num_threads: int | None = None
+                        num_threads: int | None = None,
+                        interpolation: str = "bicubic"
                         ) -> Iterator[dict[str, np.ndarray]]:
   """Endless linear-probe training batches (random resized crop + flip).
 
   Same order and resumption as `pretrain_batches`. Yields dict(image=uint8
   [b, S, S, 3], label=int32 [b]), to be normalised on the device
-  (`augment.normalize_uint8`).
+  (`augment.normalize_uint8`). interpolation: the crop's resize, a key of
+  crops.INTERPOLATIONS.
   """
   config = _checked_config(source, aug_config)
   return _batches(
-      source, [_probe_view(config, image_size)],
+      source, [_probe_view(config, image_size, interpolation)],
       global_batch_size=global_batch_size, process_index=process_index,
       process_count=process_count, seed=seed, start_step=start_step,
       order=_train_order(source.num_examples, global_batch_size, seed),

@@ -39,6 +39,12 @@ FINETUNE_RESULT_FILE = "finetune.json"
 _FINETUNE_KEYS = ("label_fraction", "label_file", "finetune_epochs", "finetune_batch_size",
                   "finetune_backbone_lr", "finetune_head_lr", "finetune_weight_decay",
                   "random_init")
+# Keys added later, with the values every earlier run had, so their checkpoints resume.
+_PROTOCOL_BEFORE = {"schedule": "cosine", "step_epochs": 5, "backbone_step_factor": 0.2,
+                    "head_step_factor": 0.1, "head_init": "zeros",
+                    "crop_interpolation": "bicubic", "momentum": 0.9,
+                    "evaluate_every_epoch": False}
+HEAD_STDDEV = 0.01  # head_init="normal": the reference's N(0, 0.01^2) kernel
 
 
 @flax.struct.dataclass
@@ -101,16 +107,32 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
   return np.sort(np.concatenate(chosen))
 
 
-def create_optimizer(ft: settings_lib.Finetune,
-                     steps: int) -> tuple[optax.GradientTransformation, Any]:
-  """(SGD momentum, cosine from the backbone's and the head's own learning rates).
+def learning_rates(ft: settings_lib.Finetune, steps: int,
+                   steps_per_epoch: int) -> tuple[optax.Schedule, optax.Schedule]:
+  """(backbone, head) learning rate by step: ft.schedule "cosine" from each lr to 0 over
+  `steps`; "step": each lr times its step factor at every ft.step_epochs epochs (the
+  reference's StepLR, stepped once per epoch)."""
+  if ft.schedule == "cosine":
+    return (optax.cosine_decay_schedule(ft.backbone_lr, max(steps, 1)),
+            optax.cosine_decay_schedule(ft.head_lr, max(steps, 1)))
+  boundaries = range(ft.step_epochs * steps_per_epoch, max(steps, 1),
+                     ft.step_epochs * steps_per_epoch)
+  return (optax.piecewise_constant_schedule(
+              ft.backbone_lr, {b: ft.backbone_step_factor for b in boundaries}),
+          optax.piecewise_constant_schedule(
+              ft.head_lr, {b: ft.head_step_factor for b in boundaries}))
 
-  optax.multi_transform gives `ft.backbone_lr` to the backbone and `ft.head_lr` to the
-  new head; weight decay (`ft.weight_decay`) on both.
+
+def create_optimizer(ft: settings_lib.Finetune, steps: int,
+                     steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
+  """(SGD momentum ft.momentum, the backbone's learning rate schedule).
+
+  optax.multi_transform gives the backbone and the new head their own schedules
+  (`learning_rates`); weight decay (`ft.weight_decay`) on both.
   """
-  backbone_lr = optax.cosine_decay_schedule(ft.backbone_lr, max(steps, 1))
-  head_lr = optax.cosine_decay_schedule(ft.head_lr, max(steps, 1))
-  sgd = lambda lr: train_state_lib.sgd(lr, momentum=0.9, weight_decay=ft.weight_decay)
+  backbone_lr, head_lr = learning_rates(ft, steps, steps_per_epoch)
+  sgd = lambda lr: train_state_lib.sgd(lr, momentum=ft.momentum,
+                                       weight_decay=ft.weight_decay)
   tx = optax.multi_transform(
       {"backbone": sgd(backbone_lr), "head": sgd(head_lr)},
       lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()})
@@ -164,7 +186,7 @@ class _Plan:
   subset: Any  # the labelled Source
   batch_size: int
   steps_per_epoch: int
-  schedule_steps: int  # the cosine schedule's length: finetune_epochs epochs
+  schedule_steps: int  # the schedule's length: finetune_epochs epochs
   num_steps: int  # where training stops (finetune_max_steps may cut it short)
 
 
@@ -203,13 +225,16 @@ def _check_can_start(config, workdir: str, lock):
 
 def _initial_state(run: settings_lib.Settings, workdir, mesh, num_classes,
                    tx) -> tuple[FinetuneState, int]:
-  """(The pretrained (or random) backbone with a zero head, pretraining step)."""
+  """(The pretrained (or random) backbone with a new head (config.eval.finetune.head_init,
+  drawn from config.seed), pretraining step)."""
   model = run.model.create()
   pretrained = startup.backbone_state(run, model, mesh, workdir)
   dim = models.feature_dim(model, run.data.image_size)
+  head_rng = jax.random.fold_in(jax.random.key(run.seed), 1)
 
   def init(params, batch_stats):
-    head = models.init_linear_head(dim, num_classes, init="zeros")
+    head = models.init_linear_head(dim, num_classes, init=run.eval.finetune.head_init,
+                                   stddev=HEAD_STDDEV, rng=head_rng)
     params = {"backbone": params["backbone"], "head": head}
     return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
                          batch_stats=batch_stats["backbone"], opt_state=tx.init(params))
@@ -224,8 +249,13 @@ def _backbone(run: settings_lib.Settings):
 
 
 def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh, tx,
-           learning_rate_fn, writer):
-  """(state, the last epoch's losses or None, preempted): resumed, trained, saved."""
+           learning_rate_fn, writer, test_fn):
+  """(state, the last epoch's losses or None, tests, preempted): resumed, trained, saved.
+
+  tests: with evaluate_every_epoch, test_fn(state) after each epoch (and at the last
+  step), each with its "epoch" and "step", those before a resume read from the
+  checkpoint's record; otherwise [].
+  """
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   mean, std = run.data.mean, run.data.std
@@ -233,10 +263,14 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
   manager = checkpoints.create_manager(
       files.as_path(workdir) / FINETUNE_DIR / "checkpoints", keep=2)
   try:
-    restored, _ = checkpoints.restore_latest(manager, state,
-                                             _check_record(record, manager.directory))
+    restored, saved = checkpoints.restore_latest(manager, state,
+                                                 _check_record(record, manager.directory))
+    tests = []
     if restored is not None:
       state = restored
+      # Epoch ends only: a test at a max_steps stop mid-epoch is no epoch of this run.
+      tests = [t for t in saved.get("tests", [])
+               if t["step"] <= int(state.step) and t["step"] % plan.steps_per_epoch == 0]
       logging.info("Fine-tuning resumed from %s at step %d of %d.", manager.directory,
                    int(state.step), plan.num_steps)
     start_step = int(state.step)
@@ -247,7 +281,7 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
                  ft.label_file or f"{ft.label_fraction:g} of the labels",
                  start_step, plan.num_steps, plan.batch_size)
     if start_step >= plan.num_steps:
-      return state, None, False
+      return state, None, tests, False
     step_fn = jax.jit(functools.partial(finetune_step, backbone=_backbone(run), tx=tx,
                                         learning_rate_fn=learning_rate_fn, mean=mean,
                                         std=std),
@@ -257,19 +291,23 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
         pipeline.probe_train_batches(
             plan.subset, global_batch_size=plan.batch_size,
             image_size=run.data.image_size, seed=run.seed, start_step=start_step,
-            aug_config=run.data.recipe), data)
+            aug_config=run.data.recipe, interpolation=ft.crop_interpolation), data)
     report = loop.ReportProgress(
         name="finetune", num_steps=plan.num_steps, every_steps=run.train.log_every_steps,
         batch_size=plan.batch_size, steps_per_epoch=plan.steps_per_epoch, writer=writer,
         prefix="finetune/train_",
         nonfinite_hint=lambda: "Lower config.eval.finetune.backbone_lr / head_lr.")
     last_epoch = _LastLosses(plan.steps_per_epoch)
-    actions = [report, last_epoch,
-               loop.Checkpoint(manager, plan.steps_per_epoch, lambda: record,
-                               before_save=report.flush)]
+    actions = [report, last_epoch]
+    if ft.evaluate_every_epoch:
+      actions.append(_TestEachEpoch(tests, test_fn, plan, writer, before=report.flush))
+    # The record carries the tests so far, so a resumed run still knows the best epoch.
+    actions.append(loop.Checkpoint(manager, plan.steps_per_epoch,
+                                   lambda: {**record, "tests": tests},
+                                   before_save=report.flush))
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
                                 num_steps=plan.num_steps, actions=actions)
-    return state, last_epoch, preempted
+    return state, last_epoch, tests, preempted
   finally:
     try:
       checkpoints.finish(manager)
@@ -294,15 +332,22 @@ def finetune(config, workdir: str) -> dict:
   The subset: config.eval.finetune.label_file (file names, one a line), else a seeded (config.seed)
   class-balanced config.eval.finetune.label_fraction of the labels. The network: the latest
   pretraining checkpoint's backbone (config.eval.random_init: the seeded random one)
-  plus a zero-initialised Dense head, trained with cross-entropy on random resized crops
-  + flips (pipeline.probe_train_batches), BatchNorm in training mode, SGD momentum 0.9
-  with cosine learning rates finetune_backbone_lr (backbone) and finetune_head_lr
-  (head), finetune_epochs epochs of the subset in batches of finetune_batch_size
-  (finetune_max_steps caps the steps). Progress, NaN guard, a checkpoint each epoch in
+  plus a new Dense head (head_init: zeros, or N(0, 0.01^2) with zero bias), trained with
+  cross-entropy on random resized crops (bicubic or bilinear: crop_interpolation) +
+  flips (pipeline.probe_train_batches), BatchNorm in training mode, SGD (momentum) with
+  learning rates backbone_lr (backbone) and head_lr (head), each cosine to 0 or stepped
+  every step_epochs epochs (schedule; `learning_rates`), epochs epochs of the subset
+  in batches of batch_size (max_steps caps the steps); the keys are
+  config.eval.finetune's, and configs/default.set_paper_finetune sets the paper's
+  protocol. Progress, NaN guard, a checkpoint each epoch in
   <workdir>/finetune/checkpoints (resumed by the same command), preemption: the shared
-  loop. Tested on centre crops of eval_split; writes <workdir>/finetune.json (top1,
-  top5, test_loss, train_loss_last_epoch (None when nothing was left to train),
-  label_fraction, label_file, num_labelled, epochs, steps, ...) and
+  loop. Tested on centre crops of eval_split after the last step (evaluate_every_epoch:
+  after every epoch too); writes <workdir>/finetune.json (top1, top5, test_loss: the
+  last step's; last and best: {top1, top5, test_loss, epoch} of the last epoch and of
+  the epoch with the highest test top-1, chosen on the test split as the paper reports
+  it (best == last without evaluate_every_epoch); train_loss_last_epoch (None when
+  nothing was left to train), label_fraction, label_file, num_labelled, epochs,
+  steps, ...) and
   returns it with the final FinetuneState under "state", or {"preempted": True,
   "step": s}. Holds the workdir's lock (workdir_lock) from start-up until it returns or
   raises.
@@ -316,21 +361,40 @@ def _finetune(config, workdir: str, lock) -> dict:
   ft, data = run.eval.finetune, run.data
   train_source, eval_source = evaluators.open_sources(data)
   plan = _plan(run, train_source)
-  tx, learning_rate_fn = create_optimizer(ft, plan.schedule_steps)
+  tx, learning_rate_fn = create_optimizer(ft, plan.schedule_steps, plan.steps_per_epoch)
   state, pretrain_step = _initial_state(run, workdir, mesh, train_source.num_classes, tx)
   # The record keeps the flat key names of earlier versions: their runs still resume.
   record = {"pretrain_step": pretrain_step, "eval": {
       k: (run.eval.random_init if k == "random_init"
-          else getattr(ft, k.removeprefix("finetune_"))) for k in _FINETUNE_KEYS}}
+          else getattr(ft, k.removeprefix("finetune_"))) for k in _FINETUNE_KEYS},
+            "finetune_protocol": {k: getattr(ft, k) for k in _PROTOCOL_BEFORE}}
   writer = metrics_lib.MetricWriter(files.as_path(workdir) / FINETUNE_DIR)
+
+  def test_at(state):
+    step = int(state.step)
+    return {**_test(run, state, mesh, eval_source), "step": step,
+            "epoch": _epoch(step, plan.steps_per_epoch)}
+
   try:
-    state, last_epoch, preempted = _train(run, workdir, state, plan, record, mesh, tx,
-                                          learning_rate_fn, writer)
+    state, last_epoch, tests, preempted = _train(run, workdir, state, plan, record, mesh,
+                                                 tx, learning_rate_fn, writer, test_at)
     if preempted:
       logging.warning("Fine-tuning preempted at step %d; run the same command again "
                       "to resume.", int(state.step))
       return {"preempted": True, "step": int(state.step)}
-    result = {**_test(run, state, mesh, eval_source),
+    if tests and tests[-1]["step"] == int(state.step):
+      last = tests[-1]
+    else:
+      last = test_at(state)
+      tests = tests + [last] if ft.evaluate_every_epoch else [last]
+      writer.scalars(last["step"], {"finetune/test_top1": last["top1"],
+                                    "finetune/test_top5": last["top5"]})
+    best = max(tests, key=lambda t: t["top1"])  # the first of equal ones
+    summary = lambda t: {k: t[k] for k in ("top1", "top5", "test_loss", "epoch")}
+    result = {**{k: v for k, v in last.items() if k not in ("step", "epoch")},
+              "last": summary(last),
+              "best": {**summary(best), "chosen_on": f"the test split ({data.eval_split}), "
+                                                     "as the paper reports it"},
               # The head starts at zero, so the first step's loss is ln(num_classes).
               "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
               "label_fraction": ft.label_fraction, "label_file": ft.label_file,
@@ -338,20 +402,46 @@ def _finetune(config, workdir: str, lock) -> dict:
               "steps": int(state.step), "steps_per_epoch": plan.steps_per_epoch,
               "batch_size": plan.batch_size, "backbone_lr": ft.backbone_lr,
               "head_lr": ft.head_lr, "weight_decay": ft.weight_decay,
+              **{k: getattr(ft, k) for k in _PROTOCOL_BEFORE},
               "random_init": run.eval.random_init, "pretrain_step": pretrain_step,
               "method": run.method.name,
               "dataset": data.dataset, "train_split": data.train_split,
               "eval_split": data.eval_split}
-    writer.scalars(int(state.step), {"finetune/test_top1": result["top1"],
-                                     "finetune/test_top5": result["top5"]})
   finally:
     writer.close()
   path = startup.write_result(workdir, FINETUNE_RESULT_FILE, result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
-               "images; written to %s.", result["num_labelled"], result["top1"],
-               result["top5"], result["num_test_examples"], data.eval_split, path)
+               "images (best: %.2f at epoch %s); written to %s.", result["num_labelled"],
+               result["top1"], result["top5"], result["num_test_examples"],
+               data.eval_split, best["top1"], best["epoch"], path)
   result["state"] = state
   return result
+
+
+def _epoch(step: int, steps_per_epoch: int) -> int | float:
+  """Epochs done at `step`: an int at an epoch's end, else a fraction (max_steps)."""
+  epoch = step / steps_per_epoch
+  return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
+
+
+class _TestEachEpoch:
+  """A loop action: appends test_fn(state) to `tests` at each epoch's end and at the
+  last step (not at a preemption: the resumed run tests that epoch), to TensorBoard too."""
+
+  def __init__(self, tests: list, test_fn, plan: _Plan, writer, before):
+    self._tests, self._test_fn, self._plan = tests, test_fn, plan
+    self._writer, self._before = writer, before
+
+  def __call__(self, step, state, metrics, is_last):
+    del metrics, is_last
+    if step % self._plan.steps_per_epoch == 0 or step == self._plan.num_steps:
+      self._before()  # the NaN guard first: never test a state that followed a NaN
+      result = self._test_fn(state)
+      self._tests.append(result)
+      self._writer.scalars(step, {"finetune/test_top1": result["top1"],
+                                  "finetune/test_top5": result["top5"]})
+      logging.info("Fine-tuning epoch %s: test top-1 %.2f top-5 %.2f.", result["epoch"],
+                   result["top1"], result["top5"])
 
 
 class _LastLosses:
@@ -373,7 +463,8 @@ class _LastLosses:
 
 def _check_record(expected: dict, directory):
   def check(record, step):
-    saved = {k: record.get(k) for k in expected}
+    saved = {k: record.get(k, _PROTOCOL_BEFORE if k == "finetune_protocol" else None)
+             for k in expected}
     if saved != expected:
       raise ConfigError(
           f"The fine-tuning checkpoint of step {step} in {directory} was written for "

@@ -29,6 +29,9 @@ from corinfomax_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
+FINETUNE_SCHEDULES = ("cosine", "step")
+FINETUNE_HEAD_INITS = ("zeros", "normal")
+CROP_INTERPOLATIONS = ("bicubic", "bilinear")
 EVALUATORS = ("knn", "online_probe")  # what config.eval.monitors may list
 
 # Keys of earlier versions -> their place now (dotted paths under config).
@@ -171,6 +174,14 @@ class Finetune:
   head_lr: float
   weight_decay: float
   max_steps: int
+  schedule: str  # FINETUNE_SCHEDULES
+  step_epochs: int
+  backbone_step_factor: float
+  head_step_factor: float
+  head_init: str  # FINETUNE_HEAD_INITS
+  crop_interpolation: str  # CROP_INTERPOLATIONS
+  momentum: float
+  evaluate_every_epoch: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,6 +513,20 @@ def _finetune(section: dict) -> Finetune:
     need(is_number(key) and section[key] > 0, key, "a positive number")
   need(is_number("weight_decay") and section["weight_decay"] >= 0, "weight_decay",
        "a number >= 0")
+  need(section.get("schedule") in FINETUNE_SCHEDULES, "schedule",
+       f"one of {list(FINETUNE_SCHEDULES)}")
+  need(is_int("step_epochs") and section["step_epochs"] > 0, "step_epochs",
+       "a positive integer")
+  for key in ("backbone_step_factor", "head_step_factor"):
+    need(is_number(key) and 0 < section[key] <= 1, key, "a number in (0, 1], e.g. 0.1")
+  need(section.get("head_init") in FINETUNE_HEAD_INITS, "head_init",
+       f"one of {list(FINETUNE_HEAD_INITS)}")
+  need(section.get("crop_interpolation") in CROP_INTERPOLATIONS, "crop_interpolation",
+       f"one of {list(CROP_INTERPOLATIONS)}")
+  need(is_number("momentum") and 0 <= section["momentum"] < 1, "momentum",
+       "a number in [0, 1)")
+  need(isinstance(section.get("evaluate_every_epoch"), bool), "evaluate_every_epoch",
+       "True or False")
   need(is_number("label_fraction") and 0 < section["label_fraction"] <= 1,
        "label_fraction", "a number in (0, 1], e.g. 0.01 or 0.1")
   label_file = section.get("label_file")

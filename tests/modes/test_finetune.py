@@ -12,9 +12,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import tiny_config
 
+from configs import default as default_config
 from corinfomax_jax import errors
+from corinfomax_jax import models
 from corinfomax_jax.modes import finetune
 from corinfomax_jax.data import sources
+from corinfomax_jax.run import settings
 
 
 def _config(image_folder, **eval_overrides):
@@ -135,8 +138,13 @@ def test_learns_writes_json_and_resumes_as_one_run(pretrained_workdir, image_fol
   for a, b in zip(jax.tree.leaves(jax.device_get(one["state"])),
                   jax.tree.leaves(jax.device_get(two["state"]))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert {k: v for k, v in one.items() if k != "state"} == pytest.approx(
-      {k: v for k, v in two.items() if k != "state"})
+  flat = lambda r: {k: v for k, v in r.items() if k not in ("state", "last", "best")}
+  assert flat(one) == pytest.approx(flat(two))
+  for key in ("last", "best"):
+    assert one[key] == pytest.approx(two[key])
+  # Tested after the last epoch only: best is last.
+  assert one["best"]["epoch"] == one["last"]["epoch"] == 4
+  assert one["best"]["top1"] == one["last"]["top1"] == one["top1"]
 
 
 def test_another_methods_pretraining_trains_the_online_probe_and_fine_tunes(
@@ -155,3 +163,55 @@ def test_another_methods_pretraining_trains_the_online_probe_and_fine_tunes(
   result = finetune.finetune(config, str(tmp_path))
   assert result["pretrain_step"] == 2 and result["method"] == "barlow_twins"
   assert 0 <= result["top1"] <= 100 and math.isfinite(result["test_loss"])
+
+
+def test_the_paper_protocol_steps_and_initialises_as_the_reference():
+  """semi_supervised/evaluate_step.py: StepLR(5) per epoch, x0.2 backbone from 0.005,
+  x0.1 head from 10 (1%); head N(0, 0.01^2), bias 0."""
+  config = default_config.get_config()
+  default_config.set_paper_finetune(config, 1)
+  ft = settings.resolve(config).eval.finetune
+  steps_per_epoch = 7
+  backbone, head = finetune.learning_rates(ft, ft.epochs * steps_per_epoch,
+                                           steps_per_epoch)
+  for epoch in (0, 4, 5, 9, 10, 15, 19):
+    for step in (epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1):
+      k = epoch // 5
+      np.testing.assert_allclose(float(backbone(step)), 0.005 * 0.2 ** k, rtol=1e-6)
+      np.testing.assert_allclose(float(head(step)), 10 * 0.1 ** k, rtol=1e-6)
+  head = models.init_linear_head(2048, 1000, init=ft.head_init,
+                                 stddev=finetune.HEAD_STDDEV, rng=jax.random.key(0))
+  assert abs(float(np.std(head["kernel"])) - 0.01) < 2e-4
+  assert abs(float(np.mean(head["kernel"]))) < 1e-4 and not np.any(head["bias"])
+  assert (ft.epochs, ft.batch_size, ft.weight_decay, ft.momentum, ft.crop_interpolation,
+          ft.evaluate_every_epoch) == (20, 256, 0.0, 0.9, "bilinear", True)
+  default_config.set_paper_finetune(config, 10)
+  assert config.eval.finetune.head_lr == 20 and config.eval.finetune.backbone_lr == 0.005
+  assert config.eval.finetune.label_file == "10percent.txt"
+
+
+def test_evaluated_every_epoch_reports_the_last_and_the_best(pretrained_workdir,
+                                                             image_folder, tmp_path):
+  for name in ("one", "two"):
+    (tmp_path / name).mkdir()
+    os.symlink(pretrained_workdir / "checkpoints", tmp_path / name / "checkpoints")
+  config = _config(image_folder, finetune_epochs=3)  # 1 step per epoch
+  config.eval.finetune.update(evaluate_every_epoch=True, schedule="step", step_epochs=1,
+                              head_init="normal", crop_interpolation="bilinear")
+  result = finetune.finetune(config, str(tmp_path / "one"))
+  written = json.loads((tmp_path / "one" / "finetune.json").read_text())
+  last, best = written["last"], written["best"]
+  assert last["epoch"] == 3 and best["epoch"] in (1, 2, 3)
+  assert best["top1"] >= last["top1"] and last["top1"] == written["top1"] == result["top1"]
+  assert "test split" in best["chosen_on"]
+  assert (written["schedule"], written["head_init"]) == ("step", "normal")
+  # Stopped after epoch 2 and resumed: the checkpoint's record kept epochs 1 and 2.
+  config.eval.finetune.max_steps = 2
+  finetune.finetune(config, str(tmp_path / "two"))
+  saved = json.loads((tmp_path / "two" / "finetune" / "checkpoints" / "2" / "run" /
+                      "metadata").read_text())
+  assert [t["epoch"] for t in saved["tests"]] == [1, 2]
+  config.eval.finetune.max_steps = -1
+  resumed = finetune.finetune(config, str(tmp_path / "two"))
+  assert resumed["last"] == pytest.approx(last) and resumed["best"]["epoch"] == best["epoch"]
+  assert resumed["best"]["top1"] == pytest.approx(best["top1"])

@@ -253,6 +253,18 @@ def test_each_cadence_is_checked_by_name(key, value):
     settings.resolve(config)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("schedule", "linear"), ("step_epochs", 0), ("backbone_step_factor", 0.0),
+    ("head_step_factor", 2.0), ("head_init", "lecun_normal"),
+    ("crop_interpolation", "nearest"), ("momentum", 1.0), ("evaluate_every_epoch", 1)])
+def test_each_finetune_protocol_key_is_checked_by_name(key, value):
+  raw = tiny_config("cifar10").to_dict()  # a plain dict takes any type
+  raw["eval"]["finetune"][key] = value
+  with pytest.raises(errors.ConfigError,
+                     match=re.escape(f"config.eval.finetune.{key} = {value!r}")):
+    settings.resolve(raw)
+
+
 def test_settings_sections_are_frozen():
   run = settings.resolve(tiny_config("cifar10"))
   for section, field in ((run, "seed"), (run.train, "batch_size"),
