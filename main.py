@@ -86,18 +86,18 @@ def _fail(error: BaseException, workdir: str | None) -> None:
   if (workdir and not isinstance(error, errors.WorkdirError)
       and jax.process_index() == 0):
     _append_error_log(workdir, f"error: {message}\n{trace}\n")
-  sys.stderr.write(f"error: {message}\n")
-  _exit_now(1)
+  _exit_now(1, f"error: {message}\n")
 
 
-def _exit_now(status: int) -> None:
-  """Flushes what was written and ends the process at once.
+def _exit_now(status: int, last_line: str) -> None:
+  """Flushes the logs, writes `last_line` to stderr and ends the process at once.
 
   The mode's own `finally` blocks have run by now (checkpoints finished or aborted,
   writers closed); what is left are background threads (tf.data's, orbax's) whose
   teardown at interpreter shutdown can take long or never end, as after an unreadable
-  image, and a failed save's threads may still be failing on the same disk. The last
-  good checkpoint is intact, and a partial one is removed at the next start.
+  image, and a failed save's threads may still be failing on the same disk (and
+  printing): nothing is waited for between the line and the exit, so it stays the last.
+  The last good checkpoint is intact, and a partial one is removed at the next start.
   """
   for handler in logging_std.getLogger().handlers + [logging.get_absl_handler()]:
     try:
@@ -105,6 +105,7 @@ def _exit_now(status: int) -> None:
     except Exception:  # pylint: disable=broad-except
       pass
   sys.stdout.flush()
+  sys.stderr.write(last_line)
   sys.stderr.flush()
   os._exit(status)
 
@@ -139,8 +140,8 @@ def main(argv):
                  jax.devices()[0].platform)
     MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
-    sys.stderr.write("error: interrupted; nothing was saved since the last checkpoint.\n")
-    _exit_now(130)  # background threads (checkpointing, input) must not keep it alive
+    # Background threads (checkpointing, input) must not keep it alive.
+    _exit_now(130, "error: interrupted; nothing was saved since the last checkpoint.\n")
   except Exception as e:  # pylint: disable=broad-except
     _fail(e, FLAGS.workdir)
 

@@ -12,6 +12,7 @@ from absl import logging
 import jax
 
 from corinfomax_jax import files
+from corinfomax_jax import methods
 from corinfomax_jax.run import settings
 from corinfomax_jax.run import writers as metrics
 
@@ -49,6 +50,17 @@ def changed_result_keys(old: dict, new: dict) -> list[str]:
           if old.get(k, "(absent)") != new.get(k, "(absent)")]
 
 
+def _with_method_defaults(flat: dict) -> dict:
+  """`flat` (result values) with its method's hyperparameters that it lacks at their
+  defaults: a key a later version added to a method's section (stats_dtype, say) is
+  absent from earlier records, and its default is what those runs did."""
+  method = flat.get("method", "corinfomax")
+  if method not in methods.METHODS:
+    return flat
+  defaults = {f"{method}.{k}": v for k, v in methods.hyperparameters(method).items()}
+  return {**defaults, **flat}
+
+
 def result_values(record: dict) -> dict:
   """The flat values of `record` (a resolved configuration) that change results: what a
   checkpoint keeps of the run that wrote it, so that a resume is checked against the
@@ -62,7 +74,7 @@ def warn_if_results_change(saved: dict | None, record: dict, where: str) -> bool
   checkpoint's result_values) was trained with; returns whether it compared at all."""
   if saved is None:
     return False
-  changed = changed_result_keys(saved, result_values(record))
+  changed = changed_result_keys(_with_method_defaults(saved), result_values(record))
   if changed:
     logging.warning("%s was trained with other values of keys that change results; this "
                     "run continues it with: %s.", where, "; ".join(changed))
@@ -90,7 +102,8 @@ def write_run_config(record: dict, workdir: str,
     # only one there was.
     comparable = {"method": "corinfomax", **settings.moved_keys_applied(previous)}
     if previous != record:
-      changed = changed_result_keys(flatten(comparable), flatten(record)) if compare else []
+      changed = (changed_result_keys(_with_method_defaults(flatten(comparable)),
+                                     flatten(record)) if compare else [])
       if changed:
         logging.warning("%s: this run changes keys that change results: %s (previous "
                         "record kept as %s.prev).", path, "; ".join(changed), RECORD)
