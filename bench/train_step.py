@@ -6,6 +6,10 @@ Imports no TensorFlow, so it runs on an accelerator machine that has none (the c
 files need ml_collections, a pure-Python wheel). "images" are training examples, each
 a pair of views through the network. The last line is `images_per_s=<number>`.
 
+  --reference: also times the PyTorch reference's step (bench/reference_step.py; needs
+  torch) with the same network width, projector and batch, round by round with ours, and
+  prints ours / reference; the last line is then `ours_vs_reference=<ratio>`.
+
   --online_probe: times the step without and with the online linear probe
   (config.eval.online_probe.enabled, 1000 classes unless --num_classes) in one process and
   prints the probe's share of the step; the last line is then the rate with the probe.
@@ -69,6 +73,8 @@ def main():
                       help="time without and with the online linear probe")
   parser.add_argument("--num_classes", type=int, default=1000,
                       help="classes of the online probe")
+  parser.add_argument("--reference", action="store_true",
+                      help="also time the PyTorch reference step (needs torch)")
   args = parser.parse_args()
   config = config_from_flags(args)
   mesh = mesh_lib.make_mesh()
@@ -77,6 +83,8 @@ def main():
   runs = [False, True] if args.online_probe else [False]
   steppers = {probe: prepare_step(config, mesh, probe, args) for probe in runs}
   steppers["augment"] = prepare_views(config, mesh, args)
+  if args.reference:
+    steppers["reference"] = prepare_reference(config, args)
   # Rounds alternate between the variants and each keeps its fastest round, so a
   # shared machine's load hits both alike.
   ms = {k: f() for k, f in steppers.items()}
@@ -91,6 +99,46 @@ def main():
     print(f"online probe ({args.num_classes} classes): {ms[True] - ms[False]:+.2f} ms/step, "
           f"{100 * (ms[True] - ms[False]) / ms[True]:.1f}% of the step with it")
   print(f"images_per_s={config.train.batch_size / ms[runs[-1]] * 1e3:.1f}")
+  if args.reference:
+    import reference_step  # pylint: disable=import-outside-toplevel
+    print(f"PyTorch {reference_step.torch.__version__} reference step on "
+          f"{reference_step.torch.get_num_threads()} thread(s): {ms['reference']:.1f} ms/step "
+          f"({config.train.batch_size / ms['reference'] * 1e3:.1f} images/s)")
+    print(f"ours_vs_reference={ms['reference'] / ms[runs[-1]]:.2f}")
+
+
+def prepare_reference(config, args):
+  """The PyTorch reference step (bench/reference_step.py) at this config's network width,
+  projector, batch, image size, lr, weight decay and loss weights; times `args.steps`."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  try:
+    import reference_step  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise SystemExit(f"--reference needs torch ({e}); pip install torch") from e
+  m = config.model.kwargs
+  if m["backbone"] != "resnet18" or m.get("projector_bn"):
+    raise SystemExit(f"--reference has the reference's ResNet-18 and BN-free projector "
+                     f"only; this config has {m['backbone']} projector_bn "
+                     f"{m.get('projector_bn')}")
+  if config.method.name != "corinfomax":
+    raise SystemExit(f"--reference times the CorInfoMax loss; this config's method is "
+                     f"{config.method.name}")
+  reference_step.use_affinity_threads()
+  method = config.method
+  run = reference_step.make_step(
+      m.get("width") or 64, tuple(m["projector"]), config.train.batch_size,
+      config.data.image_size, momentum=config.optimizer.momentum,
+      weight_decay=config.optimizer.weight_decay, alpha=method.alpha,
+      la_r=method.la_R, la_mu=method.la_mu, r_ini=method.r_init, eps=method.eps,
+      normalize=method.normalize)
+  run(args.warmup)
+
+  def timed():
+    t0 = time.perf_counter()
+    run(args.steps)
+    return (time.perf_counter() - t0) / args.steps * 1e3
+
+  return timed
 
 
 def describe(config, online_probe, ms, args):
