@@ -144,7 +144,8 @@ def get_config():
   c.eval.finetune.backbone_step_factor = 0.2
   c.eval.finetune.head_step_factor = 0.1
   c.eval.finetune.head_init = "zeros"  # zeros | normal: kernel N(0, 0.01^2), bias 0
-  c.eval.finetune.crop_interpolation = "bicubic"  # the training crop's resize | bilinear
+  # The resize of the training crops and of the test view: bicubic | bilinear.
+  c.eval.finetune.crop_interpolation = "bicubic"
   # True: test after every epoch, and finetune.json also reports the best epoch.
   c.eval.finetune.evaluate_every_epoch = False
   c.eval.finetune.max_steps = -1  # stop after this many steps; -1: epochs
@@ -157,7 +158,8 @@ def set_paper_finetune(c, percent: int) -> None:
 
   20 epochs of batch 256, SGD momentum 0.9 without weight decay, lr 0.005 (backbone)
   and 10 (1%) or 20 (10%) (head), each a step every 5 epochs (x0.2 backbone, x0.1
-  head); head N(0, 0.01^2), zero bias; bilinear random resized crops + flips; tested
+  head); head N(0, 0.01^2), zero bias; bilinear random resized crops + flips and a
+  bilinear Resize(8/7 S) + CenterCrop(S) test view (torchvision's default); tested
   after every epoch (finetune.json's best is the paper's figure). label_file: SimCLR's
   list, 1percent.txt or 10percent.txt, read relative to the working directory: download
   it there or set --config.eval.finetune.label_file=<path>.

@@ -82,13 +82,15 @@ def random_resized_crop_np(image: np.ndarray, u: np.ndarray, size: int, scale, r
   return np.ascontiguousarray(out)
 
 
-def resize_center_crop_np(image: np.ndarray, size: int, resize_ratio: float) -> np.ndarray:
-  """Shorter side to int(size * resize_ratio) (bicubic), then the centre size x size."""
+def resize_center_crop_np(image: np.ndarray, size: int, resize_ratio: float,
+                          interpolation: str = "bicubic") -> np.ndarray:
+  """Shorter side to int(size * resize_ratio) (PIL's bicubic, or `interpolation`, a key
+  of INTERPOLATIONS), then the centre size x size."""
   target = int(size * resize_ratio)
   h, w = image.shape[:2]
   # torchvision: the long side becomes int(target * long / short).
   new_h, new_w = (target, target * w // h) if h <= w else (target * h // w, target)
-  resized = _pil_resize(image, new_h, new_w)
+  resized = _pil_resize(image, new_h, new_w, interpolation)
   top = int(round((new_h - size) / 2))
   left = int(round((new_w - size) / 2))
   return np.ascontiguousarray(resized[top:top + size, left:left + size])
@@ -107,9 +109,14 @@ def random_resized_crop(image, u, size: int, scale, ratio, flip_p: float = 0.0,
   return tf.ensure_shape(out, [size, size, 3])
 
 
-def resize_center_crop(image, size: int, resize_ratio: float):
+def resize_center_crop(image, size: int, resize_ratio: float,
+                       interpolation: str = "bicubic"):
   """tf uint8 [h, w, 3] -> uint8 [size, size, 3] (torchvision Resize(int) + CenterCrop)."""
-  out = tf.numpy_function(lambda im: resize_center_crop_np(im, size, resize_ratio),
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"resize interpolation {interpolation!r} is not supported; accepted: "
+                     f"{list(INTERPOLATIONS)}")
+  out = tf.numpy_function(lambda im: resize_center_crop_np(im, size, resize_ratio,
+                                                           interpolation),
                           [image], tf.uint8, stateful=False)
   return tf.ensure_shape(out, [size, size, 3])
 

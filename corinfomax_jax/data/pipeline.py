@@ -120,6 +120,7 @@ class CenterCrop:
   """Shorter side to int(size * resize_ratio), then the centre size x size."""
   resize_ratio: float
   size: int
+  interpolation: str = "bicubic"  # a key of crops.INTERPOLATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _crop(image, u, crop, flip_p):
   if isinstance(crop, RandomCrop):
     return crops.random_resized_crop(image, u[:crops.HOST_DRAWS], crop.size, crop.scale,
                                      crop.ratio, flip_p, crop.interpolation)
-  return crops.resize_center_crop(image, crop.size, crop.resize_ratio)
+  return crops.resize_center_crop(image, crop.size, crop.resize_ratio, crop.interpolation)
 
 
 def draws_key(view_key: str) -> str:
@@ -408,7 +409,8 @@ def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
                  process_count: int | None = None, train_augment: bool = False,
                  seed: int = 0, epoch: int = 0,
                  aug_config: Mapping[str, Any] | None = None,
-                 num_threads: int | None = None
+                 num_threads: int | None = None,
+                 interpolation: str = "bicubic"
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the whole split: `eval_steps(...)` batches.
 
@@ -416,14 +418,16 @@ def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
   the last global batch is padded and mask is 1 on real rows, 0 on padding
   (and on images skipped as unreadable), so each example counts exactly once.
   train_augment=False: index order, resize to int(S * test_resize_ratio)
-  (bicubic) and centre crop. True: the probe training view (random resized
+  (`interpolation`: bicubic, or bilinear as torchvision's default Resize) and centre
+  crop. True: the probe training view (random resized
   crop + flip) in an order shuffled by (seed, epoch), augmented by (seed, step).
   """
   config = _checked_config(source, aug_config)
   if train_augment:
     view = _probe_view(config, image_size)
   else:
-    view = View("image", None, CenterCrop(config["test_resize_ratio"], image_size))
+    view = View("image", None, CenterCrop(config["test_resize_ratio"], image_size,
+                                          interpolation))
   num_steps = eval_steps(source.num_examples, global_batch_size)
   epoch = epoch if train_augment else 0
   order = _eval_order(source.num_examples, global_batch_size,

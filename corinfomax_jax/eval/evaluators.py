@@ -65,12 +65,14 @@ def index_subset(source, index: np.ndarray):
 
 
 def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,
-                    data: settings_lib.Data, batch_size: int) -> np.ndarray:
+                    data: settings_lib.Data, batch_size: int,
+                    interpolation: str = "bicubic") -> np.ndarray:
   """sum over the centre-crop batches of `source` of sums_fn(*args, batch), in float64.
 
   sums_fn (jitted here: args replicated, the batch sharded over `mesh`) returns a vector
   of per-batch sums that masks the padding rows (batch["mask"]), e.g. top-k hits and
-  the count of real rows. Batches of `batch_size`, views as `data.recipe` says.
+  the count of real rows. Batches of `batch_size`, views as `data.recipe` says, resized
+  with `interpolation` (a key of data.crops.INTERPOLATIONS).
   """
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
@@ -79,7 +81,8 @@ def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,
   total = None
   for batch in pipeline.global_batches(
       pipeline.eval_batches(source, global_batch_size=batch_size,
-                            image_size=data.image_size, aug_config=data.recipe), sharded):
+                            image_size=data.image_size, aug_config=data.recipe,
+                            interpolation=interpolation), sharded):
     sums = np.asarray(jax.device_get(fn(*args, batch)), np.float64)
     total = sums if total is None else total + sums
   return total

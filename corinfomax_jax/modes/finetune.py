@@ -316,11 +316,13 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
 
 
 def _test(run: settings_lib.Settings, state, mesh, eval_source) -> dict:
-  """Top-1/top-5 and the mean cross-entropy on centre crops of eval_source."""
+  """Top-1/top-5 and the mean cross-entropy on centre crops of eval_source, resized with
+  the fine-tuning's crop_interpolation (the reference's test view is bilinear)."""
   sums = evaluators.eval_split_sums(
       functools.partial(_eval_hits, backbone=_backbone(run), mean=run.data.mean,
                         std=run.data.std),
-      (state.params, state.batch_stats), mesh, eval_source, run.data, run.eval.batch_size)
+      (state.params, state.batch_stats), mesh, eval_source, run.data, run.eval.batch_size,
+      run.eval.finetune.crop_interpolation)
   count = int(sums[2])
   return {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
           "num_test_examples": count}
@@ -333,7 +335,8 @@ def finetune(config, workdir: str) -> dict:
   class-balanced config.eval.finetune.label_fraction of the labels. The network: the latest
   pretraining checkpoint's backbone (config.eval.random_init: the seeded random one)
   plus a new Dense head (head_init: zeros, or N(0, 0.01^2) with zero bias), trained with
-  cross-entropy on random resized crops (bicubic or bilinear: crop_interpolation) +
+  cross-entropy on random resized crops (bicubic or bilinear: crop_interpolation, also
+  the test view's resize) +
   flips (pipeline.probe_train_batches), BatchNorm in training mode, SGD (momentum) with
   learning rates backbone_lr (backbone) and head_lr (head), each cosine to 0 or stepped
   every step_epochs epochs (schedule; `learning_rates`), epochs epochs of the subset

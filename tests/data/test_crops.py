@@ -110,6 +110,20 @@ def test_resize_center_crop_matches_pil():
   np.testing.assert_array_equal(out, ref[4:20, 16:32])
 
 
+def test_bilinear_resize_center_crop_is_the_reference_test_view():
+  # The semi-supervised reference's test view: Resize(256) + CenterCrop(224) on a PIL
+  # image, torchvision's default (bilinear) resize; 256 = int(224 * 8 / 7).
+  image = _smooth_uint8(375, 500)
+  out = crops.resize_center_crop(image, 224, 8 / 7, "bilinear").numpy()
+  ref = np.asarray(Image.fromarray(image).resize((341, 256), Image.BILINEAR))
+  top, left = int(round((256 - 224) / 2)), int(round((341 - 224) / 2))
+  np.testing.assert_array_equal(out, ref[top:top + 224, left:left + 224])
+  bicubic = crops.resize_center_crop(image, 224, 8 / 7).numpy()
+  assert not np.array_equal(out, bicubic)  # the two resizes differ on this image
+  with pytest.raises(ValueError, match="'nearest'.*bicubic"):
+    crops.resize_center_crop(image, 224, 8 / 7, "nearest")
+
+
 def test_flip_reverses_columns_where_the_draw_says():
   image = _smooth_uint8(6, 6)
 

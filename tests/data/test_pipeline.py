@@ -97,6 +97,21 @@ def test_folder_labels_from_sorted_class_names(mixed):
   assert batch["image"].dtype == np.uint8
 
 
+def test_eval_view_resizes_with_the_interpolation_asked_for(tmp_path):
+  root = tmp_path / "sized"
+  (root / "train" / "a").mkdir(parents=True)
+  image = _texture(30, 40, seed=3)
+  Image.fromarray(image).save(root / "train" / "a" / "0.png")
+  source = sources.get_source(f"folder:{root}", None, "train")
+  for interpolation, pil in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+    batch = next(pipeline.eval_batches(source, global_batch_size=1, image_size=16,
+                                       process_index=0, process_count=1,
+                                       interpolation=interpolation))
+    # int(16 * 8 / 7) = 18: 30x40 -> 18x24, centre 16x16 at (1, 4).
+    ref = np.asarray(Image.fromarray(image).resize((24, 18), pil))[1:17, 4:20]
+    np.testing.assert_array_equal(batch["image"][0], ref)
+
+
 def test_broken_symlinks_are_counted_with_the_ignored_files(tmp_path, caplog):
   root = tmp_path / "links"
   for i in range(3):
