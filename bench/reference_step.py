@@ -89,11 +89,12 @@ class CovModel(nn.Module):
 class CovarianceLoss:
   """loss.py's CovarianceLoss: float64 moving mean and covariance, logdet of each."""
 
-  def __init__(self, dim: int, r_ini=1.0, la_r=0.01, la_mu=0.01, eps=1e-8):
-    eye = torch.eye(dim, dtype=torch.float64)
+  def __init__(self, dim: int, r_ini=1.0, la_r=0.01, la_mu=0.01, eps=1e-8,
+               device="cpu"):
+    eye = torch.eye(dim, dtype=torch.float64, device=device)
     self.r1, self.r2 = r_ini * eye, r_ini * eye.clone()
-    self.mu1 = torch.zeros(dim, dtype=torch.float64)
-    self.mu2 = torch.zeros(dim, dtype=torch.float64)
+    self.mu1 = torch.zeros(dim, dtype=torch.float64, device=device)
+    self.mu2 = torch.zeros(dim, dtype=torch.float64, device=device)
     self.la_r, self.la_mu, self.eps = la_r, la_mu, eps * eye
 
   def __call__(self, z1, z2):
@@ -113,16 +114,21 @@ def make_step(width: int, projector, batch_size: int, image_size: int = 32,
               lr: float = 0.25, momentum: float = 0.9, weight_decay: float = 1e-4,
               alpha: float = 250.0, la_r: float = 0.01, la_mu: float = 0.01,
               r_ini: float = 1.0, eps: float = 1e-8, normalize: bool = True,
-              seed: int = 0):
-  """Returns `run(n)`: n reference train steps on one fixed synthetic batch; the loss."""
+              seed: int = 0, device: str = "cpu"):
+  """Returns `run(n)`: n reference train steps on one fixed synthetic batch; the loss.
+
+  device: where the network, the batch and the loss's estimates live ("cpu", "cuda").
+  `run` returns the last loss as a float, which waits for the device's work.
+  """
   torch.manual_seed(seed)
-  model = CovModel(width, projector)
+  model = CovModel(width, projector).to(device)
   model.train()
-  loss_cov = CovarianceLoss(projector[-1], r_ini=r_ini, la_r=la_r, la_mu=la_mu, eps=eps)
+  loss_cov = CovarianceLoss(projector[-1], r_ini=r_ini, la_r=la_r, la_mu=la_mu, eps=eps,
+                            device=device)
   opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                         weight_decay=weight_decay)
-  y1 = torch.randn(batch_size, 3, image_size, image_size)
-  y2 = torch.randn(batch_size, 3, image_size, image_size)
+  y1 = torch.randn(batch_size, 3, image_size, image_size).to(device)
+  y2 = torch.randn(batch_size, 3, image_size, image_size).to(device)
 
   def run(n: int) -> float:
     for _ in range(n):
