@@ -139,7 +139,7 @@ def make_step(width: int, projector, batch_size: int, image_size: int = 32,
       opt.zero_grad()
       loss.backward()
       opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   return run
 

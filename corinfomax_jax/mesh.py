@@ -17,6 +17,11 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def platform(mesh: jax.sharding.Mesh) -> str:
+  """The platform of the mesh's devices: "cpu", "gpu", "tpu", ..."""
+  return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Parameters, optimizer and loss state: a full copy on every device."""
   return NamedSharding(mesh, P())

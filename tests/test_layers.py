@@ -1,7 +1,7 @@
 """The package's layers only point down, and no two modules import each other.
 
 The layers are the subpackages, bottom to top (README, Layout):
-  (bottom)   errors, files, mesh, tensorflow_setup: used by every layer above
+  (bottom)   compiler, errors, files, mesh, tensorflow_setup: used by every layer above
   maths      methods/, models/, interop/
   data       data/
   run        run/
@@ -18,7 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "corinfomax_jax"
 LAYERS = [
-    ("bottom", {"errors", "files", "mesh", "tensorflow_setup"}),
+    ("bottom", {"compiler", "errors", "files", "mesh", "tensorflow_setup"}),
     ("maths", {"methods", "models", "interop"}),
     ("data", {"data"}),
     ("run", {"run"}),

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from corinfomax_jax import compiler
 from corinfomax_jax.data import augment
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import encoder as encoder_lib
@@ -286,7 +287,8 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
                                         learning_rate_fn=learning_rate_fn, mean=mean,
                                         std=std),
                       in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                      donate_argnums=(0,))
+                      donate_argnums=(0,),
+                      compiler_options=compiler.step_options(mesh_lib.platform(mesh)))
     batches = pipeline.global_batches(
         pipeline.probe_train_batches(
             plan.subset, global_batch_size=plan.batch_size,

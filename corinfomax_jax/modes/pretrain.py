@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from corinfomax_jax import compiler
 from corinfomax_jax import errors
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
@@ -100,7 +101,8 @@ def _online_probe_step(probe, features, labels, probe_tx):
 
 
 def jit_train_step(run: settings_lib.Settings, model, tx, learning_rate_fn, mesh):
-  """train_step jitted over `mesh`: batch sharded on "data", state replicated, donated.
+  """train_step jitted over `mesh`: batch sharded on "data", state replicated, donated,
+  compiled with the platform's step options (`compiler.step_options`).
 
   Reads the method, the data's view recipe and the online probe's settings of `run`.
   """
@@ -110,7 +112,8 @@ def jit_train_step(run: settings_lib.Settings, model, tx, learning_rate_fn, mesh
       method=run.method, views_fn=make_views(run.data),
       probe_tx=train_state_lib.online_probe_optimizer(run.eval.online_probe))
   return jax.jit(step, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=compiler.step_options(mesh_lib.platform(mesh)))
 
 
 def total_steps(train: settings_lib.Train, steps_per_epoch: int) -> int:
