@@ -109,6 +109,27 @@ def random_resized_crop(image, u, size: int, scale, ratio, flip_p: float = 0.0,
   return tf.ensure_shape(out, [size, size, 3])
 
 
+def random_resized_crops(image, draws, specs):
+  """tf uint8 [h, w, 3] -> one crop per spec, all in one host call.
+
+  Each spec is (size, scale, ratio, flip_p, interpolation) and each crop is
+  random_resized_crop_np of the image with its own row of `draws`: the same pixels as
+  calling random_resized_crop once per view, with one trip from tf.data into Python per
+  image instead of one per view.
+  """
+  for spec in specs:
+    if spec[4] not in INTERPOLATIONS:
+      raise ValueError(f"crop interpolation {spec[4]!r} is not supported; accepted: "
+                       f"{list(INTERPOLATIONS)}")
+
+  def crop_all(im, *us):
+    return tuple(random_resized_crop_np(im, u, *spec) for u, spec in zip(us, specs))
+
+  outs = tf.numpy_function(crop_all, [image, *draws], [tf.uint8] * len(specs),
+                           stateful=False)
+  return [tf.ensure_shape(out, [spec[0], spec[0], 3]) for out, spec in zip(outs, specs)]
+
+
 def resize_center_crop(image, size: int, resize_ratio: float,
                        interpolation: str = "bicubic"):
   """tf uint8 [h, w, 3] -> uint8 [size, size, 3] (torchvision Resize(int) + CenterCrop)."""

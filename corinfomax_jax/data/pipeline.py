@@ -141,6 +141,10 @@ def _crop(image, u, crop, flip_p):
   return crops.resize_center_crop(image, crop.size, crop.resize_ratio, crop.interpolation)
 
 
+def _flip_p(view: View) -> float:
+  return view.recipe.flip_p if view.recipe is not None else view.flip_p
+
+
 def draws_key(view_key: str) -> str:
   """The batch key of a view's device draws: "view1" -> "view1_draws"."""
   return f"{view_key}_draws"
@@ -191,13 +195,23 @@ def _add_draws(element, views, seed, global_batch_size, rows):
 def _examples_to_batches(ds, source, views, local_batch):
   """Unbatched step elements -> decoded once, cropped and flipped per view, uint8."""
 
+  # Two or more random crops of one image (the two views) go to the host in one call.
+  together = [v for v in views if isinstance(v.crop, RandomCrop)]
+  together = together if len(together) > 1 else []
+
   def per_example(ex):
     image = decode_image(source.load_example(ex["data"]))
     out = dict(label=ex["label"], mask=ex["mask"])
+    if together:
+      specs = tuple((v.crop.size, v.crop.scale, v.crop.ratio, _flip_p(v),
+                     v.crop.interpolation) for v in together)
+      draws = [ex["u_" + v.key][:crops.HOST_DRAWS] for v in together]
+      out.update(zip([v.key for v in together],
+                     crops.random_resized_crops(image, draws, specs)))
     for v in views:
       u = ex.get("u_" + v.key)
-      flip_p = v.recipe.flip_p if v.recipe is not None else v.flip_p
-      out[v.key] = _crop(image, u, v.crop, flip_p)
+      if v not in together:
+        out[v.key] = _crop(image, u, v.crop, _flip_p(v))
       if v.recipe is not None:
         out[draws_key(v.key)] = u[crops.HOST_DRAWS:]
     return out

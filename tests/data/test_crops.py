@@ -110,6 +110,20 @@ def test_resize_center_crop_matches_pil():
   np.testing.assert_array_equal(out, ref[4:20, 16:32])
 
 
+def test_crops_in_one_call_equal_crops_one_by_one():
+  image = _smooth_uint8(40, 30)
+  u = np.random.default_rng(3).uniform(size=(2, crops.HOST_DRAWS)).astype(np.float32)
+  specs = ((24, (0.08, 1.0), (3 / 4, 4 / 3), 0.5, "bicubic"),
+           (16, (0.5, 1.0), (1.0, 1.0), 1.0, "bilinear"))
+  together = crops.random_resized_crops(image, [u[0], u[1]], specs)
+  assert [t.shape for t in together] == [(24, 24, 3), (16, 16, 3)]
+  for out, row, spec in zip(together, u, specs):
+    one = crops.random_resized_crop(image, row, spec[0], spec[1], spec[2], spec[3], spec[4])
+    np.testing.assert_array_equal(out.numpy(), one.numpy())
+  with pytest.raises(ValueError, match="'area'"):
+    crops.random_resized_crops(image, [u[0]], ((8, (1.0, 1.0), (1.0, 1.0), 0.0, "area"),))
+
+
 def test_bilinear_resize_center_crop_is_the_reference_test_view():
   # The semi-supervised reference's test view: Resize(256) + CenterCrop(224) on a PIL
   # image, torchvision's default (bilinear) resize; 256 = int(224 * 8 / 7).
