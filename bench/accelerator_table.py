@@ -213,9 +213,9 @@ def main():
                       help="simulated CPU devices the step is compiled for")
   parser.add_argument("--utilization", type=float, default=0.4,
                       help="fraction of the chip's peak FLOP/s assumed reached")
-  parser.add_argument("--host_pairs_per_core_32px", type=float, default=1303,
+  parser.add_argument("--host_pairs_per_core_32px", type=float, default=4533,
                       help="host pipeline pairs/s per core at 32 px (docs/benchmarks.md)")
-  parser.add_argument("--host_pairs_per_core_224px", type=float, default=135,
+  parser.add_argument("--host_pairs_per_core_224px", type=float, default=347,
                       help="host pipeline pairs/s per core at 224 px (docs/benchmarks.md)")
   parser.add_argument("--verify_config", default="cifar10_cpu",
                       help="config whose per-pair FLOPs are also compiled on one device "
