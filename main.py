@@ -96,7 +96,8 @@ def _exit_now(status: int, last_line: str) -> None:
   writers closed); what is left are background threads (tf.data's, orbax's) whose
   teardown at interpreter shutdown can take long or never end, as after an unreadable
   image, and a failed save's threads may still be failing on the same disk (and
-  printing): nothing is waited for between the line and the exit, so it stays the last.
+  printing): stderr is pointed at the null device before the line is written, and
+  nothing is waited for between the line and the exit, so it stays the last.
   The last good checkpoint is intact, and a partial one is removed at the next start.
   """
   for handler in logging_std.getLogger().handlers + [logging.get_absl_handler()]:
@@ -104,9 +105,9 @@ def _exit_now(status: int, last_line: str) -> None:
       handler.flush()
     except Exception:  # pylint: disable=broad-except
       pass
-  sys.stdout.flush()
-  sys.stderr.write(last_line)
-  sys.stderr.flush()
+  # From here other threads' output goes nowhere, so none can land after the line.
+  errors.quiet_stderr()
+  errors.last_line(last_line)
   os._exit(status)
 
 
