@@ -105,9 +105,13 @@ def _exit_now(status: int, last_line: str) -> None:
       handler.flush()
     except Exception:  # pylint: disable=broad-except
       pass
+  sys.stdout.flush()
+  sys.stderr.flush()
   # From here other threads' output goes nowhere, so none can land after the line.
-  errors.quiet_stderr()
-  errors.last_line(last_line)
+  terminal = os.dup(2)
+  quiet = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(quiet, 2)
+  os.write(terminal, last_line.encode("utf-8", "replace"))
   os._exit(status)
 
 

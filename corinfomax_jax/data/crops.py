@@ -61,6 +61,12 @@ def crop_window(height: int, width: int, u, scale, ratio) -> tuple[int, int, int
   return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _check_interpolation(interpolation: str, what: str) -> None:
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"{what} interpolation {interpolation!r} is not supported; accepted: "
+                     f"{list(INTERPOLATIONS)}")
+
+
 def _pil_resize(image: np.ndarray, height: int, width: int,
                 interpolation: str = "bicubic") -> np.ndarray:
   # PIL's resize is the reference's (torchvision resizes PIL images with it):
@@ -99,9 +105,7 @@ def resize_center_crop_np(image: np.ndarray, size: int, resize_ratio: float,
 def random_resized_crop(image, u, size: int, scale, ratio, flip_p: float = 0.0,
                         interpolation: str = "bicubic"):
   """tf uint8 [h, w, 3] -> uint8 [size, size, 3]: random_resized_crop_np in tf.data."""
-  if interpolation not in INTERPOLATIONS:
-    raise ValueError(f"crop interpolation {interpolation!r} is not supported; accepted: "
-                     f"{list(INTERPOLATIONS)}")
+  _check_interpolation(interpolation, "crop")
   out = tf.numpy_function(
       lambda im, uu: random_resized_crop_np(im, uu, size, scale, ratio, flip_p,
                                             interpolation),
@@ -118,9 +122,7 @@ def random_resized_crops(image, draws, specs):
   image instead of one per view.
   """
   for spec in specs:
-    if spec[4] not in INTERPOLATIONS:
-      raise ValueError(f"crop interpolation {spec[4]!r} is not supported; accepted: "
-                       f"{list(INTERPOLATIONS)}")
+    _check_interpolation(spec[4], "crop")
 
   def crop_all(im, *us):
     return tuple(random_resized_crop_np(im, u, *spec) for u, spec in zip(us, specs))
@@ -133,9 +135,7 @@ def random_resized_crops(image, draws, specs):
 def resize_center_crop(image, size: int, resize_ratio: float,
                        interpolation: str = "bicubic"):
   """tf uint8 [h, w, 3] -> uint8 [size, size, 3] (torchvision Resize(int) + CenterCrop)."""
-  if interpolation not in INTERPOLATIONS:
-    raise ValueError(f"resize interpolation {interpolation!r} is not supported; accepted: "
-                     f"{list(INTERPOLATIONS)}")
+  _check_interpolation(interpolation, "resize")
   out = tf.numpy_function(lambda im: resize_center_crop_np(im, size, resize_ratio,
                                                            interpolation),
                           [image], tf.uint8, stateful=False)
