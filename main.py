@@ -100,6 +100,13 @@ def _exit_now(status: int, last_line: str) -> None:
   nothing is waited for between the line and the exit, so it stays the last.
   The last good checkpoint is intact, and a partial one is removed at the next start.
   """
+  # From here other threads' output goes nowhere, so none can land after the line. The
+  # flushes come after the switch: logging handlers flush each record as they emit it, so
+  # what is still buffered for stderr is part of another thread's line (stderr is
+  # line-buffered), which must not come before the error line.
+  terminal = os.dup(2)
+  quiet = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(quiet, 2)
   for handler in logging_std.getLogger().handlers + [logging.get_absl_handler()]:
     try:
       handler.flush()
@@ -107,10 +114,6 @@ def _exit_now(status: int, last_line: str) -> None:
       pass
   sys.stdout.flush()
   sys.stderr.flush()
-  # From here other threads' output goes nowhere, so none can land after the line.
-  terminal = os.dup(2)
-  quiet = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(quiet, 2)
   os.write(terminal, last_line.encode("utf-8", "replace"))
   os._exit(status)
 
@@ -133,6 +136,7 @@ def main(argv):
   # A failed asynchronous save leaves orbax's sibling futures unread; asyncio would log
   # a traceback for each at exit. The one error line names the cause.
   logging_std.getLogger("asyncio").addFilter(checkpoints.UnretrievedFutures())
+  sys.unraisablehook = checkpoints.closed_loop_callbacks_silenced()
   try:
     if FLAGS.coordinator_address:
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import gc
 import logging as logging_std
+import sys
 from typing import Any, Callable
 
 import jax
@@ -215,6 +216,27 @@ class UnretrievedFutures(logging_std.Filter):
 
   def filter(self, record):
     return "exception was never retrieved" not in record.getMessage()
+
+
+def closed_loop_callbacks_silenced(previous=None):
+  """A `sys.unraisablehook` that drops "Event loop is closed" from orphaned callbacks.
+
+  When an asynchronous save fails (a full disk), orbax's event loop closes while
+  tensorstore still completes the save's other writes; each completion's callback into
+  the closed loop is reported as an unraisable RuntimeError, hundreds of tracebacks on a
+  busy host, all after the one error that matters. Anything else goes to `previous`
+  (the hook in place when this one is made).
+  """
+  previous = previous or sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if (unraisable.object is None and isinstance(error, RuntimeError)
+        and str(error) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  return hook
 
 
 @contextlib.contextmanager

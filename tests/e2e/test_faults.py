@@ -307,9 +307,6 @@ def test_a_failed_save_stops_in_one_line_and_keeps_the_last_good(image_folder, t
   assert workdir in lines[-1] and "last good checkpoint is step 2" in lines[-1]
   assert "File too large" in lines[-1]
   assert committed_steps(workdir) == [2]
-  # The failed save's writer threads (tensorstore callbacks into orbax's closed event
-  # loop) may print "Event loop is closed" tracebacks while it fails, before the error
-  # line, and more of them the busier the machine; any other traceback is a bug.
-  blocks = proc.stderr.split("Traceback (most recent call last):")[1:]
-  others = [b for b in blocks if "RuntimeError: Event loop is closed" not in b]
-  assert len(others) <= 1, proc.stderr[-5000:]
+  # The failed save's other writes complete into orbax's closed event loop; main.py drops
+  # those "Event loop is closed" reports (hundreds on a busy host), and nothing else fails.
+  assert "Traceback" not in proc.stderr, proc.stderr[-5000:]

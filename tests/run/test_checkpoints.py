@@ -1,5 +1,8 @@
 """checkpoints.finish: what a failed save says."""
 import errno
+import gc
+import sys
+import types
 
 import pytest
 
@@ -58,3 +61,40 @@ def test_another_cause_is_named_without_the_free_space_advice(error, said):
   assert "last good checkpoint is step 2" in message
   assert "space" not in message.lower(), message
   assert "\n" not in message
+
+
+def _unraisable(error, obj=None):
+  return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                               err_msg=None, object=obj)
+
+
+def test_only_closed_loop_callbacks_are_silenced():
+  passed = []
+  hook = checkpoints.closed_loop_callbacks_silenced(passed.append)
+  closed = _unraisable(RuntimeError("Event loop is closed"))
+  hook(closed)  # a save's write completing into orbax's closed loop
+  assert passed == []
+  others = [_unraisable(RuntimeError("Event loop is running")),
+            _unraisable(ValueError("Event loop is closed")),
+            _unraisable(RuntimeError("Event loop is closed"), obj=object())]  # a __del__
+  for other in others:
+    hook(other)
+  assert passed == others
+
+
+def test_the_silencing_hook_sees_real_unraisables():
+  # An exception in __del__ reaches sys.unraisablehook with the object named: kept.
+  passed = []
+
+  class Broken:
+    def __del__(self):
+      raise RuntimeError("Event loop is closed")
+
+  previous = sys.unraisablehook
+  sys.unraisablehook = checkpoints.closed_loop_callbacks_silenced(passed.append)
+  try:
+    Broken()
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  assert len(passed) == 1 and str(passed[0].exc_value) == "Event loop is closed"
