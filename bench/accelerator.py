@@ -40,7 +40,6 @@ sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import train_step as bench_step  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax import models  # noqa: E402
@@ -190,18 +189,7 @@ def measure(name: str, raw: dict, mesh, args) -> dict:
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-
-    def run(steps):
-      s = holder["state"]
-      for _ in range(steps):
-        s, metrics = compiled(s, batch)
-      jax.block_until_ready(s)
-      holder["state"] = s
-      return metrics
-
-    metrics = run(args.warmup)
-    if not np.isfinite(float(metrics["loss"])):
-      raise FloatingPointError(f"{name}: loss {float(metrics['loss'])} in warm-up")
+    run = bench_step.warmed_up(compiled, holder, batch, args.warmup, name)
     best = float("inf")
     for _ in range(args.rounds):
       t0 = time.perf_counter()

@@ -8,6 +8,13 @@ Compiles the step of bench/train_step.py (synthetic uint8 batches with draws), r
 op (the op name without its number) and the slowest ops, each with the model op it
 comes from (HLO metadata; `transpose(jvp(...))` marks the backward pass). Imports no
 TensorFlow. The last line is `top_op_kind=<kind> share=<percent>`.
+
+  taskset -c 1 python bench/profile_step.py --config=configs/cifar10_cpu.py --reference
+
+`--reference` profiles the PyTorch reference's step instead (bench/reference_step.py at
+the config's width, projector and batch; needs torch) with torch.profiler and prints
+its ops the same way (self time per aten op, summed over threads), so the two can be
+compared op kind by op kind on the same core.
 """
 import argparse
 import collections
@@ -60,8 +67,12 @@ def main():
   parser.add_argument("--warmup", type=int, default=1, help="untraced steps (compile)")
   parser.add_argument("--top", type=int, default=10, help="slowest ops to list")
   parser.add_argument("--trace_dir", default=None, help="default: a new temporary folder")
+  parser.add_argument("--reference", action="store_true",
+                      help="profile the PyTorch reference step instead (needs torch)")
   args = parser.parse_args()
   config = bench_step.config_from_flags(args)
+  if args.reference:
+    return profile_reference(config, args)
   mesh = mesh_lib.make_mesh()
 
   model = config.model.create()
@@ -100,6 +111,26 @@ def main():
     print(f"  {ms / args.steps:10.1f}  {name:28s} {sources.get(name, '?')}")
   kind, ms = kinds.most_common(1)[0]
   print(f"top_op_kind={kind} share={100 * ms * args.steps / total:.1f}")
+
+
+def profile_reference(config, args):
+  """torch.profiler over `args.steps` reference steps: self time per aten op."""
+  run = bench_step.reference_run(config, args)
+  from torch import profiler  # pylint: disable=import-outside-toplevel
+  with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+    run(args.steps)
+  ops = [(e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps)
+         for e in prof.key_averages()]
+  ops.sort(key=lambda op: -op[1])
+  total = sum(ms for _, ms, _ in ops)
+  m = config.model.kwargs
+  print(f"PyTorch reference step, resnet18 width {m.get('width')} "
+        f"{config.data.image_size}px batch {config.train.batch_size}: {total:.0f} ms of "
+        f"aten ops per step (self time, summed over threads)")
+  for name, ms, count in ops[:args.top]:
+    print(f"  {ms:10.1f} ms {100 * ms / total:5.1f}%  {count:4d} calls  {name}")
+  name, ms, _ = ops[0]
+  print(f"top_op_kind={name} share={100 * ms / total:.1f}")
 
 
 if __name__ == "__main__":

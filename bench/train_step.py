@@ -108,8 +108,22 @@ def main():
 
 
 def prepare_reference(config, args):
+  """The PyTorch reference step at this config's settings (`reference_run`); returns a
+  function that times `args.steps` of it."""
+  run = reference_run(config, args)
+
+  def timed():
+    t0 = time.perf_counter()
+    run(args.steps)
+    return (time.perf_counter() - t0) / args.steps * 1e3
+
+  return timed
+
+
+def reference_run(config, args):
   """The PyTorch reference step (bench/reference_step.py) at this config's network width,
-  projector, batch, image size, lr, weight decay and loss weights; times `args.steps`."""
+  projector, batch, image size, lr, weight decay and loss weights, after `args.warmup`
+  steps: `run(n)` takes n more."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   try:
     import reference_step  # pylint: disable=import-outside-toplevel
@@ -132,13 +146,7 @@ def prepare_reference(config, args):
       la_r=method.la_R, la_mu=method.la_mu, r_ini=method.r_init, eps=method.eps,
       normalize=method.normalize)
   run(args.warmup)
-
-  def timed():
-    t0 = time.perf_counter()
-    run(args.steps)
-    return (time.perf_counter() - t0) / args.steps * 1e3
-
-  return timed
+  return run
 
 
 def describe(config, online_probe, ms, args):
@@ -177,6 +185,25 @@ def prepare_views(config, mesh, args):
   return timed
 
 
+def warmed_up(step, holder: dict, batch, warmup: int, what: str = "train step"):
+  """`run(n)`: n steps of `step` on `batch` from `holder["state"]`, which it advances;
+  returns the last metrics. `warmup` steps have run, their loss finite. The state lives in
+  `holder` so that a caller can drop it (`holder.clear()`) while an error is handled."""
+
+  def run(n):
+    s = holder["state"]
+    for _ in range(n):
+      s, metrics = step(s, batch)
+    jax.block_until_ready(s)
+    holder["state"] = s
+    return metrics
+
+  metrics = run(warmup)
+  if not np.isfinite(float(metrics["loss"])):
+    raise FloatingPointError(f"{what}: loss {float(metrics['loss'])} in warm-up")
+  return run
+
+
 def prepare_step(config, mesh, online_probe, args):
   """Compiles and warms up the train step; returns a function that times `args.steps`
   steps and returns ms per step."""
@@ -192,19 +219,7 @@ def prepare_step(config, mesh, online_probe, args):
   step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
 
   batch = two_view_batch(config, mesh, args.num_classes)
-  holder = {"state": state}
-
-  def run(n):
-    s = holder["state"]
-    for _ in range(n):
-      s, metrics = step(s, batch)
-    jax.block_until_ready(s)
-    holder["state"] = s
-    return metrics
-
-  metrics = run(args.warmup)
-  if not np.isfinite(float(metrics["loss"])):
-    raise FloatingPointError(f"loss {float(metrics['loss'])} in warm-up")
+  run = warmed_up(step, {"state": state}, batch, args.warmup)
 
   def timed():
     t0 = time.perf_counter()

@@ -12,9 +12,10 @@ draw in [0, 1), so an op is a pure function of (image, draws):
   * `resize_center_crop`: torchvision's Resize(int) + CenterCrop, for evaluation;
 `HOST_DRAWS` columns per example per view: crop (4 per attempt), then flip.
 
-The per-image work is numpy and PIL inside one `tf.numpy_function` per view: at 224 px
-it is 2-3x faster than TensorFlow's antialiased resize plus a graph of scalar ops, and
-PIL releases the GIL while it resizes, so tf.data's threads run it in parallel.
+The per-image work is numpy and PIL inside one `tf.numpy_function` per image (all its
+views' crops, `random_resized_crops`): at 224 px it is 2-3x faster than TensorFlow's
+antialiased resize plus a graph of scalar ops, and PIL releases the GIL while it
+resizes, so tf.data's threads run it in parallel.
 """
 import math
 
