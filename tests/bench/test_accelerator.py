@@ -69,20 +69,20 @@ def test_peak_flops_by_device_kind(kind, dtype, peak):
 
 
 def test_smoke_runs_without_tensorflow_and_ml_collections():
-  """--smoke in a Python whose imports of tensorflow and ml_collections fail. Two of the
-  three variants (ResNet-18 float32, ResNet-50 bfloat16) keep it short."""
+  """--smoke in a Python whose imports of tensorflow and ml_collections fail. One of the
+  three variants (ResNet-18 float32, with the reference step's branch) keeps it short."""
   blocked = ("import runpy, sys; "
              "sys.modules['tensorflow'] = None; sys.modules['ml_collections'] = None; "
              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(
-      [sys.executable, "-c", blocked, SCRIPT, "--smoke", "--variants",
-       "r18_fp32,r50_bf16"], cwd=ROOT, env=env, capture_output=True, text=True,
+      [sys.executable, "-c", blocked, SCRIPT, "--smoke", "--variants", "r18_fp32"],
+      cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   last = done.stdout.strip().splitlines()[-1]
   fields = dict(f.split("=", 1) for f in last.split())
   assert fields["accelerator"] == "cpu"
   assert float(fields["r18_fp32_pairs_per_s"]) > 0
-  assert float(fields["r50_bf16_pairs_per_s"]) > 0
-  assert "r18_bf16_pairs_per_s" not in fields
+  assert "r18_bf16_pairs_per_s" not in fields and "r50_bf16_pairs_per_s" not in fields
+  assert "reference step: not timed" in done.stdout or "ours / reference" in done.stdout
