@@ -27,6 +27,7 @@ from corinfomax_jax.data import augment
 from corinfomax_jax.data import crops
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.data.sources import Source
+from corinfomax_jax.data.sources import as_written
 from corinfomax_jax.data.sources import decode_image
 
 # Tags folded into the seed so that data order and augmentation never share
@@ -192,6 +193,10 @@ def _add_draws(element, views, seed, global_batch_size, rows):
   return element
 
 
+def _without_step(element):
+  return {k: v for k, v in element.items() if k != "step"}
+
+
 def _examples_to_batches(ds, source, views, local_batch):
   """Unbatched step elements -> decoded once, cropped and flipped per view, uint8."""
 
@@ -216,7 +221,7 @@ def _examples_to_batches(ds, source, views, local_batch):
         out[draws_key(v.key)] = u[crops.HOST_DRAWS:]
     return out
 
-  ds = ds.unbatch().map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.unbatch().map(as_written(per_example), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(local_batch, drop_remainder=True)
 
 
@@ -317,8 +322,8 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
     def build(start):
       end = np.iinfo(np.int64).max if stop_step is None else stop_step
       ds = tf.data.Dataset.range(start, end)
-      ds = ds.map(step_element, num_parallel_calls=tf.data.AUTOTUNE)
-      ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "step"})
+      ds = ds.map(as_written(step_element), num_parallel_calls=tf.data.AUTOTUNE)
+      ds = ds.map(as_written(_without_step))
       ds = _examples_to_batches(ds, source, views, b)
       return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
 
@@ -328,19 +333,19 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
   else:
     def build(start):
       if stop_step is not None:  # one pass, padded to the same step count
-        local = source.stream(p, num_p, 0, False).map(
-            lambda ex: dict(ex, mask=tf.constant(1.0)))
-        pad = local.take(1).map(lambda ex: dict(ex, mask=tf.constant(0.0)))
+        local = source.stream(p, num_p, 0, False).map(as_written(
+            lambda ex: dict(ex, mask=tf.constant(1.0))))
+        pad = local.take(1).map(as_written(lambda ex: dict(ex, mask=tf.constant(0.0))))
         ds = local.concatenate(pad.repeat()).take((stop_step - first_step) * b)
       else:
         ds = source.stream(p, num_p, seed, True).repeat()
         ds = ds.shuffle(min(_SHUFFLE_BUFFER, source.num_examples), seed=seed)
-        ds = ds.map(lambda ex: dict(ex, mask=tf.constant(1.0)))
+        ds = ds.map(as_written(lambda ex: dict(ex, mask=tf.constant(1.0))))
       ds = ds.batch(b, drop_remainder=True).skip(start - first_step)
-      ds = ds.enumerate(start).map(
+      ds = ds.enumerate(start).map(as_written(
           lambda step, e: _add_draws(dict(e, step=step), views, seed,
-                                     global_batch_size, rows))
-      ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "step"})
+                                     global_batch_size, rows)))
+      ds = ds.map(as_written(_without_step))
       ds = _examples_to_batches(ds, source, views, b)
       return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
     indices_for_step = None

@@ -1,4 +1,5 @@
 """Tests of corinfomax_jax.input_pipeline: tiny image folders, mocked TFDS."""
+import inspect
 import logging
 import os
 
@@ -452,3 +453,26 @@ def test_non_dividing_batch_raises(unique):
                               seed=0, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"4 does not divide over the 8 devices"):
     next(pipeline.global_batches(local, sharding))
+
+
+def test_pipelines_are_built_without_reading_the_packages_source(unique, monkeypatch):
+  """tf.data's AutoGraph would read and convert each data function's source for every
+  pipeline built (most of the time to build one), from the files as they are now, which
+  after an upgrade under a running job are not the code that runs; the data functions
+  are traced as written (`sources.as_written`)."""
+  package = os.path.dirname(os.path.dirname(sources.__file__))
+  read = []
+  findsource = inspect.findsource
+
+  def recorded(obj):
+    path = inspect.getsourcefile(obj) or ""
+    if path.startswith(package):
+      read.append(f"{path}: {getattr(obj, '__name__', obj)}")
+    return findsource(obj)
+
+  monkeypatch.setattr(inspect, "findsource", recorded)
+  batch = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
+                                         seed=0, process_index=0, process_count=1))
+  evaluated = next(iter(pipeline.eval_batches(unique, global_batch_size=4, image_size=8)))
+  assert batch["view1"].shape == evaluated["image"].shape == (4, 8, 8, 3)
+  assert not read, read
