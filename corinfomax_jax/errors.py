@@ -19,4 +19,3 @@ class WorkdirError(ConfigError):
 
 class WorkdirBusyError(WorkdirError):
   """Another run holds the workdir's lock; its files are left alone (no error.log)."""
-

@@ -42,6 +42,7 @@ def as_written(fn: Callable) -> Callable:
   """
   return tf.autograph.experimental.do_not_convert(fn)
 
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET100_CLASSES_FILE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "imagenet100_classes.txt")

@@ -79,9 +79,12 @@ def wait_for(predicate, proc, timeout=240):
 
 def test_sigkill_then_restart_equals_an_uninterrupted_run(image_folder, tmp_path):
   flags = ["--config.max_steps=24", "--config.checkpoint_every_steps=4"]
-  # The uninterrupted run goes on beside the killed one and its restart.
-  whole = subprocess.Popen(main_command(image_folder, tmp_path / "whole", *flags),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # The uninterrupted run goes on beside the killed one and its restart; its log goes to
+  # a file (a pipe nobody reads until the end could fill and stall it).
+  whole_log = tmp_path / "whole.log"
+  with open(whole_log, "w") as log:
+    whole = subprocess.Popen(main_command(image_folder, tmp_path / "whole", *flags),
+                             stdout=subprocess.DEVNULL, stderr=log)
 
   workdir = str(tmp_path / "killed")
   proc = subprocess.Popen(main_command(image_folder, workdir, *flags),
@@ -93,7 +96,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(image_folder, tmp_path
   assert max(killed_at) < 24, "the kill came after the end; nothing was tested"
   subprocess.run(main_command(image_folder, workdir, *flags), check=True,
                  capture_output=True)
-  assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+  assert whole.wait(timeout=300) == 0, whole_log.read_text()[-3000:]
 
   step_a, params_a = final_params(str(tmp_path / "whole"))
   step_b, params_b = final_params(workdir)
