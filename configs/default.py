@@ -72,7 +72,7 @@ def get_config():
   c.batch_size = 512  # GLOBAL batch, over all devices and processes
   c.num_epochs = 1000
   c.max_steps = -1  # stop after this many steps; -1: num_epochs decides
-  c.optimizer = "sgd"  # sgd (SGD momentum, the paper's) | lars
+  c.optimizer = "sgd"  # sgd (SGD momentum, the paper's) | lars (solo-learn's) | lars_optax
   c.momentum = 0.9
   c.weight_decay = 1e-4
   # The paper's peak learning rate for its batch size `base_batch_size`; the trainer

@@ -82,7 +82,7 @@ def test_data_dir_and_augmentation_numbers_override(name):
   run = settings.resolve(config)
   assert run.data.data_dir == "/data/tfds"
   recipe = run.data.recipe
-  assert recipe["view2"] == {"blur_p": 0.1, "solarize_p": 0.3}
+  assert recipe["view2"] == {**_parse(name).aug.view2.to_dict(), "solarize_p": 0.3}
   assert tuple(recipe["crop_scale"]) == (0.2, 1.0)
 
 

@@ -173,6 +173,14 @@ def _monitors(run: settings_lib.Settings, model, mesh, source) -> list:
       *evaluators_lib.open_sources(run.data, needs_labels="the monitors in eval.monitors"))
 
 
+def _saved_results(record: dict) -> dict | None:
+  """The result values a checkpoint's record keeps, its optimizer by today's name."""
+  results, optimizer = record.get("results"), train_state_lib.recorded_optimizer(record)
+  if results is None or optimizer is None:
+    return results
+  return {**results, "optimizer": optimizer}
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Pretrains with config.method, resuming from the latest checkpoint in `workdir`.
 
@@ -222,7 +230,7 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
     # A checkpoint keeps the values that change results: a resume is checked against it
     # (config.json may be gone), or against config.json for checkpoints without them.
     compared = restored is not None and run_record.warn_if_results_change(
-        record.get("results"), run.record,
+        _saved_results(record), run.record,
         f"The checkpoint of step {int(restored.step)} in {manager.directory}")
     # Only a run the checkpoint accepts rewrites the record of the run.
     run_record.write_run_config(run.record, workdir, writer, compare=not compared)

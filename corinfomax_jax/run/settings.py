@@ -27,7 +27,7 @@ from corinfomax_jax import models
 from corinfomax_jax.data import augment
 from corinfomax_jax.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "lars_optax")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
 FINETUNE_SCHEDULES = ("cosine", "step")
 FINETUNE_HEAD_INITS = ("zeros", "normal")
@@ -108,7 +108,7 @@ class Model:
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """The pretraining optimizer and its learning-rate schedule."""
-  name: str  # sgd | lars
+  name: str  # sgd | lars | lars_optax
   learning_rate: float  # the peak for `base_batch_size`, scaled linearly to batch_size
   base_batch_size: int
   batch_size: int  # the global batch

@@ -17,6 +17,7 @@ from etils import epath
 
 from corinfomax_jax import models
 from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import optimizers
 from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
@@ -60,21 +61,32 @@ def _is_matrix(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def sgd(learning_rate, *, momentum: float, weight_decay: float = 0.0
-        ) -> optax.GradientTransformation:
-  """torch.optim.SGD(lr, momentum, weight_decay): the decay joins the gradient before
-  momentum, on every parameter, as in the reference. The one SGD of every mode."""
-  if not weight_decay:
-    return optax.sgd(learning_rate, momentum=momentum or None)
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(learning_rate, momentum=momentum or None))
+sgd = optimizers.sgd  # the one SGD of every mode
+
+# Checkpoint records name their optimizer; records without "optimizer_version" come from
+# versions in which "lars" meant optax.lars, now "lars_optax".
+OPTIMIZER_VERSION = 2
 
 
-def create_optimizer(opt: settings_lib.Optimizer,
-                     learning_rate_fn) -> optax.GradientTransformation:
-  """The pretraining optimizer: SGD (the paper's) or LARS, as `opt.name` says."""
-  if opt.name == "sgd":
+def recorded_optimizer(record: dict) -> str | None:
+  """The optimizer (a config.optimizer value) that wrote a checkpoint's `record`."""
+  name = record.get("optimizer")
+  if name == "lars" and record.get("optimizer_version", 1) < OPTIMIZER_VERSION:
+    return "lars_optax"
+  return name
+
+
+def create_optimizer(opt: settings_lib.Optimizer, learning_rate_fn,
+                     name: str | None = None) -> optax.GradientTransformation:
+  """The pretraining optimizer `name` (default `opt.name`): "sgd" (the paper's),
+  "lars" (solo-learn's, optimizers.lars) or "lars_optax" (optax.lars, with biases and
+  normalisation parameters masked out)."""
+  name = name or opt.name
+  if name == "sgd":
     return sgd(learning_rate_fn, momentum=opt.momentum, weight_decay=opt.weight_decay)
+  if name == "lars":
+    return optimizers.lars(learning_rate_fn, weight_decay=opt.weight_decay,
+                           momentum=opt.momentum, eta=opt.lars_eta, clip_lr=True)
   return optax.lars(learning_rate_fn, weight_decay=opt.weight_decay,
                     weight_decay_mask=_is_matrix, trust_coefficient=opt.lars_eta,
                     trust_ratio_mask=_is_matrix, momentum=opt.momentum)
@@ -124,10 +136,12 @@ def create_train_state(run: settings_lib.Settings, model, tx, mesh, *,
 
 
 def initial_state(run: settings_lib.Settings, model, mesh, *,
-                  probe_classes: int = 0) -> TrainState:
-  """The seeded initial state: the random network, and the checkpoint template."""
+                  probe_classes: int = 0, optimizer: str | None = None) -> TrainState:
+  """The seeded initial state: the random network, and the checkpoint template (with
+  the state of `optimizer`, default the configured one)."""
   # Only the optimizer state's structure matters here, not the schedule's length.
-  tx = create_optimizer(run.optimizer, create_learning_rate_fn(run.optimizer, 1))
+  tx = create_optimizer(run.optimizer, create_learning_rate_fn(run.optimizer, 1),
+                        optimizer)
   return create_train_state(run, model, tx, mesh, probe_classes=probe_classes)
 
 
@@ -155,7 +169,7 @@ def checkpoint_record(run: settings_lib.Settings, probe_classes: int = 0) -> dic
   against it.
   """
   return {"model": run.model.record(), "optimizer": run.optimizer.name,
-          "method": run.method.name, "online_probe_classes": probe_classes,
+          "optimizer_version": OPTIMIZER_VERSION, "method": run.method.name, "online_probe_classes": probe_classes,
           "data": {"dataset": run.data.dataset, "image_size": run.data.image_size}}
 
 
@@ -164,7 +178,8 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
   """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
 
   `template` is a TrainState or a function of the checkpoint's record that returns
-  one. probe_classes None: any online probe (a reader of the backbone).
+  one. probe_classes None: any online probe and any optimizer (a reader of the
+  backbone).
   """
   expected = checkpoint_record(run, probe_classes or 0)
 
@@ -173,8 +188,8 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
                            manager.directory, "model.")
     checkpoints.check_same({"method": record.get("method", "corinfomax")},
                            {"method": expected["method"]}, step, manager.directory)
-    checkpoints.check_same(record, {"optimizer": expected["optimizer"]}, step,
-                           manager.directory)
+    if probe_classes is not None:  # a writer continues the optimizer it finds
+      _check_optimizer(record, run.optimizer.name, step, manager.directory)
     if probe_classes is not None and record.get("online_probe_classes", 0) != probe_classes:
       raise ConfigError(
           f"The checkpoint of step {step} in {manager.directory} was written with "
@@ -197,6 +212,19 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
   return state, record
 
 
+def _check_optimizer(record: dict, name: str, step: int, directory) -> None:
+  """ConfigError when the checkpoint's optimizer is not `name` (config.optimizer)."""
+  saved = recorded_optimizer(record)
+  if saved is None or saved == name:
+    return
+  if saved == "lars_optax" and name == "lars":
+    raise ConfigError(
+        f"The checkpoint of step {step} in {directory} was written with optax's LARS, "
+        "which config.optimizer='lars' meant in earlier versions (now solo-learn's LARS). "
+        "Resume it with --config.optimizer=lars_optax, or use another --workdir.")
+  checkpoints.check_same({"optimizer": saved}, {"optimizer": name}, step, directory)
+
+
 def load_pretrained(run: settings_lib.Settings, model, mesh, workdir: str,
                     hint: str = "") -> TrainState:
   """The latest readable pretraining checkpoint of `workdir` (checkpoints.restore_latest
@@ -208,7 +236,8 @@ def load_pretrained(run: settings_lib.Settings, model, mesh, workdir: str,
   if not directory.is_dir():
     raise missing
   template = lambda record: initial_state(
-      run, model, mesh, probe_classes=record.get("online_probe_classes", 0))
+      run, model, mesh, probe_classes=record.get("online_probe_classes", 0),
+      optimizer=recorded_optimizer(record) or run.optimizer.name)
   manager = checkpoints.open_reader(directory)
   try:
     state, _ = restore(manager, template, run, set_aside=False, probe_classes=None)

@@ -126,8 +126,8 @@ def test_bfloat16_runs_network_in_bf16_with_float32_state():
     assert leaf.dtype == jnp.float32
 
 
-def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
-  run = settings.resolve(tiny_config("cifar10", optimizer="lars", weight_decay=0.5))
+def test_lars_optax_excludes_biases_and_norms_from_decay_and_adaptation():
+  run = settings.resolve(tiny_config("cifar10", optimizer="lars_optax", weight_decay=0.5))
   params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
             "bn": {"scale": jnp.ones((4,))}}
   tx = train_state_lib.create_optimizer(run.optimizer, lambda step: 1.0)

@@ -1,0 +1,15 @@
+"""Barlow Twins' published CIFAR recipe (configs/recipes.py, own="cifar": its views, batch
+256, LARS with the clip, warmup from 3e-5, cosine to 0) on the cifar10_cpu budget: the
+same network, 512-512-512 projector, data and 780 steps as
+configs/cifar10_cpu_barlow_twins.py. The budget keeps its 4 epochs and 0.2 warmup epochs
+(the published run: 1000 and 10)."""
+from configs import cifar10_cpu
+from configs import recipes
+
+
+def get_config():
+  c = cifar10_cpu.get_config()
+  epochs, warmup = c.num_epochs, c.warmup_epochs
+  recipes.barlow_twins(c, hidden=512, out=512, own="cifar")
+  c.num_epochs, c.warmup_epochs = epochs, warmup
+  return c

@@ -1,0 +1,8 @@
+"""VICReg as solo-learn published it for CIFAR-10 (configs/recipes.py names each file):
+its views, batch 256, 1000 epochs, LARS with the clip, warmup-cosine to 0."""
+from configs import cifar10
+from configs import recipes
+
+
+def get_config():
+  return recipes.vicreg(cifar10.get_config(), own="cifar")
