@@ -128,3 +128,46 @@ def test_imagenet1k_takes_the_papers_semi_supervised_protocol_as_an_argument(
   plain = settings.resolve(_parse("imagenet1k.py")).eval.finetune
   assert (plain.schedule, plain.head_init, plain.crop_interpolation) == (
       "cosine", "zeros", "bicubic")
+
+
+@pytest.mark.parametrize("name,crop_min,blur,solarize,epochs", [
+    ("cifar10_vicreg_published.py", 0.2, (0.0, 0.0), (0.1, 0.1), 1000),
+    ("imagenet100_vicreg_published.py", 0.2, (0.5, 0.5), (0.1, 0.1), 400),
+    ("cifar10_barlow_twins_published.py", 0.08, (0.0, 0.0), (0.0, 0.2), 1000),
+    ("imagenet100_barlow_twins_published.py", 0.08, (1.0, 0.1), (0.0, 0.2), 400),
+])
+def test_published_recipes_take_the_published_run_whole(name, crop_min, blur, solarize,
+                                                        epochs):
+  run = settings.resolve(_parse(name))
+  recipe = run.data.recipe
+  assert recipe["crop_scale"][0] == crop_min
+  assert (recipe["view1"]["blur_p"], recipe["view2"]["blur_p"]) == blur
+  assert (recipe["view1"]["solarize_p"], recipe["view2"]["solarize_p"]) == solarize
+  opt = run.optimizer
+  assert (opt.name, opt.batch_size, opt.num_epochs, opt.warmup_epochs) == ("lars", 256,
+                                                                          epochs, 10.0)
+  assert (opt.learning_rate * opt.batch_size / opt.base_batch_size, opt.warmup_start_lr,
+          opt.min_learning_rate, opt.weight_decay, opt.lars_eta) == (0.3, 3e-5, 0.0, 1e-4,
+                                                                     0.02)
+  # The like-for-like recipe keeps the base config's views, batch and schedule.
+  like = settings.resolve(_parse(name.replace("_published", "")))
+  base = settings.resolve(_parse(name.split("_")[0] + ".py"))
+  assert like.data.recipe == base.data.recipe
+  assert (like.optimizer.batch_size, like.optimizer.num_epochs) == (
+      base.optimizer.batch_size, base.optimizer.num_epochs)
+
+
+def test_the_cpu_budget_keeps_its_steps_under_a_published_recipe():
+  for method in ("vicreg", "barlow_twins"):
+    published = settings.resolve(_parse(f"cifar10_cpu_{method}_published.py"))
+    budget = settings.resolve(_parse("cifar10_cpu.py"))
+    assert (published.optimizer.num_epochs, published.optimizer.warmup_epochs,
+            published.optimizer.batch_size) == (budget.optimizer.num_epochs,
+                                                budget.optimizer.warmup_epochs, 256)
+    assert published.method.name == method and published.optimizer.name == "lars"
+
+
+def test_an_unknown_published_run_is_refused():
+  from configs import default, recipes  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="own='stl10'"):
+    recipes.vicreg(default.get_config(), own="stl10")
