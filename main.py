@@ -80,7 +80,7 @@ def _fail(error: BaseException, workdir: str | None) -> None:
   logging.debug("%s", trace)  # shown with --verbosity=1
   message = " ".join(str(error).split()) or type(error).__name__
   if not isinstance(error, (errors.ConfigError, errors.NonFiniteLossError,
-                            errors.CheckpointSaveError)):
+                            errors.DivergenceError, errors.CheckpointSaveError)):
     message = f"{message} ({type(error).__name__})"
   # A WorkdirError says the workdir cannot take files (or hangs): no log goes there.
   if (workdir and not isinstance(error, errors.WorkdirError)

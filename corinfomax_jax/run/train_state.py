@@ -160,11 +160,12 @@ def checkpoint_record(run: settings_lib.Settings, probe_classes: int = 0) -> dic
 
 
 def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = True,
-            probe_classes: int | None = 0):
+            probe_classes: int | None = 0, check_state=None):
   """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
 
   `template` is a TrainState or a function of the checkpoint's record that returns
-  one. probe_classes None: any online probe (a reader of the backbone).
+  one. probe_classes None: any online probe (a reader of the backbone). check_state:
+  see checkpoints.restore_latest (None: finite parameters).
   """
   expected = checkpoint_record(run, probe_classes or 0)
 
@@ -191,7 +192,7 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
             if f.name != "probe"}
 
   state, record = checkpoints.restore_latest(manager, template_for, check,
-                                             set_aside=set_aside)
+                                             set_aside=set_aside, check_state=check_state)
   if isinstance(state, dict):
     state = TrainState(**state)
   return state, record

@@ -1,0 +1,90 @@
+"""A diverging run stops before saving, and the good checkpoints survive it: the last
+healthy one is kept, named, readable and finite; a reader refuses a poisoned one."""
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from test_faults import committed_steps
+
+import corinfomax_jax
+from corinfomax_jax import errors
+from corinfomax_jax.modes import pretrain
+from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import train_state as train_state_lib
+
+
+def _copy(pretrained_workdir, tmp_path):
+  """A writable copy of the shared workdir with the tiny checkpoints of steps 2 and 4."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained_workdir, workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("learning_rate", [1e6, 1e30])
+def test_a_diverging_resume_keeps_the_last_healthy_checkpoint(image_folder,
+                                                              pretrained_workdir,
+                                                              tmp_path, learning_rate):
+  workdir = _copy(pretrained_workdir, tmp_path)
+  config = tiny_config(f"folder:{image_folder}", max_steps=12, checkpoint_every_steps=1,
+                       keep_checkpoints=2, log_every_steps=100,
+                       learning_rate=learning_rate)
+  directory = train_state_lib.checkpoint_dir(workdir)
+  with pytest.raises(errors.DivergenceError) as info:
+    pretrain.train_and_evaluate(config, workdir)
+  message = str(info.value)
+  assert "the state after step 5 is not healthy" in message, message
+  assert f"The last healthy checkpoint is step 4 in {directory}" in message, message
+  # Nothing of the diverged steps was saved, so rotation (keep 2) deleted nothing good.
+  assert committed_steps(workdir) == [2, 4]
+  assert not os.path.exists(os.path.join(workdir, "lock.json"))
+  encoder = corinfomax_jax.load_encoder(workdir)
+  assert encoder.step == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(encoder.variables))
+  images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+  assert np.isfinite(encoder(images)).all()
+
+
+def _poisoned_step_6(workdir):
+  """Saves step 4's state with NaN parameters as step 6, as an earlier version did."""
+  manager = checkpoints.create_manager(train_state_lib.checkpoint_dir(workdir), keep=10)
+  try:
+    state, record = checkpoints.restore_latest(manager, None, lambda record, step: None,
+                                               set_aside=False)
+    poisoned = {**state, "step": jnp.int32(6),
+                "params": jax.tree.map(lambda x: x * jnp.nan, state["params"])}
+    checkpoints.save(manager, 6, poisoned, record)
+    checkpoints.finish(manager)
+  finally:
+    manager.close()
+
+
+def test_a_non_finite_checkpoint_is_refused_by_readers_and_set_aside_by_a_resume(
+    image_folder, pretrained_workdir, tmp_path, caplog):
+  workdir = _copy(pretrained_workdir, tmp_path)
+  _poisoned_step_6(workdir)
+  directory = train_state_lib.checkpoint_dir(workdir)
+  with pytest.raises(errors.ConfigError) as info:
+    corinfomax_jax.load_encoder(workdir)
+  message = str(info.value)
+  assert f"The checkpoint of step 6 in {directory} is not usable (NaN or infinite " \
+         "values in params)" in message, message
+  assert f"step 4 is the latest usable one: move {directory / '6'} out of" in message
+  assert "load_encoder: step=4" in message
+  with pytest.raises(errors.ConfigError, match="step 6 .* is not usable"):
+    corinfomax_jax.load_encoder(workdir, step=6)
+  assert corinfomax_jax.load_encoder(workdir, step=4).step == 4
+  assert committed_steps(workdir) == [2, 4, 6]  # a reader changes nothing
+
+  # Pretraining sets it aside (nothing is deleted) and resumes from step 4.
+  with caplog.at_level(logging.WARNING):
+    state = pretrain.train_and_evaluate(
+        tiny_config(f"folder:{image_folder}", max_steps=5, log_every_steps=100), workdir)
+  assert int(state.step) == 5
+  assert "Checkpoint step 6" in caplog.text and "is not healthy" in caplog.text
+  assert os.path.isdir(directory / "6.unhealthy")
+  assert committed_steps(workdir) == [2, 4, 5]
