@@ -13,6 +13,7 @@ from test_faults import committed_steps
 
 import corinfomax_jax
 from corinfomax_jax import errors
+from corinfomax_jax.modes import knn_eval
 from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import train_state as train_state_lib
@@ -88,3 +89,40 @@ def test_a_non_finite_checkpoint_is_refused_by_readers_and_set_aside_by_a_resume
   assert "Checkpoint step 6" in caplog.text and "is not healthy" in caplog.text
   assert os.path.isdir(directory / "6.unhealthy")
   assert committed_steps(workdir) == [2, 4, 5]
+
+
+def _unblock(fifo):
+  """Ends the reads still blocked on `fifo` (a writer that opens and closes it)."""
+  for _ in range(50):
+    try:
+      os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+      return
+
+
+def test_a_checkpoint_read_that_never_answers_stops_in_one_line(image_folder,
+                                                                pretrained_workdir,
+                                                                tmp_path, monkeypatch):
+  workdir = _copy(pretrained_workdir, tmp_path)
+  state_files = [os.path.join(root, name) for root, _, names in
+                 os.walk(os.path.join(workdir, "checkpoints", "4", "state"))
+                 for name in names]
+  fifo = max(state_files, key=os.path.getsize)  # an array file: read by every restore
+  os.remove(fifo)
+  os.mkfifo(fifo)  # opening it for reading blocks, as on a stuck network filesystem
+  monkeypatch.setenv("CORINFOMAX_READ_TIMEOUT_S", "3")
+  directory = train_state_lib.checkpoint_dir(workdir)
+  try:
+    for run in (knn_eval.knn_eval, pretrain.train_and_evaluate):
+      with pytest.raises(errors.ReadTimeoutError) as info:
+        run(tiny_config(f"folder:{image_folder}", max_steps=6), workdir)
+      assert str(info.value).startswith(
+          f"Reading the checkpoint of step 4 in {directory} gave no answer within 3 s"), (
+              str(info.value))
+      assert "CORINFOMAX_READ_TIMEOUT_S" in str(info.value)
+      assert not os.path.exists(os.path.join(workdir, "lock.json"))  # released
+  finally:
+    _unblock(fifo)
+  # Neither set aside as unreadable nor read: a slow store is not a damaged checkpoint.
+  assert committed_steps(workdir) == [2, 4]
+  assert sorted(os.listdir(directory)) == ["2", "4"]
