@@ -196,5 +196,9 @@ def _config_path(argv) -> str | None:
 if __name__ == "__main__":
   jax.config.config_with_absl()
   # config_flags reads overrides from sys.argv itself: translate it in place.
-  sys.argv = command_line.translate_moved_flags(sys.argv)
+  try:
+    sys.argv = command_line.translate_moved_flags(sys.argv)
+  except errors.ConfigError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(1)
   app.run(main, flags_parser=_parse_flags)
