@@ -156,10 +156,12 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with an unknown --config.<key> reported in one line."""
+  """absl's flag parsing, with every flag error in one `error:` line: an unknown
+  --config.<key> with the closest keys, anything else (a bad value, a missing flag, a
+  config file's own error) by its message's last line."""
   try:
-    return app.parse_flags_with_usage(argv)
-  except Exception:  # pylint: disable=broad-except
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
     message = None
     path = _config_path(argv)
     if path:
@@ -169,9 +171,24 @@ def _parse_flags(argv):
       except Exception:  # pylint: disable=broad-except
         pass
     if message is None:
-      raise
+      if not isinstance(e, flags.Error):
+        raise
+      message = _flag_error_line(e)
     sys.stderr.write(f"error: {message}\n")
     sys.exit(1)
+
+
+def _flag_error_line(error: Exception) -> str:
+  """One line of an absl flag error: its message, or, when that holds a traceback (a
+  config file's get_config raised), the exception's own last line."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return f"{type(error).__name__} (python main.py --helpshort lists the flags)"
+  if len(lines) == 1:
+    return f"{lines[0]} (python main.py --helpshort lists the flags)"
+  last = lines[-1]
+  kind, _, text = last.partition(": ")
+  return text if text and kind.isidentifier() else last
 
 
 def _load_config(path: str):
