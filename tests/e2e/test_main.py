@@ -162,9 +162,10 @@ from absl import flags
 lines = []
 for argv in json.loads(sys.stdin.read()):
   err = io.StringIO()
+  sys.argv = ["main.py", *argv]  # config_flags reads the overrides from sys.argv
   with contextlib.redirect_stderr(err):
     try:
-      main._parse_flags(["main.py", *argv])
+      main._parse_flags(sys.argv)
       status = 0
     except SystemExit as e:
       status = e.code
@@ -181,14 +182,14 @@ def test_flag_errors_are_one_line_in_the_programs_form(tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   workdir = f"--workdir={tmp_path}"
-  cases = [  # an override first: a later parse in the same process would not know it
-      (["--config=configs/cifar10.py", workdir, "--config.batch_size=abc"],
-       "flag --config.batch_size=abc: invalid literal for int()"),
+  cases = [
       (["--config=configs/imagenet1k.py:semi5", workdir],
        "configs/imagenet1k.py:semi5 is not known: accepted ['semi1', 'semi10']"),
       (["--config=configs/cifar10.py", workdir, "--mode=bogus"],
        "flag --mode=bogus: value should be one of <pretrain|"),
       (["--config=configs/cifar10.py"], "--workdir must have a value"),
+      (["--config=configs/cifar10.py", workdir, "--config.batch_size=abc"],
+       "flag --config.batch_size=abc: invalid literal for int()"),
   ]
   proc = subprocess.run([sys.executable, "-c", FLAG_ERRORS],
                         input=json.dumps([argv for argv, _ in cases]), cwd=root,
