@@ -55,12 +55,14 @@ def checked_stats_dtype(fn: str, name: str, dtype) -> np.dtype:
   Without x64 mode jax silently turns float64 arrays into float32, so that case is
   refused rather than run at a precision the caller did not ask for.
   """
+  given = dtype
   try:
     dtype = np.dtype(dtype)
   except TypeError:
     dtype = None
   if dtype not in (np.float32, np.float64):
-    raise ValueError(f"{fn}: {name} must be float32 or float64, got {dtype!r}")
+    raise ValueError(f"{fn}: {name} = {given!r} is invalid: expected jnp.float32 or "
+                     "jnp.float64 (or their names, 'float32' and 'float64')")
   if dtype == np.float64:
     if jax.default_backend() == "tpu":
       raise ValueError(f"{fn}: {name}=float64 is not available on TPU: TPUs have no "

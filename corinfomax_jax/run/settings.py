@@ -399,6 +399,9 @@ def _data(raw: dict) -> Data:
   need, is_int, _ = _checker(raw, "")
   need(isinstance(raw.get("dataset"), str) and raw["dataset"], "dataset",
        "a TFDS name, 'imagenet100', or 'folder:<root>'")
+  need(not raw["dataset"].startswith("folder:") or raw["dataset"][len("folder:"):].strip(),
+       "dataset", "'folder:<root>' with the path of the folder root/<split>/<class>/"
+       "<image> after the colon")
   need(is_int("image_size") and raw["image_size"] > 0, "image_size", "a positive integer")
   for key in ("train_split", "eval_split"):
     need(isinstance(raw.get(key), str) and raw[key], key, "a split name")

@@ -552,8 +552,11 @@ def test_float64_without_x64_mode_is_refused_in_one_line():
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="init_state: dtype=float64 needs JAX's x64 mode"):
     cim.init_state(4, dtype=jnp.float64)
-  with pytest.raises(ValueError, match="stats_dtype must be float32 or float64"):
+  with pytest.raises(ValueError, match="stats_dtype = <class 'jax.numpy.bfloat16'> is "
+                                       "invalid: expected jnp.float32 or jnp.float64"):
     cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="stats_dtype = 'bogus' is invalid"):  # not "None"
+    cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype="bogus")
 
 
 def test_float64_on_tpu_is_refused(monkeypatch):

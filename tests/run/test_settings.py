@@ -307,3 +307,10 @@ def test_a_key_nothing_reads_is_refused_naming_the_closest(where, key, closest):
                      match=rf"config\.{re.escape(path)} is not a configuration key.*"
                            rf"{re.escape(closest)}"):
     settings.resolve(config)
+
+
+@pytest.mark.parametrize("dataset", ["folder:", "folder: "])
+def test_a_folder_dataset_without_a_root_is_refused(dataset):
+  with pytest.raises(errors.ConfigError, match="config.dataset = .folder: ?. is invalid: "
+                                               "expected 'folder:<root>' with the path"):
+    settings.resolve(tiny_config(dataset))
