@@ -234,15 +234,18 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   tx = train_state_lib.create_optimizer(run.optimizer, learning_rate_fn)
   probe_classes = train_state_lib.online_probe_classes(run.eval.online_probe,
                                                        source.num_classes)
-  state = train_state_lib.create_train_state(run, model, tx, mesh,
-                                             probe_classes=probe_classes)
-  # Compares every state it checks with this seeded initialisation.
-  detector = health.Detector(run.divergence, run.method, state.params)
-
-  # --- Checkpoint: resume where the workdir left off.
   manager = train_state_lib.create_checkpoint_manager(workdir, train.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(files.as_path(workdir))
+  writer = None
   try:
+    # A resume the checkpoint refuses stops here: nothing compiled, no events written.
+    train_state_lib.check_resume(manager, run, probe_classes=probe_classes)
+    state = train_state_lib.create_train_state(run, model, tx, mesh,
+                                               probe_classes=probe_classes)
+    # Compares every state it checks with this seeded initialisation.
+    detector = health.Detector(run.divergence, run.method, state.params)
+
+    # --- Checkpoint: resume where the workdir left off.
+    writer = metrics_lib.MetricWriter(files.as_path(workdir))
     restored, record = train_state_lib.restore(manager, state, run,
                                                probe_classes=probe_classes,
                                                check_state=detector.why)
@@ -299,7 +302,8 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
       checkpoints.finish(manager)
     finally:
       manager.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
   spectrum.plot(files.as_path(workdir) / "spectrum.png",

@@ -165,12 +165,7 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
       except Exception as e:  # pylint: disable=broad-except
         unreadable[step_] = _cause(e)
         continue
-      if record.get("format") != FORMAT:
-        raise ConfigError(
-            f"The checkpoints in {directory} were written by an older version "
-            f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
-            f"version reads format {FORMAT}). Use a new --workdir, or the version that "
-            "wrote them.")
+      _check_format(record, directory)
       check_record(record, step_)
       # Outside the try: a template that fails is a bug, not a damaged checkpoint.
       abstract = None if template is None else jax.tree.map(
@@ -216,6 +211,36 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
   if (unreadable or unhealthy) and found[0] is None and set_aside:
     logging.warning("No usable checkpoint in %s: starting from scratch.", directory)
   return found
+
+
+def _check_format(record: dict, directory) -> None:
+  if record.get("format") != FORMAT:
+    raise ConfigError(
+        f"The checkpoints in {directory} were written by an older version "
+        f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
+        f"version reads format {FORMAT}). Use a new --workdir, or the version that "
+        "wrote them.")
+
+
+def check_latest_record(manager, check_record: Callable[[dict, int], None]) -> None:
+  """Runs restore_latest's checks of the record (its format, `check_record`) on the
+  newest checkpoint whose record reads, reading no array: a run that restore_latest
+  would refuse is refused before it compiles anything."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = manager.directory
+  steps = files.within_read_timeout(f"the checkpoints in {directory}", manager.all_steps)
+  for step in sorted(steps, reverse=True):
+    try:
+      record = files.within_read_timeout(
+          f"the checkpoint of step {step} in {directory}", manager.restore, step,
+          args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    except ReadTimeoutError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      continue  # unreadable: restore_latest says so, and sets it aside
+    _check_format(record, directory)
+    check_record(record, step)
+    return
 
 
 def _refuse_unhealthy(directory, unhealthy: dict, found_step: int | None,

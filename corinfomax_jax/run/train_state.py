@@ -159,6 +159,35 @@ def checkpoint_record(run: settings_lib.Settings, probe_classes: int = 0) -> dic
           "data": {"dataset": run.data.dataset, "image_size": run.data.image_size}}
 
 
+def _record_check(run: settings_lib.Settings, directory, probe_classes: int | None):
+  """check_record(record, step) for checkpoints.restore_latest: ConfigError for a
+  checkpoint of another model, method, optimizer or online-probe setting."""
+  expected = checkpoint_record(run, probe_classes or 0)
+
+  def check(record, step):
+    checkpoints.check_same(record.get("model", {}), expected["model"], step,
+                           directory, "model.")
+    checkpoints.check_same({"method": record.get("method", "corinfomax")},
+                           {"method": expected["method"]}, step, directory)
+    checkpoints.check_same(record, {"optimizer": expected["optimizer"]}, step,
+                           directory)
+    if probe_classes is not None and record.get("online_probe_classes", 0) != probe_classes:
+      raise ConfigError(
+          f"The checkpoint of step {step} in {directory} was written with "
+          f"config.eval.online_probe.enabled={bool(record.get('online_probe_classes'))}, this "
+          f"run has {bool(probe_classes)}: a resumed run keeps the probe setting. Use "
+          "the original setting, or another --workdir.")
+
+  return check
+
+
+def check_resume(manager, run: settings_lib.Settings, *, probe_classes: int = 0) -> None:
+  """ConfigError now, before the state is created (compiled), for a resume that
+  `restore` would refuse: a checkpoint of another model, method, optimizer or probe."""
+  checkpoints.check_latest_record(manager, _record_check(run, manager.directory,
+                                                         probe_classes))
+
+
 def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = True,
             probe_classes: int | None = 0, check_state=None):
   """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
@@ -167,21 +196,7 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
   one. probe_classes None: any online probe (a reader of the backbone). check_state:
   see checkpoints.restore_latest (None: finite parameters).
   """
-  expected = checkpoint_record(run, probe_classes or 0)
-
-  def check(record, step):
-    checkpoints.check_same(record.get("model", {}), expected["model"], step,
-                           manager.directory, "model.")
-    checkpoints.check_same({"method": record.get("method", "corinfomax")},
-                           {"method": expected["method"]}, step, manager.directory)
-    checkpoints.check_same(record, {"optimizer": expected["optimizer"]}, step,
-                           manager.directory)
-    if probe_classes is not None and record.get("online_probe_classes", 0) != probe_classes:
-      raise ConfigError(
-          f"The checkpoint of step {step} in {manager.directory} was written with "
-          f"config.eval.online_probe.enabled={bool(record.get('online_probe_classes'))}, this "
-          f"run has {bool(probe_classes)}: a resumed run keeps the probe setting. Use "
-          "the original setting, or another --workdir.")
+  check = _record_check(run, manager.directory, probe_classes)
 
   def template_for(record):
     state = template(record) if callable(template) else template
