@@ -12,6 +12,11 @@ import os
 import sys
 import traceback
 
+# TensorFlow reads images and writes events only; its C++ warnings (a decode op
+# "aborting" before the error line that names the image) are noise for a user. Set
+# TF_CPP_MIN_LOG_LEVEL=0 to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app
 from absl import flags
 from absl import logging
