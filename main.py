@@ -60,6 +60,7 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 ERROR_LOG = "error.log"  # the traceback of the error main.py printed in one line
+_MOVED_FLAGS = []  # "--config.alpha is now --config.corinfomax.alpha.", logged by main
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -138,6 +139,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  for notice in _MOVED_FLAGS:
+    logging.info("%s", notice)
   # A failed asynchronous save leaves orbax's sibling futures unread; asyncio would log
   # a traceback for each at exit. The one error line names the cause.
   logging_std.getLogger("asyncio").addFilter(checkpoints.UnretrievedFutures())
@@ -219,7 +222,7 @@ if __name__ == "__main__":
   jax.config.config_with_absl()
   # config_flags reads overrides from sys.argv itself: translate it in place.
   try:
-    sys.argv = command_line.translate_moved_flags(sys.argv)
+    sys.argv = command_line.translate_moved_flags(sys.argv, _MOVED_FLAGS)
   except errors.ConfigError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(1)

@@ -11,18 +11,19 @@ import ast
 import difflib
 import re
 
-from absl import logging
-
 from corinfomax_jax import models
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.run.settings import MOVED_KEYS
 
 
-def translate_moved_flags(argv: list[str]) -> list[str]:
+def translate_moved_flags(argv: list[str], notices: list[str] | None = None) -> list[str]:
   """Rewrites `--config.<old key>` flags to their new place (settings.MOVED_KEYS).
 
   `--config.projector=2048-2048-64` becomes `--config.model.projector=(2048,2048,64)`;
-  a projector string given to the new key is converted the same way.
+  a projector string given to the new key is converted the same way. Each move is
+  appended to `notices` ("--config.alpha is now --config.corinfomax.alpha."), for the
+  caller to log once logging is set up. ConfigError when a key is given by its old
+  name and its new one with different values.
   """
   out, i = [], 0
   given = {}  # new key -> [(flag as given, value, whether by its old name)]
@@ -41,7 +42,8 @@ def translate_moved_flags(argv: list[str]) -> list[str]:
     old = key in MOVED_KEYS
     if old:
       new = MOVED_KEYS[key]
-      logging.info("--config.%s is now --config.%s.", key, new)
+      if notices is not None:
+        notices.append(f"--config.{key} is now --config.{new}.")
       key = new
     if value is None:
       out.append(f"--config.{key}")

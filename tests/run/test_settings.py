@@ -34,6 +34,14 @@ def test_flat_model_flags_move_under_config_model():
       "--config.corinfomax.alpha=10", "--config.corinfomax.alpha=10.0", "--workdir=w"]
 
 
+def test_each_moved_flag_is_noted_for_the_log():
+  notices = []
+  command_line.translate_moved_flags(
+      ["main.py", "--config.alpha=10", "--config.width", "8", "--config.seed=1"], notices)
+  assert notices == ["--config.alpha is now --config.corinfomax.alpha.",
+                     "--config.width is now --config.model.width."]
+
+
 @pytest.mark.parametrize("argv,said", [
     (["--config.alpha=10", "--config.corinfomax.alpha=20"],
      "--config.alpha=10 and --config.corinfomax.alpha=20 set the same key"),
