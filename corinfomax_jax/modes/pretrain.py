@@ -284,15 +284,17 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
                          "results": results,
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
+    check_health = functools.partial(_check_health, detector, manager, run.optimizer)
     actions = [
         report,
+        # At every report too, so that a diverged run stops within log_every_steps.
+        loop.Periodic(train.log_every_steps, check_health),
         loop.Periodic(train.spectrum_every_steps, spectrum),
         *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
           for e in evaluators),
         loop.Checkpoint(manager, train.checkpoint_every_steps, record_fn,
                         before_save=report.flush,
-                        check_state=functools.partial(_check_health, detector, manager,
-                                                      run.optimizer)),
+                        check_state=check_health),
         loop.Profile(str(files.as_path(workdir)), start_step, train.profile_steps),
     ]
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,

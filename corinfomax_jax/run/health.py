@@ -1,6 +1,7 @@
 """Whether a train state is healthy: finite, and neither diverged nor collapsed.
 
-Pretraining checks the updated state before every checkpoint (`Detector`), so a state
+Pretraining checks the updated state at every progress report and before every
+checkpoint (`Detector`), so a state
 that is not healthy is never saved and the latest checkpoint stays the last healthy one;
 every mode that reads a checkpoint refuses one whose parameters are not finite
 (`nonfinite_parts`, through checkpoints.restore_latest).

@@ -26,13 +26,16 @@ def _copy(pretrained_workdir, tmp_path):
   return workdir
 
 
-@pytest.mark.parametrize("learning_rate", [1e6, 1e30])
+# 1e6: the check before the save finds it (reports are rare); 1e30: the check at each
+# report, which runs before the save of the same step.
+@pytest.mark.parametrize("learning_rate,log_every_steps", [(1e6, 100), (1e30, 1)])
 def test_a_diverging_resume_keeps_the_last_healthy_checkpoint(image_folder,
                                                               pretrained_workdir,
-                                                              tmp_path, learning_rate):
+                                                              tmp_path, learning_rate,
+                                                              log_every_steps):
   workdir = _copy(pretrained_workdir, tmp_path)
   config = tiny_config(f"folder:{image_folder}", max_steps=12, checkpoint_every_steps=1,
-                       keep_checkpoints=2, log_every_steps=100,
+                       keep_checkpoints=2, log_every_steps=log_every_steps,
                        learning_rate=learning_rate)
   directory = train_state_lib.checkpoint_dir(workdir)
   with pytest.raises(errors.DivergenceError) as info:
