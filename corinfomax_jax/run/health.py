@@ -1,10 +1,10 @@
 """Whether a train state is healthy: finite, and neither diverged nor collapsed.
 
 Pretraining checks the updated state at every progress report and before every
-checkpoint (`Detector`), so a state
-that is not healthy is never saved and the latest checkpoint stays the last healthy one;
-every mode that reads a checkpoint refuses one whose parameters are not finite
-(`nonfinite_parts`, through checkpoints.restore_latest).
+checkpoint (`Detector`), so a state that is not healthy is never saved and the latest
+checkpoint stays the last healthy one; every mode that reads a checkpoint refuses one
+whose parameters are not finite (`nonfinite_weights`, through
+checkpoints.restore_latest).
 
 The thresholds (config.divergence) are ones no healthy run comes near:
 - the parameters' global norm above `max_norm_ratio` (1e3) times the seeded
