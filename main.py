@@ -12,6 +12,11 @@ import os
 import sys
 import traceback
 
+# TensorFlow reads images and writes events only; its C++ warnings (a decode op
+# "aborting" before the error line that names the image) are noise for a user. Set
+# TF_CPP_MIN_LOG_LEVEL=0 to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -55,6 +60,7 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 ERROR_LOG = "error.log"  # the traceback of the error main.py printed in one line
+_MOVED_FLAGS = []  # "--config.alpha is now --config.corinfomax.alpha.", logged by main
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -80,7 +86,7 @@ def _fail(error: BaseException, workdir: str | None) -> None:
   logging.debug("%s", trace)  # shown with --verbosity=1
   message = " ".join(str(error).split()) or type(error).__name__
   if not isinstance(error, (errors.ConfigError, errors.NonFiniteLossError,
-                            errors.CheckpointSaveError)):
+                            errors.DivergenceError, errors.CheckpointSaveError)):
     message = f"{message} ({type(error).__name__})"
   # A WorkdirError says the workdir cannot take files (or hangs): no log goes there.
   if (workdir and not isinstance(error, errors.WorkdirError)
@@ -133,6 +139,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  for notice in _MOVED_FLAGS:
+    logging.info("%s", notice)
   # A failed asynchronous save leaves orbax's sibling futures unread; asyncio would log
   # a traceback for each at exit. The one error line names the cause.
   logging_std.getLogger("asyncio").addFilter(checkpoints.UnretrievedFutures())
@@ -156,10 +164,12 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with an unknown --config.<key> reported in one line."""
+  """absl's flag parsing, with every flag error in one `error:` line: an unknown
+  --config.<key> with the closest keys, anything else (a bad value, a missing flag, a
+  config file's own error) by its message's last line."""
   try:
-    return app.parse_flags_with_usage(argv)
-  except Exception:  # pylint: disable=broad-except
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
     message = None
     path = _config_path(argv)
     if path:
@@ -169,9 +179,24 @@ def _parse_flags(argv):
       except Exception:  # pylint: disable=broad-except
         pass
     if message is None:
-      raise
+      if not isinstance(e, flags.Error):
+        raise
+      message = _flag_error_line(e)
     sys.stderr.write(f"error: {message}\n")
     sys.exit(1)
+
+
+def _flag_error_line(error: Exception) -> str:
+  """One line of an absl flag error: its message, or, when that holds a traceback (a
+  config file's get_config raised), the exception's own last line."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return f"{type(error).__name__} (python main.py --helpshort lists the flags)"
+  if len(lines) == 1:
+    return f"{lines[0]} (python main.py --helpshort lists the flags)"
+  last = lines[-1]
+  kind, _, text = last.partition(": ")
+  return text if text and kind.isidentifier() else last
 
 
 def _load_config(path: str):
@@ -196,5 +221,9 @@ def _config_path(argv) -> str | None:
 if __name__ == "__main__":
   jax.config.config_with_absl()
   # config_flags reads overrides from sys.argv itself: translate it in place.
-  sys.argv = command_line.translate_moved_flags(sys.argv)
+  try:
+    sys.argv = command_line.translate_moved_flags(sys.argv, _MOVED_FLAGS)
+  except errors.ConfigError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(1)
   app.run(main, flags_parser=_parse_flags)

@@ -91,6 +91,14 @@ def get_config():
   c.keep_checkpoints = 3
   c.spectrum_every_steps = 1000  # covariance spectrum to TensorBoard; PNG at the end
   c.profile_steps = 0  # > 0: a profiler trace of that many steps to the workdir
+  # Before every checkpoint the updated state is checked (corinfomax_jax/run/health.py):
+  # NaN or infinite values always stop the run unsaved; with `enabled`, so does a
+  # parameter global norm above max_norm_ratio times the initial one, or (CorInfoMax)
+  # every covariance eigenvalue below floor_factor * eps (the log-determinant at its floor).
+  c.divergence = ml_collections.ConfigDict()
+  c.divergence.enabled = True
+  c.divergence.max_norm_ratio = 1e3
+  c.divergence.floor_factor = 10.0
 
   # --- Evaluation: shared keys, then one section per evaluator ------------------------
   c.eval = ml_collections.ConfigDict()

@@ -9,6 +9,11 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
+class DivergenceError(FloatingPointError):
+  """Training reached a state that is not finite, or diverged, or collapsed; it was not
+  saved, and the latest checkpoint is the last healthy one."""
+
+
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (a full disk); the earlier ones are intact."""
 
@@ -19,3 +24,7 @@ class WorkdirError(ConfigError):
 
 class WorkdirBusyError(WorkdirError):
   """Another run holds the workdir's lock; its files are left alone (no error.log)."""
+
+
+class ReadTimeoutError(WorkdirError):
+  """A read of a workdir file gave no answer in time (files.read_timeout_s)."""

@@ -10,10 +10,62 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 
 from etils import epath
 
 _COPY_CHUNK = 16 << 20  # bytes per read when copying a local file to a URL
+# Seconds a read of a workdir file (a checkpoint, the run record, the lock) may take
+# before the run stops, naming it: a stuck network filesystem otherwise hangs forever.
+READ_TIMEOUT_ENV = "CORINFOMAX_READ_TIMEOUT_S"
+DEFAULT_READ_TIMEOUT_S = 600.0
+
+
+def read_timeout_s() -> float:
+  """$CORINFOMAX_READ_TIMEOUT_S, or DEFAULT_READ_TIMEOUT_S when it is unset."""
+  value = os.environ.get(READ_TIMEOUT_ENV)
+  if not value:
+    return DEFAULT_READ_TIMEOUT_S
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if not seconds > 0:
+    from corinfomax_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"{READ_TIMEOUT_ENV}={value!r} is invalid: expected a number of "
+                      f"seconds > 0 (default {DEFAULT_READ_TIMEOUT_S:g}).")
+  return seconds
+
+
+def within_read_timeout(what: str, fn, *args, **kwargs):
+  """fn(*args, **kwargs), or ReadTimeoutError naming `what` when it gives no answer in
+  read_timeout_s().
+
+  fn runs in a daemon thread: a read blocked in the kernel cannot be interrupted, so it
+  is abandoned (and does not keep the process alive). Its exception is raised here.
+  """
+  from corinfomax_jax.errors import ReadTimeoutError  # pylint: disable=g-import-not-at-top
+  timeout = read_timeout_s()
+  outcome = []
+
+  def run():
+    try:
+      outcome.append((True, fn(*args, **kwargs)))
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome.append((False, e))
+
+  thread = threading.Thread(target=run, daemon=True, name="bounded_read")
+  thread.start()
+  thread.join(timeout)
+  if not outcome:
+    raise ReadTimeoutError(
+        f"Reading {what} gave no answer within {timeout:g} s (a stuck filesystem or "
+        f"network store?); check that it reads (e.g. with cat), or raise "
+        f"{READ_TIMEOUT_ENV}.")
+  ok, value = outcome[0]
+  if not ok:
+    raise value
+  return value
 
 
 def is_url(location: str | os.PathLike) -> bool:

@@ -26,6 +26,7 @@ import tensorflow as tf
 from corinfomax_jax.data import augment
 from corinfomax_jax.data import crops
 from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.data.sources import Source
 from corinfomax_jax.data.sources import as_written
 from corinfomax_jax.data.sources import decode_image
@@ -292,7 +293,7 @@ class _Batches:
       raise error
     if not source.skip_bad_images:
       i, reason = bad[0]
-      raise ValueError(
+      raise ConfigError(
           f"Cannot read image {source.describe(i)}: {reason}. Fix or remove "
           "it, or set skip_bad_images to skip unreadable images (each is "
           "logged and counted).") from None

@@ -98,7 +98,7 @@ class Source:
       data, _ = self.load_batch(tf.constant([index], tf.int64))
       decode_image(self.load_example(data[0]))
     except (tf.errors.OpError, ValueError, OSError) as e:  # OSError: epath's, eagerly
-      return f"{type(e).__name__}: {getattr(e, 'message', str(e))}"
+      return f"{type(e).__name__}: {op_message(getattr(e, 'message', str(e)))}"
     return None
 
   def mark_bad(self, index: int, reason: str) -> None:
@@ -286,6 +286,16 @@ def _folder_source(dataset: str, root: str, split: str,
                 load_example=_read_url if remote else tf.io.read_file,
                 describe=lambda i: paths[int(i)], unlabelled=unlabelled,
                 file_names=lambda: [os.path.basename(p) for p in paths])
+
+
+def op_message(text: str) -> str:
+  """A TensorFlow op error's own words, without the graph's names around them:
+  "{{function_node ...}} Unknown image file format. [Op:DecodeImage] name: " ->
+  "Unknown image file format"."""
+  text = re.sub(r"\{\{[^{}]*\}\}", " ", text)
+  text = re.sub(r"\[\[.*?\]\]", " ", text, flags=re.S)
+  text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+  return " ".join(text.split()).rstrip(".")
 
 
 def _first_line(error: Exception) -> str:

@@ -55,12 +55,14 @@ def checked_stats_dtype(fn: str, name: str, dtype) -> np.dtype:
   Without x64 mode jax silently turns float64 arrays into float32, so that case is
   refused rather than run at a precision the caller did not ask for.
   """
+  given = dtype
   try:
     dtype = np.dtype(dtype)
   except TypeError:
     dtype = None
   if dtype not in (np.float32, np.float64):
-    raise ValueError(f"{fn}: {name} must be float32 or float64, got {dtype!r}")
+    raise ValueError(f"{fn}: {name} = {given!r} is invalid: expected jnp.float32 or "
+                     "jnp.float64 (or their names, 'float32' and 'float64')")
   if dtype == np.float64:
     if jax.default_backend() == "tpu":
       raise ValueError(f"{fn}: {name}=float64 is not available on TPU: TPUs have no "
@@ -73,12 +75,26 @@ def checked_stats_dtype(fn: str, name: str, dtype) -> np.dtype:
   return dtype
 
 
+def _concrete(value) -> float | None:
+  """`value` as a float when it is a Python or NumPy number or a concrete real scalar
+  array; None for a traced value (it cannot be checked) or anything else."""
+  if _is_number(value):
+    return float(value)
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    array = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return float(array) if array.shape == () and array.dtype.kind in "fiu" else None
+
+
 def init_state(dim: int, r_init: float = 1.0, dtype=jnp.float32) -> CorInfoMaxState:
   """The state before the first step: zero means and covariances r_init * I (R_ini),
   of `dtype` (float32, or float64 for corinfomax_loss's stats_dtype=jnp.float64)."""
-  if int(dim) != dim or dim < 1:
+  if isinstance(dim, bool) or not _is_number(dim) or int(dim) != dim or dim < 1:
     raise ValueError(f"init_state: dim must be a positive integer, got {dim!r}")
-  if not np.isfinite(r_init) or r_init <= 0:
+  if isinstance(r_init, bool) or not np.isfinite(r_init) or r_init <= 0:
     raise ValueError(
         f"init_state: r_init must be a positive finite number, got {r_init!r}")
   dtype = checked_stats_dtype("init_state", "dtype", dtype)
@@ -260,12 +276,18 @@ def corinfomax_loss(z1: jax.Array,
     raise ValueError(
         f"corinfomax_loss: state is for dimension {state.cov1.shape[0]} but z has "
         f"D={dim}; create it with init_state({dim})")
-  for name, value in (("la_R", la_R), ("la_mu", la_mu)):
-    if _is_number(value) and not 0 <= value < 1:
-      raise ValueError(f"corinfomax_loss: {name} = {value!r} must be in [0, 1) (the "
+  # Python numbers and concrete arrays are checked; traced values (a schedule under
+  # jit) cannot be.
+  alpha_, la_R_, la_mu_, eps_ = (_concrete(v) for v in (alpha, la_R, la_mu, eps))
+  if alpha_ is not None and not (np.isfinite(alpha_) and alpha_ >= 0):
+    raise ValueError(f"corinfomax_loss: alpha = {alpha_!r} must be a finite number >= 0 "
+                     "(the weight of the attraction term)")
+  for name, number in (("la_R", la_R_), ("la_mu", la_mu_)):
+    if number is not None and not 0 <= number < 1:
+      raise ValueError(f"corinfomax_loss: {name} = {number!r} must be in [0, 1) (the "
                        "weight of the previous estimate)")
-  if _is_number(eps) and not eps >= 0:
-    raise ValueError(f"corinfomax_loss: eps = {eps!r} must be >= 0")
+  if eps_ is not None and not (np.isfinite(eps_) and eps_ >= 0):
+    raise ValueError(f"corinfomax_loss: eps = {eps_!r} must be a finite number >= 0")
   stats_dtype = checked_stats_dtype("corinfomax_loss", "stats_dtype", stats_dtype)
   # astype's transpose casts z's gradient back to z's dtype.
   z1 = z1.astype(stats_dtype)

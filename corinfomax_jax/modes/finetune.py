@@ -6,6 +6,7 @@ the labels, then tested on centre crops of the eval split.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -96,6 +97,15 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
           f"config.eval.finetune.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
           f"names are not in {source.name} {source.split!r} (e.g. "
           f"{sorted(missing)[:3]}).")
+    counts = collections.Counter(names[i] for i in index)
+    shared = sorted(name for name, count in counts.items() if count > 1)
+    if shared:
+      logging.warning(
+          "config.eval.finetune.label_file %r: %d of its %d names each match several "
+          "images of %s %r (e.g. %r: %d images), so %d examples are labelled for %d "
+          "names; every match is used. Give each image a unique file name to label one.",
+          label_file, len(shared), len(wanted), source.name, source.split, shared[0],
+          counts[shared[0]], len(index), len(wanted))
     return index
   labels = _labels_of(source)
   rng = np.random.default_rng(seed)

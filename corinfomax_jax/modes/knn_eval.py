@@ -42,6 +42,12 @@ def knn_eval(config, workdir: str) -> dict:
             "method": run.method.name,
             "dataset": run.data.dataset, "train_split": run.data.train_split,
             "eval_split": run.data.eval_split}
+  if train_source.num_classes < 2:
+    # Every neighbour votes for the one class: 100% says nothing about the features.
+    logging.warning("kNN: %s %r has %d class, so top-1 is 100 whatever the features; "
+                    "evaluate on a split with at least two classes.", run.data.dataset,
+                    run.data.train_split, train_source.num_classes)
+    result["trivial"] = True
   path = startup.write_result(workdir, RESULT_FILE, result)
   logging.info("kNN (k=%d, T=%g) of %s at step %d: top-1 %.2f top-5 %.2f (%d bank, %d "
                "queries); written to %s.", result["k"], result["temperature"],

@@ -25,6 +25,7 @@ from corinfomax_jax.methods import corinfomax as objective
 from corinfomax_jax import models
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import checkpoints
+from corinfomax_jax.run import health
 from corinfomax_jax.run import loop
 from corinfomax_jax.run import run_record
 from corinfomax_jax.run import settings as settings_lib
@@ -181,6 +182,29 @@ def _saved_results(record: dict) -> dict | None:
   return {**results, "optimizer": optimizer}
 
 
+def _last_checkpoint(manager) -> str:
+  """"step N in DIR" of the latest checkpoint, once any save in progress has ended."""
+  checkpoints.finish(manager)
+  step = manager.latest_step()
+  return (f"step {step} in {manager.directory}" if step is not None
+          else f"none (no checkpoint in {manager.directory}: a new run starts from scratch)")
+
+
+def _check_health(detector: health.Detector, manager, opt: settings_lib.Optimizer,
+                  step: int, state: TrainState) -> None:
+  """Raises DivergenceError, naming the step and the last healthy checkpoint, for a
+  state that must not be saved. Every state saved passed this check, so the latest
+  checkpoint is the last healthy one."""
+  why = detector.why(state)
+  if why is None:
+    return
+  raise errors.DivergenceError(
+      f"pretrain: the state after step {step} is not healthy ({why}); it was not saved "
+      f"and training stopped. The last healthy checkpoint is {_last_checkpoint(manager)}. "
+      f"Lower config.learning_rate (now {opt.learning_rate:g}) and run again to resume "
+      "from there.")
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Pretrains with config.method, resuming from the latest checkpoint in `workdir`.
 
@@ -218,15 +242,21 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   tx = train_state_lib.create_optimizer(run.optimizer, learning_rate_fn)
   probe_classes = train_state_lib.online_probe_classes(run.eval.online_probe,
                                                        source.num_classes)
-  state = train_state_lib.create_train_state(run, model, tx, mesh,
-                                             probe_classes=probe_classes)
-
-  # --- Checkpoint: resume where the workdir left off.
   manager = train_state_lib.create_checkpoint_manager(workdir, train.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(files.as_path(workdir))
+  writer = None
   try:
-    restored, record = train_state_lib.restore(manager, state, run,
+    # A resume the checkpoint refuses stops here: nothing compiled, no events written.
+    train_state_lib.check_resume(manager, run, probe_classes=probe_classes)
+    state = train_state_lib.create_train_state(run, model, tx, mesh,
                                                probe_classes=probe_classes)
+    # Compares every state it checks with this seeded initialisation.
+    detector = health.Detector(run.divergence, run.method, state.params)
+
+    # --- Checkpoint: resume where the workdir left off.
+    writer = metrics_lib.MetricWriter(files.as_path(workdir))
+    restored, record = train_state_lib.restore(manager, state, run,
+                                               probe_classes=probe_classes,
+                                               check_state=detector.why)
     # A checkpoint keeps the values that change results: a resume is checked against it
     # (config.json may be gone), or against config.json for checkpoints without them.
     compared = restored is not None and run_record.warn_if_results_change(
@@ -255,20 +285,24 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
         prefix="train/",
         nonfinite_hint=lambda: (
-            f"The last good checkpoint is step {manager.latest_step()} in "
-            f"{manager.directory}. Lower config.learning_rate or check the data."),
+            f"The last good checkpoint is {_last_checkpoint(manager)}. Lower "
+            "config.learning_rate or check the data."),
         totals=("cholesky_fallbacks",))
     results = run_record.result_values(run.record)
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
                          "results": results,
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
+    check_health = functools.partial(_check_health, detector, manager, run.optimizer)
     actions = [
         report,
+        # At every report too, so that a diverged run stops within log_every_steps.
+        loop.Periodic(train.log_every_steps, check_health),
         loop.Periodic(train.spectrum_every_steps, spectrum),
         *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
           for e in evaluators),
         loop.Checkpoint(manager, train.checkpoint_every_steps, record_fn,
-                        before_save=report.flush),
+                        before_save=report.flush,
+                        check_state=check_health),
         loop.Profile(str(files.as_path(workdir)), start_step, train.profile_steps),
     ]
     state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
@@ -278,7 +312,8 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
       checkpoints.finish(manager)
     finally:
       manager.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
   spectrum.plot(files.as_path(workdir) / "spectrum.png",

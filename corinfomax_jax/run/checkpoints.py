@@ -19,8 +19,10 @@ from absl import logging
 
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.run import health
 from corinfomax_jax.errors import CheckpointSaveError
 from corinfomax_jax.errors import ConfigError
+from corinfomax_jax.errors import ReadTimeoutError
 
 # Version of the checkpoint layout; a record without it comes from an older layout.
 FORMAT = 2
@@ -105,13 +107,16 @@ def open_reader(directory):
 
 
 def restore_latest(manager, template: Any, check_record: Callable[[dict, int], None], *,
-                   set_aside: bool = True, step: int | None = None
+                   set_aside: bool = True, step: int | None = None,
+                   check_state: Callable[[Any], str | None] | None = None
                    ) -> tuple[Any, dict | None]:
-  """The latest readable checkpoint: (state, record), or (None, None) when there is none.
+  """The latest usable checkpoint: (state, record), or (None, None) when there is none.
 
   The one place that decides which step a run reads: every mode and load_encoder come
   here, so with a damaged latest checkpoint they all read the same earlier step.
-  A checkpoint reads when its record and every array of its state read.
+  A checkpoint reads when its record and every array of its state read; it is usable
+  when it reads and `check_state` accepts its state. Each read that gives no answer
+  within files.read_timeout_s() raises ReadTimeoutError naming the step.
 
   Args:
     manager: the CheckpointManager of the checkpoint directory.
@@ -122,66 +127,141 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
       run must not use (another model); that error propagates, as does the refusal of
       a record of an older layout.
     set_aside: True for a writer of new checkpoints (pretraining): an unreadable
-      checkpoint (a file truncated by a crash) is renamed `<step>.unreadable`, so
-      nothing is deleted and no new save collides with it, and when none reads the run
-      starts from scratch. False (a reader): nothing in the directory changes, and when
-      checkpoints exist but none reads, ConfigError names each step and its damage.
+      checkpoint (a file truncated by a crash) is renamed `<step>.unreadable`, and one
+      that check_state refuses `<step>.unhealthy`, so nothing is deleted and no new save
+      collides with it; when none is usable the run starts from scratch. False (a
+      reader): nothing in the directory changes; when checkpoints exist but none reads,
+      ConfigError names each step and its damage, and a newer checkpoint that
+      check_state refuses is refused in one ConfigError that names the latest usable
+      step, if any (a reader never silently reads older weights than the latest).
     step: read only this step (which must exist); ConfigError when it is unreadable.
+    check_state: `check_state(state)` says why a restored state must not be used (None:
+      usable); default health.nonfinite_weights, NaN or infinite parameters.
 
   Returns:
-    (state, record) of the newest readable step, with one warning line per newer step
+    (state, record) of the newest usable step, with one warning line per newer step
     skipped saying why; (None, None) when there is no checkpoint (or, with set_aside,
-    none that reads).
+    none that is usable).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  check_state = check_state or health.nonfinite_weights
   template_fn = template if callable(template) else lambda record: template
   unreadable = {}  # step -> why
+  unhealthy = {}  # step -> why
   found, found_step = (None, None), None
-  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  directory = manager.directory
+  steps = (sorted(files.within_read_timeout(f"the checkpoints in {directory}",
+                                            manager.all_steps), reverse=True)
+           if step is None else [step])
   with _unretrieved_futures_silenced():
     for step_ in steps:
+      what = f"the checkpoint of step {step_} in {directory}"
       try:
-        record = manager.restore(
-            step_, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+        record = files.within_read_timeout(
+            what, manager.restore, step_,
+            args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+      except ReadTimeoutError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         unreadable[step_] = _cause(e)
         continue
-      if record.get("format") != FORMAT:
-        raise ConfigError(
-            f"The checkpoints in {manager.directory} were written by an older version "
-            f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
-            f"version reads format {FORMAT}). Use a new --workdir, or the version that "
-            "wrote them.")
+      _check_format(record, directory)
       check_record(record, step_)
       # Outside the try: a template that fails is a bug, not a damaged checkpoint.
       abstract = None if template is None else jax.tree.map(
           ocp.utils.to_shape_dtype_struct, template_fn(record))
       try:
         if abstract is None:
-          abstract = _saved_abstract(manager, step_)
-        state = manager.restore(step_, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
-        found, found_step = (state, record), step_
-        break
+          abstract = files.within_read_timeout(what, _saved_abstract, manager, step_)
+        state = files.within_read_timeout(what, manager.restore, step_,
+                                          args=ocp.args.Composite(
+                                              state=ocp.args.StandardRestore(abstract)))
+        state = state["state"]
+      except ReadTimeoutError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         unreadable[step_] = _cause(e)
+        continue
+      why = check_state(state)
+      if why is not None:
+        unhealthy[step_] = why
+        continue
+      found, found_step = (state, record), step_
+      break
+  if not set_aside:
+    _refuse_unhealthy(directory, unhealthy, found_step, step)
   if unreadable and found[0] is None and not set_aside:
     if step is not None:
-      raise ConfigError(f"The checkpoint of step {step} in {manager.directory} is "
+      raise ConfigError(f"The checkpoint of step {step} in {directory} is "
                         f"unreadable ({unreadable[step]}).")
     raise ConfigError(
-        f"No readable checkpoint in {manager.directory}: "
+        f"No readable checkpoint in {directory}: "
         + "; ".join(f"step {s} is unreadable ({why})" for s, why in unreadable.items())
         + ".")
-  moved = _set_aside(manager, list(unreadable)) if unreadable and set_aside else {}
-  for step_, why in unreadable.items():  # one line each
-    logging.warning("Checkpoint step %d in %s is unreadable (%s); %s%s.", step_,
-                    manager.directory, why,
+  moved = {}
+  if set_aside and (unreadable or unhealthy):
+    moved = {**_set_aside(manager, list(unreadable), "unreadable"),
+             **_set_aside(manager, list(unhealthy), "unhealthy")}
+  for step_ in sorted(unreadable.keys() | unhealthy.keys(), reverse=True):  # one line each
+    why = (f"is unreadable ({unreadable[step_]})" if step_ in unreadable
+           else f"is not healthy ({unhealthy[step_]})")
+    logging.warning("Checkpoint step %d in %s %s; %s%s.", step_, directory, why,
                     f"moved to {moved[step_]}" if step_ in moved else "skipped",
                     f", reading step {found_step}" if found_step is not None else "")
-  if unreadable and found[0] is None and set_aside:
-    logging.warning("No readable checkpoint in %s: starting from scratch.", manager.directory)
+  if (unreadable or unhealthy) and found[0] is None and set_aside:
+    logging.warning("No usable checkpoint in %s: starting from scratch.", directory)
   return found
+
+
+def _check_format(record: dict, directory) -> None:
+  if record.get("format") != FORMAT:
+    raise ConfigError(
+        f"The checkpoints in {directory} were written by an older version "
+        f"of corinfomax-jax (checkpoint format {record.get('format', 1)}, this "
+        f"version reads format {FORMAT}). Use a new --workdir, or the version that "
+        "wrote them.")
+
+
+def check_latest_record(manager, check_record: Callable[[dict, int], None]) -> None:
+  """Runs restore_latest's checks of the record (its format, `check_record`) on the
+  newest checkpoint whose record reads, reading no array: a run that restore_latest
+  would refuse is refused before it compiles anything."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = manager.directory
+  steps = files.within_read_timeout(f"the checkpoints in {directory}", manager.all_steps)
+  for step in sorted(steps, reverse=True):
+    try:
+      record = files.within_read_timeout(
+          f"the checkpoint of step {step} in {directory}", manager.restore, step,
+          args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    except ReadTimeoutError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      continue  # unreadable: restore_latest says so, and sets it aside
+    _check_format(record, directory)
+    check_record(record, step)
+    return
+
+
+def _refuse_unhealthy(directory, unhealthy: dict, found_step: int | None,
+                      step: int | None) -> None:
+  """ConfigError for a reader whose latest (or requested) checkpoint is not healthy,
+  naming the step, its path and the latest usable step."""
+  if not unhealthy:
+    return
+  newest = max(unhealthy)
+  path = files.as_path(directory) / str(newest)
+  if step is not None:
+    raise ConfigError(f"The checkpoint of step {step} in {directory} is not usable "
+                      f"({unhealthy[step]}): a diverged run saved it. Read another step.")
+  later = ", ".join(str(s) for s in sorted(unhealthy) if s != newest)
+  usable = (f"step {found_step} is the latest usable one: move {path}"
+            f"{' (and steps ' + later + ')' if later else ''} out of {directory} to read "
+            f"it (load_encoder: step={found_step})" if found_step is not None else
+            "no earlier checkpoint is usable: pretrain again with a lower "
+            "config.learning_rate")
+  raise ConfigError(f"The checkpoint of step {newest} in {directory} is not usable "
+                    f"({unhealthy[newest]}): a diverged run saved it; {usable}.")
 
 
 def _cause(error: BaseException, limit: int = 150) -> str:
@@ -264,17 +344,19 @@ def check_same(saved: dict, expected: dict, step: int, directory, prefix: str = 
         f"configuration ({detail}). Use another --workdir, or the original configuration.")
 
 
-def _set_aside(manager, steps) -> dict:
-  """Renames unreadable step directories so that new saves never collide with them:
-  {step: new path}."""
+def _set_aside(manager, steps, why: str) -> dict:
+  """Renames step directories `<step>.<why>` (unreadable, unhealthy) so that new saves
+  never collide with them: {step: new path}."""
+  if not steps:
+    return {}
   moved = {}
   if jax.process_index() == 0:
     for step in steps:
       path = files.as_path(manager.directory) / str(step)
-      target = path.parent / f"{step}.unreadable"
+      target = path.parent / f"{step}.{why}"
       suffix = 1
       while target.exists():
-        target, suffix = path.parent / f"{step}.unreadable{suffix}", suffix + 1
+        target, suffix = path.parent / f"{step}.{why}{suffix}", suffix + 1
       path.rename(target)
       moved[step] = str(target)
   if jax.process_count() > 1:

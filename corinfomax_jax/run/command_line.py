@@ -7,22 +7,26 @@ by `unknown_override`. The values themselves are checked by `settings.resolve`.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 
-from absl import logging
-
 from corinfomax_jax import models
+from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.run.settings import MOVED_KEYS
 
 
-def translate_moved_flags(argv: list[str]) -> list[str]:
+def translate_moved_flags(argv: list[str], notices: list[str] | None = None) -> list[str]:
   """Rewrites `--config.<old key>` flags to their new place (settings.MOVED_KEYS).
 
   `--config.projector=2048-2048-64` becomes `--config.model.projector=(2048,2048,64)`;
-  a projector string given to the new key is converted the same way.
+  a projector string given to the new key is converted the same way. Each move is
+  appended to `notices` ("--config.alpha is now --config.corinfomax.alpha."), for the
+  caller to log once logging is set up. ConfigError when a key is given by its old
+  name and its new one with different values.
   """
   out, i = [], 0
+  given = {}  # new key -> [(flag as given, value, whether by its old name)]
   while i < len(argv):
     arg = argv[i]
     match = re.fullmatch(r"--config\.([A-Za-z_.]+)(=.*)?", arg)
@@ -34,9 +38,12 @@ def translate_moved_flags(argv: list[str]) -> list[str]:
     if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
       value, i = "=" + argv[i + 1], i + 1
     i += 1
-    if key in MOVED_KEYS:
+    given_as = f"--config.{key}{value or ''}"
+    old = key in MOVED_KEYS
+    if old:
       new = MOVED_KEYS[key]
-      logging.info("--config.%s is now --config.%s.", key, new)
+      if notices is not None:
+        notices.append(f"--config.{key} is now --config.{new}.")
       key = new
     if value is None:
       out.append(f"--config.{key}")
@@ -44,8 +51,34 @@ def translate_moved_flags(argv: list[str]) -> list[str]:
     value = value[1:]
     if key == "model.projector":
       value = _projector_tuple_flag(value)
+    given.setdefault(key, []).append((given_as, value, old))
     out.append(f"--config.{key}={value}")
+  _check_no_conflict(given)
   return out
+
+
+def _check_no_conflict(given: dict) -> None:
+  """ConfigError when a key is given by its old name and its new one with different
+  values: which one a user meant cannot be known."""
+  for key, flags in given.items():
+    olds = [f for f in flags if f[2]]
+    news = [f for f in flags if not f[2]]
+    for old_flag, old_value, _ in olds:
+      for new_flag, new_value, _ in news:
+        if _flag_value(old_value) != _flag_value(new_value):
+          raise ConfigError(
+              f"{old_flag} and {new_flag} set the same key (config.{key}, whose earlier "
+              f"name is config.{old_flag[len('--config.'):].split('=')[0]}) to different "
+              f"values: give it once, as --config.{key}=VALUE.")
+
+
+def _flag_value(text: str):
+  """A flag's value as Python reads it ("10" and "10.0" alike), else the text."""
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _projector_tuple_flag(value: str) -> str:

@@ -1,7 +1,8 @@
 """The trained backbone as a plain function: `load_encoder(workdir)`.
 
     enc = corinfomax_jax.load_encoder("DIR")          # latest checkpoint, or step=N
-    features = enc(images)   # (N, H, W, 3) float32, normalised as in pretraining
+    features = enc(images)   # (N, H, W, 3) float32, normalised as in pretraining (other
+                             # dtypes, uint8 pixels among them, are refused)
                              # -> (N, 512 or 2048) numpy float32, BatchNorm in eval mode
     enc.model, enc.variables, enc.config, enc.step     # for Flax users
 
@@ -40,7 +41,17 @@ class Encoder:
     return models.feature_dim(self.model)
 
   def __call__(self, images) -> np.ndarray:
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
+    if images.dtype.kind != "f":
+      # uint8 pixels cast as they are would give features of unnormalised images.
+      dataset = self.config.get("data", {}).get("dataset", "cifar10")
+      raise ValueError(
+          f"images must be normalised floats, (pixels / 255 - mean) / std with the mean "
+          f"and std of pretraining; got dtype {images.dtype}. For uint8 pixels pass "
+          f"corinfomax_jax.data.augment.normalize_uint8(images, *corinfomax_jax.data."
+          f"augment.normalization_stats({dataset!r})), or the config.aug.mean and std "
+          "the run set.")
+    images = images.astype(np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (N, H, W, 3) float32 NHWC; got {images.shape}")
     devices = len(self._mesh.devices.flat)
@@ -99,6 +110,10 @@ def load_encoder(workdir: str, step: int | None = None) -> Encoder:
     ConfigError: (one line) there is no checkpoint, no such step, or none (or not
       `step`) reads: the directory, the step(s) and the damage are named.
   """
+  if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+    raise ConfigError(f"load_encoder: step = {step!r} is invalid: expected an integer "
+                      f"checkpoint step (e.g. step=2) or None for the latest; got a "
+                      f"{type(step).__name__}.")
   directory = train_state_lib.checkpoint_dir(workdir)
   missing = ConfigError(f"No pretraining checkpoint in workdir {workdir!r} (looked in "
                         f"{directory}). Pretrain first with --mode=pretrain.")
@@ -109,13 +124,14 @@ def load_encoder(workdir: str, step: int | None = None) -> Encoder:
     steps = sorted(manager.all_steps())
     if not steps:
       raise missing
-    if step is not None and step not in steps:
+    if step is not None and int(step) not in steps:
       raise ConfigError(f"No pretraining checkpoint of step {step} in {directory}; "
                         f"its steps are {steps}.")
     # The whole state is read, not only the backbone: a checkpoint reads here exactly
     # when it reads for the modes that restore the train state.
     state, record = checkpoints.restore_latest(manager, None, lambda record, step: None,
-                                               set_aside=False, step=step)
+                                               set_aside=False,
+                                               step=None if step is None else int(step))
   finally:
     manager.close()
   model = models.create_model(**record["model"])

@@ -236,16 +236,20 @@ class Checkpoint:
   """Saves `record_fn()` and the state every `every_steps` steps and at the last step.
 
   `before_save` runs first (the progress report's NaN guard), so a state that
-  followed a non-finite loss is never saved.
+  followed a non-finite loss is never saved; then `check_state(step, state)`, which
+  raises for an updated state that must not be saved (run/health.py's check).
   """
 
   def __init__(self, manager, every_steps: int, record_fn: Callable[[], dict],
-               before_save: Callable[[], None] = lambda: None):
+               before_save: Callable[[], None] = lambda: None,
+               check_state: Callable[[int, Any], None] = lambda step, state: None):
     self._manager, self._every = manager, every_steps
     self._record_fn, self._before_save = record_fn, before_save
+    self._check_state = check_state
 
   def __call__(self, step, state, metrics, is_last):
     del metrics
     if due(step, self._every, is_last):
       self._before_save()
+      self._check_state(step, state)
       checkpoints.save(self._manager, step, state, self._record_fn())

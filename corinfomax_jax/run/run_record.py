@@ -87,29 +87,57 @@ def write_run_config(record: dict, workdir: str,
   """Writes the resolved configuration `record` (settings.Settings.record) to
   workdir/config.json, and as hparams to `writer`; returns the record.
 
-  An existing record that differs is kept as config.json.prev: the steps already in
-  the checkpoint were trained under it, and overwriting alone would lose that. With
-  `compare` (when the checkpoint itself holds no result values to compare with, as in
-  earlier versions), a change of keys that change results is named in one warning; a
-  record of an earlier version is compared with its keys in their new places.
+  An existing record that differs is kept, every generation: as config.json.1 the
+  first, config.json.2 the next, and so on (the steps already in the checkpoint were
+  trained under them, and overwriting would lose that). With `compare` (when the
+  checkpoint itself holds no result values to compare with, as in earlier versions), a
+  change of keys that change results is named in one warning; a record of an earlier
+  version is compared with its keys in their new places. A record that is not JSON (a
+  damaged file) is kept the same way and replaced, with one warning: the record is
+  optional, the checkpoint holds the values.
   """
   if jax.process_index() != 0:
     return record
   path = files.as_path(workdir) / RECORD
   if path.exists():
-    previous = json.loads(path.read_text())
-    # A record of an earlier version: its keys in their new places, and its method the
-    # only one there was.
-    comparable = {"method": "corinfomax", **settings.moved_keys_applied(previous)}
+    text = files.within_read_timeout(f"the run record {path}", path.read_bytes)
+    try:
+      previous = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      kept = _keep_generation(path, text)
+      logging.warning("%s is not a readable record (%s: %s); kept as %s and replaced "
+                      "(the checkpoint holds the values that change results).", path,
+                      type(e).__name__, str(e).splitlines()[0][:120], kept.name)
+      previous = record
     if previous != record:
+      # A record of an earlier version: its keys in their new places, and its method the
+      # only one there was.
+      comparable = {"method": "corinfomax", **settings.moved_keys_applied(previous)}
+      kept = _keep_generation(path, text)
       changed = (changed_result_keys(_with_method_defaults(flatten(comparable)),
                                      flatten(record)) if compare else [])
       if changed:
         logging.warning("%s: this run changes keys that change results: %s (previous "
-                        "record kept as %s.prev).", path, "; ".join(changed), RECORD)
-      metrics.write_json(path.parent / f"{RECORD}.prev", previous)
+                        "record kept as %s).", path, "; ".join(changed), kept.name)
   metrics.write_json(path, record)
   if writer is not None:
     writer.hparams({k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
                     for k, v in flatten(record).items() if v is not None})
   return record
+
+
+def record_generations(workdir: str) -> list:
+  """The paths of the earlier records of `workdir`, oldest first (config.json.1, ...)."""
+  directory = files.as_path(workdir)
+  numbered = [(int(p.name.rsplit(".", 1)[1]), p) for p in directory.glob(f"{RECORD}.*")
+              if p.name.rsplit(".", 1)[1].isdigit()]
+  return [p for _, p in sorted(numbered)]
+
+
+def _keep_generation(path, text: bytes):
+  """Writes `text` (the record being replaced) as the next config.json.<n>; its path."""
+  generations = record_generations(str(path.parent))
+  number = int(generations[-1].name.rsplit(".", 1)[1]) + 1 if generations else 1
+  kept = path.parent / f"{RECORD}.{number}"
+  files.write_bytes(kept, text)
+  return kept

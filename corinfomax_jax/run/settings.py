@@ -136,6 +136,15 @@ class Train:
 
 
 @dataclasses.dataclass(frozen=True)
+class Divergence:
+  """The check of the updated state before every pretraining checkpoint (run/health.py):
+  non-finite values always stop the run; with `enabled`, so do these thresholds."""
+  enabled: bool
+  max_norm_ratio: float  # the parameters' global norm over the seeded initialisation's
+  floor_factor: float  # CorInfoMax: every covariance eigenvalue below this times eps
+
+
+@dataclasses.dataclass(frozen=True)
 class Knn:
   every_epochs: float  # monitor cadence during pretraining; 0: off
   ks: tuple[int, ...]
@@ -204,6 +213,7 @@ class Settings:
   method: Any  # a methods.Method, e.g. methods.CorInfoMax(alpha=..., ...)
   optimizer: Optimizer
   train: Train
+  divergence: Divergence
   eval: Eval
   seed: int
   record: dict  # the resolved configuration as JSON values (config.json)
@@ -250,7 +260,8 @@ _KEYS = {
          "learning_rate", "base_batch_size", "min_learning_rate", "warmup_epochs",
          "warmup_start_lr", "lars_eta", "seed", "log_every_steps",
          "checkpoint_every_steps", "keep_checkpoints", "spectrum_every_steps",
-         "profile_steps", "eval"),
+         "profile_steps", "divergence", "eval"),
+    "divergence": tuple(f.name for f in dataclasses.fields(Divergence)),
     "eval": ("batch_size", "monitors", "random_init", "embed_split", "knn",
              "online_probe", "linear", "finetune"),
     "eval.knn": ("every_epochs", "k", "temperature", "max_train_examples"),
@@ -295,10 +306,11 @@ def resolve(config) -> Settings:
   method = _method(raw)
   data = _data(raw)
   optimizer, train = _optimization(raw)
+  divergence = _divergence(raw.get("divergence", {}))
   evaluation = _eval(raw)
   record = json.loads(json.dumps(raw, default=_json_value))
   return Settings(data=data, model=model, method=method, optimizer=optimizer,
-                  train=train, eval=evaluation, seed=train.seed, record=record)
+                  train=train, divergence=divergence, eval=evaluation, seed=train.seed, record=record)
 
 
 def _json_value(value):
@@ -387,6 +399,9 @@ def _data(raw: dict) -> Data:
   need, is_int, _ = _checker(raw, "")
   need(isinstance(raw.get("dataset"), str) and raw["dataset"], "dataset",
        "a TFDS name, 'imagenet100', or 'folder:<root>'")
+  need(not raw["dataset"].startswith("folder:") or raw["dataset"][len("folder:"):].strip(),
+       "dataset", "'folder:<root>' with the path of the folder root/<split>/<class>/"
+       "<image> after the colon")
   need(is_int("image_size") and raw["image_size"] > 0, "image_size", "a positive integer")
   for key in ("train_split", "eval_split"):
     need(isinstance(raw.get(key), str) and raw[key], key, "a split name")
@@ -429,6 +444,16 @@ def _optimization(raw: dict) -> tuple[Optimizer, Train]:
       lars_eta=raw["lars_eta"])
   train = Train(**{f.name: raw[f.name] for f in dataclasses.fields(Train)})
   return optimizer, train
+
+
+def _divergence(section: dict) -> Divergence:
+  need, _, is_number = _checker(section, "divergence.")
+  need(isinstance(section.get("enabled"), bool), "enabled", "True or False")
+  need(is_number("max_norm_ratio") and section["max_norm_ratio"] > 1, "max_norm_ratio",
+       "a number > 1, e.g. 1e3")
+  need(is_number("floor_factor") and section["floor_factor"] >= 0, "floor_factor",
+       "a number >= 0, e.g. 10 (0: no collapse check)")
+  return Divergence(**{f.name: section[f.name] for f in dataclasses.fields(Divergence)})
 
 
 def _as_tuple(value):

@@ -169,33 +169,50 @@ def checkpoint_record(run: settings_lib.Settings, probe_classes: int = 0) -> dic
   against it.
   """
   return {"model": run.model.record(), "optimizer": run.optimizer.name,
-          "optimizer_version": OPTIMIZER_VERSION, "method": run.method.name, "online_probe_classes": probe_classes,
+          "optimizer_version": OPTIMIZER_VERSION, "method": run.method.name,
+          "online_probe_classes": probe_classes,
           "data": {"dataset": run.data.dataset, "image_size": run.data.image_size}}
 
 
-def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = True,
-            probe_classes: int | None = 0):
-  """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
-
-  `template` is a TrainState or a function of the checkpoint's record that returns
-  one. probe_classes None: any online probe and any optimizer (a reader of the
-  backbone).
-  """
+def _record_check(run: settings_lib.Settings, directory, probe_classes: int | None):
+  """check_record(record, step) for checkpoints.restore_latest: ConfigError for a
+  checkpoint of another model, method or online-probe setting, and for a writer
+  (probe_classes not None) of another optimizer."""
   expected = checkpoint_record(run, probe_classes or 0)
 
   def check(record, step):
     checkpoints.check_same(record.get("model", {}), expected["model"], step,
-                           manager.directory, "model.")
+                           directory, "model.")
     checkpoints.check_same({"method": record.get("method", "corinfomax")},
-                           {"method": expected["method"]}, step, manager.directory)
+                           {"method": expected["method"]}, step, directory)
     if probe_classes is not None:  # a writer continues the optimizer it finds
-      _check_optimizer(record, run.optimizer.name, step, manager.directory)
+      _check_optimizer(record, run.optimizer.name, step, directory)
     if probe_classes is not None and record.get("online_probe_classes", 0) != probe_classes:
       raise ConfigError(
-          f"The checkpoint of step {step} in {manager.directory} was written with "
+          f"The checkpoint of step {step} in {directory} was written with "
           f"config.eval.online_probe.enabled={bool(record.get('online_probe_classes'))}, this "
           f"run has {bool(probe_classes)}: a resumed run keeps the probe setting. Use "
           "the original setting, or another --workdir.")
+
+  return check
+
+
+def check_resume(manager, run: settings_lib.Settings, *, probe_classes: int = 0) -> None:
+  """ConfigError now, before the state is created (compiled), for a resume that
+  `restore` would refuse: a checkpoint of another model, method, optimizer or probe."""
+  checkpoints.check_latest_record(manager, _record_check(run, manager.directory,
+                                                         probe_classes))
+
+
+def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = True,
+            probe_classes: int | None = 0, check_state=None):
+  """(state, record) of the latest usable checkpoint, or (None, None); see checkpoints.
+
+  `template` is a TrainState or a function of the checkpoint's record that returns
+  one. probe_classes None: any online probe and any optimizer (a reader of the
+  backbone). check_state: see checkpoints.restore_latest (None: finite parameters).
+  """
+  check = _record_check(run, manager.directory, probe_classes)
 
   def template_for(record):
     state = template(record) if callable(template) else template
@@ -206,7 +223,7 @@ def restore(manager, template, run: settings_lib.Settings, *, set_aside: bool = 
             if f.name != "probe"}
 
   state, record = checkpoints.restore_latest(manager, template_for, check,
-                                             set_aside=set_aside)
+                                             set_aside=set_aside, check_state=check_state)
   if isinstance(state, dict):
     state = TrainState(**state)
   return state, record

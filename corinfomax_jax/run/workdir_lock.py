@@ -4,12 +4,16 @@
     run, mesh = startup.begin(config, workdir, ..., lock=lock)  # takes it
     ...                                                          # released on exit
 
-<workdir>/lock.json names its holder: host, pid, since (UTC), mode and command line.
-The writing modes (pretrain, linear_eval, finetune) take it; the reading modes (knn_eval,
-export, embed) do not, and may run beside a writer. A lock of this host whose pid is no
-longer alive (a SIGKILL, a crash) is stale and taken over with a warning; a lock of
-another host cannot be checked and is refused. With several processes only process 0
-holds it, and every process learns from process 0 whether it was taken.
+<workdir>/lock.json names its holder: host, pid, since (UTC), mode and command line, and
+on Linux the boot id and the process's start time (/proc/<pid>/stat, field 22), which
+tell a restarted holder from the one that wrote the lock. The writing modes (pretrain,
+linear_eval, finetune) take it; the reading modes (knn_eval, export, embed) do not, and
+may run beside a writer. A lock of this host is stale, and taken over with a warning,
+when its process is no longer running: its pid is gone, is this process's own (a
+container restarted with the same pid), or belongs to a process started at another time
+or before another boot (the pid reused). A lock of another host cannot be checked and is
+refused. With several processes only process 0 holds it, and every process learns from
+process 0 whether it was taken.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from absl import logging
 
 from corinfomax_jax import files
 from corinfomax_jax.errors import WorkdirBusyError
+from corinfomax_jax.errors import WorkdirError
 
 LOCK_FILE = "lock.json"
 _READ_TRIES = 20  # reads of a lock whose JSON is not written yet, 0.05 s apart
@@ -90,17 +95,19 @@ class WorkdirLock:
     record = {"host": socket.gethostname(), "pid": os.getpid(),
               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"),
-              "mode": self._mode, "command": shlex.join(sys.argv)}
+              "mode": self._mode, "command": shlex.join(sys.argv),
+              **process_identity(os.getpid())}
     for _ in range(3):  # a stale lock set aside, then ours made in its place
       holder = self._create(record)
       if holder is None:
         self._held = record
         return
-      if not _is_stale(holder):
+      why = stale_reason(holder)
+      if why is None:
         raise WorkdirBusyError(self._busy(holder))
       logging.warning("Taking over the stale lock %s: %s (pid %s on this host, since %s) "
-                      "is no longer running.", self._path, holder.get("mode"),
-                      holder.get("pid"), holder.get("since"))
+                      "is no longer running (%s).", self._path, holder.get("mode"),
+                      holder.get("pid"), holder.get("since"), why)
       self._remove_stale(holder)
     raise WorkdirBusyError(f"--workdir {self._workdir!r}: other runs keep taking its "
                            f"{LOCK_FILE}; start one run at a time.")
@@ -158,9 +165,16 @@ class WorkdirLock:
       return (f"--workdir {self._workdir!r} is locked by {who}, which this host "
               f"({socket.gethostname()}) cannot check: if that run is gone, delete "
               f"{self._path}; else wait for it or use another --workdir.")
-    return (f"--workdir {self._workdir!r} is in use by {who}: wait for it to finish or "
-            f"stop it (kill {holder.get('pid')}), or use another --workdir; knn_eval, "
-            "export and embed may run beside it.")
+    if _verified(holder):
+      return (f"--workdir {self._workdir!r} is in use by {who}: wait for it to finish "
+              f"or stop it (kill {holder.get('pid')}), or use another --workdir; "
+              "knn_eval, export and embed may run beside it.")
+    # A lock without the holder's start time (an earlier version's): its pid is alive,
+    # but may be another process by now, so no advice to kill it.
+    return (f"--workdir {self._workdir!r} is locked by {who}, whose pid is alive but may "
+            f"now belong to another process: if that run is gone, delete {self._path}; "
+            "else wait for it or use another --workdir; knn_eval, export and embed may "
+            "run beside it.")
 
 
 def _read(path) -> dict | None:
@@ -170,24 +184,77 @@ def _read(path) -> dict | None:
   """
   for i in range(_READ_TRIES):
     try:
-      record = json.loads(path.read_text())
+      record = json.loads(files.within_read_timeout(f"the lock {path}", path.read_text))
       return record if isinstance(record, dict) else {}
     except FileNotFoundError:
       return None
+    except IsADirectoryError:
+      raise WorkdirError(f"{path} is a directory, not the workdir's lock file: remove it "
+                         "(rm -r) if no run uses this workdir, then run again.") from None
     except ValueError:
       if i + 1 < _READ_TRIES:
         time.sleep(0.05)
   return {}
 
 
-def _is_stale(holder: dict) -> bool:
-  """True for a lock of this host whose process is gone."""
-  if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-    return False
+def process_identity(pid: int) -> dict:
+  """{"boot_id", "start_time"} of process `pid` on Linux ({} elsewhere, or when it is
+  gone): with the pid they name one process across pid reuse and reboots."""
+  start = _start_time(pid)
+  boot_id = _boot_id()
+  if start is None or boot_id is None:
+    return {}
+  return {"boot_id": boot_id, "start_time": start}
+
+
+def _start_time(pid: int) -> int | None:
+  """Field 22 of /proc/<pid>/stat (clock ticks after boot), or None."""
   try:
-    os.kill(holder["pid"], 0)
+    with open(f"/proc/{pid}/stat") as f:
+      stat = f.read()
+  except OSError:
+    return None
+  # The command name (field 2) is in parentheses and may hold spaces: split after it.
+  fields = stat[stat.rfind(")") + 2:].split()
+  try:
+    return int(fields[19])  # fields 3, 4, ... from index 0: field 22 is index 19
+  except (IndexError, ValueError):
+    return None
+
+
+def _boot_id() -> str | None:
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f.read().strip() or None
+  except OSError:
+    return None
+
+
+def _verified(holder: dict) -> bool:
+  """True when the holder's pid is the very process that wrote the lock (same boot,
+  same start time)."""
+  return ("start_time" in holder and process_identity(holder.get("pid", -1)) == {
+      "boot_id": holder.get("boot_id"), "start_time": holder.get("start_time")})
+
+
+def stale_reason(holder: dict) -> str | None:
+  """Why the process of a lock of this host is no longer running, or None when it may
+  be (or, for another host's lock, cannot be checked)."""
+  pid = holder.get("pid")
+  if (holder.get("host") != socket.gethostname() or not isinstance(pid, int)
+      or isinstance(pid, bool) or pid <= 0):
+    return None
+  if pid == os.getpid():
+    return "its pid is this process's own: a restart with the same pid"
+  if holder.get("boot_id") and _boot_id() and holder["boot_id"] != _boot_id():
+    return "written before this host's last boot"
+  try:
+    os.kill(pid, 0)
   except ProcessLookupError:
-    return True
+    return "its pid is gone"
   except PermissionError:  # alive, under another user
-    return False
-  return False
+    pass
+  start = _start_time(pid)
+  if "start_time" in holder and start is not None and start != holder["start_time"]:
+    return "its pid now belongs to a process started later"
+  return None

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from corinfomax_jax.data import augment
 from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import errors
 from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import sources
 
@@ -149,8 +150,21 @@ def test_corrupt_file_raises_naming_it(tmp_path):
   source = sources.get_source(_bad_folder(tmp_path), None, "train")
   batches = pipeline.eval_batches(source, global_batch_size=4, image_size=8,
                             process_index=0, process_count=1)
-  with pytest.raises(ValueError, match=r"b/bad\.jpg.*skip_bad_images"):
+  with pytest.raises(errors.ConfigError, match=r"b/bad\.jpg.*skip_bad_images") as raised:
     list(batches)
+  # TensorFlow's own words, without the graph's names around them.
+  message = str(raised.value)
+  assert "InvalidArgumentError: " in message, message
+  assert "{{" not in message and "[Op:" not in message and "name:" not in message, message
+
+
+def test_tensorflow_op_noise_is_cut_from_an_op_error():
+  text = ("{{function_node __wrapped__DecodeImage_device_/job:localhost/replica:0/task:0/"
+          "device:CPU:0}} Unknown image file format. One of JPEG, PNG required. "
+          "[Op:DecodeImage] name: ")
+  assert sources.op_message(text) == "Unknown image file format. One of JPEG, PNG required"
+  assert sources.op_message("Invalid PNG data, size 300\n\t [[{{node cond/DecodeImage}}]]"
+                            ) == "Invalid PNG data, size 300"
 
 
 def test_skip_mode_logs_and_counts(tmp_path, caplog):

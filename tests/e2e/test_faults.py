@@ -152,12 +152,20 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(image_folder, tm
     assert open(path, "rb").read() == content
 
 
-def test_checkpoint_of_another_configuration_is_refused(image_folder, tmp_path):
+def test_checkpoint_of_another_configuration_is_refused(image_folder, tmp_path,
+                                                        monkeypatch):
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), str(tmp_path))
+  events = sorted(glob.glob(str(tmp_path / "events.out.tfevents.*")))
   other = tiny_config(f"folder:{image_folder}", max_steps=4, projector="32-4")
+
+  def compiled(*args, **kwargs):
+    raise AssertionError("the state was created (compiled) before the refusal")
+
+  monkeypatch.setattr(pretrain.train_state_lib, "create_train_state", compiled)
   with pytest.raises(errors.ConfigError, match=r"config.model.projector: checkpoint \[32, 8\] vs config \[32, 4\]"):
     pretrain.train_and_evaluate(other, str(tmp_path))
   assert committed_steps(str(tmp_path)) == [2]
+  assert sorted(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == events  # none new
 
 
 def _with_nan_images(batch):

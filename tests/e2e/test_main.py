@@ -152,3 +152,51 @@ def test_an_unreadable_image_ends_the_process_right_after_its_error_line(
   # Exiting takes no teardown of background threads (it took 14 s and more under load,
   # or never ended, before).
   assert time.monotonic() - error_at < 5.0
+
+
+FLAG_ERRORS = """
+import contextlib, io, json, sys
+sys.argv = sys.argv[:1]
+import main
+from absl import flags
+lines = []
+for argv in json.loads(sys.stdin.read()):
+  err = io.StringIO()
+  sys.argv = ["main.py", *argv]  # config_flags reads the overrides from sys.argv
+  with contextlib.redirect_stderr(err):
+    try:
+      main._parse_flags(sys.argv)
+      status = 0
+    except SystemExit as e:
+      status = e.code
+  flags.FLAGS.unparse_flags()
+  lines.append([status, err.getvalue()])
+print(json.dumps(lines))
+"""
+
+
+def test_flag_errors_are_one_line_in_the_programs_form(tmp_path):
+  """absl's two-line form (and a config file's FATAL block with its traceback) become
+  one `error:` line naming the value."""
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  workdir = f"--workdir={tmp_path}"
+  cases = [
+      (["--config=configs/imagenet1k.py:semi5", workdir],
+       "configs/imagenet1k.py:semi5 is not known: accepted ['semi1', 'semi10']"),
+      (["--config=configs/cifar10.py", workdir, "--mode=bogus"],
+       "flag --mode=bogus: value should be one of <pretrain|"),
+      (["--config=configs/cifar10.py"], "--workdir must have a value"),
+      (["--config=configs/cifar10.py", workdir, "--config.batch_size=abc"],
+       "flag --config.batch_size=abc: invalid literal for int()"),
+  ]
+  proc = subprocess.run([sys.executable, "-c", FLAG_ERRORS],
+                        input=json.dumps([argv for argv, _ in cases]), cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for (status, stderr), (argv, said) in zip(json.loads(proc.stdout.splitlines()[-1]),
+                                            cases):
+    assert status == 1, (argv, stderr)
+    assert stderr.count("\n") == 1 and stderr.startswith("error: "), (argv, stderr)
+    assert said in stderr, (argv, stderr)

@@ -51,6 +51,21 @@ def _snapshot(workdir):
   return out
 
 
+@pytest.fixture
+def other_process():
+  """A live process of this host that is not this one (a stand-in holder)."""
+  proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+  yield proc
+  proc.kill()
+  proc.wait()
+
+
+def _held_by(workdir, proc, **fields):
+  """A lock written by `proc` itself, with its boot id and start time."""
+  return _write_lock(workdir, pid=proc.pid,
+                     **workdir_lock.process_identity(proc.pid), **fields)
+
+
 def _dead_pid():
   proc = subprocess.Popen([sys.executable, "-c", "pass"])
   proc.wait()  # reaped: no process has this pid until the system reuses it
@@ -130,17 +145,18 @@ def test_a_lock_of_another_host_is_refused_and_kept(image_folder, tmp_path):
   assert committed_steps(workdir) == []
 
 
-def test_readers_run_beside_a_writer(image_folder, tmp_path, caplog):
+def test_readers_run_beside_a_writer(image_folder, tmp_path, caplog, other_process):
   workdir = str(tmp_path)
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2), workdir)
-  record = _write_lock(workdir)  # this live process, as a writer would hold it
+  record = _held_by(workdir, other_process)  # a live writer
   with caplog.at_level(logging.INFO):
     result = knn_eval.knn_eval(tiny_config(f"folder:{image_folder}"), workdir)
   assert result["step"] == 2
   assert "Loaded the pretraining checkpoint of step 2" in caplog.text
   with open(_lock_path(workdir)) as f:
     assert json.load(f) == record  # neither taken nor removed
-  with pytest.raises(errors.WorkdirBusyError, match=f"in use by pretrain .pid {os.getpid()}"):
+  with pytest.raises(errors.WorkdirBusyError,
+                     match=f"in use by pretrain .pid {other_process.pid}.*kill {other_process.pid}"):
     linear_eval.linear_eval(tiny_config(f"folder:{image_folder}"), workdir)
 
 
@@ -171,13 +187,75 @@ def test_the_lock_is_released_after_an_error_past_start_up(image_folder, tmp_pat
   assert not os.path.exists(_lock_path(workdir))
 
 
-def test_a_gs_workdir_is_locked_through_the_file_layer(bucket, image_folder):
+def test_a_gs_workdir_is_locked_through_the_file_layer(bucket, image_folder, other_process):
   workdir = "gs://bucket/run"
   pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=1), workdir)
   local = bucket.local(workdir)
   assert os.path.isdir(os.path.join(local, "checkpoints"))
   assert not os.path.exists(_lock_path(local))  # taken and released in the bucket
-  _write_lock(local)  # this live process
-  with pytest.raises(errors.WorkdirBusyError, match=f"pid {os.getpid()}"):
+  _held_by(local, other_process)
+  with pytest.raises(errors.WorkdirBusyError, match=f"pid {other_process.pid}"):
     pretrain.train_and_evaluate(tiny_config(f"folder:{image_folder}", max_steps=2),
                                 workdir)
+
+
+def _take(workdir):
+  lock = workdir_lock.WorkdirLock(workdir, "pretrain")
+  lock.acquire()
+  with open(_lock_path(workdir)) as f:
+    taken = json.load(f)
+  lock.release()
+  return taken
+
+
+def test_the_lock_records_the_process_start_time_and_boot(tmp_path):
+  taken = _take(str(tmp_path))
+  assert taken["pid"] == os.getpid()
+  assert taken["start_time"] == workdir_lock.process_identity(os.getpid())["start_time"]
+  with open("/proc/sys/kernel/random/boot_id") as f:
+    assert taken["boot_id"] == f.read().strip()
+  assert not os.path.exists(_lock_path(str(tmp_path)))
+
+
+@pytest.mark.parametrize("case", ["pid reused", "own pid", "another boot"])
+def test_a_lock_of_a_restarted_holder_is_taken_over(tmp_path, caplog, other_process, case):
+  workdir = str(tmp_path)
+  identity = workdir_lock.process_identity(other_process.pid)
+  if case == "pid reused":  # a live, unrelated process now has the pid
+    _write_lock(workdir, pid=other_process.pid, boot_id=identity["boot_id"],
+                start_time=identity["start_time"] - 1)
+  elif case == "own pid":  # a container restarted with the same (low) pid
+    _write_lock(workdir, pid=os.getpid())  # a lock of an earlier version: no start time
+  else:
+    _write_lock(workdir, pid=other_process.pid, boot_id="another-boot",
+                start_time=identity["start_time"])
+  with caplog.at_level(logging.WARNING):
+    taken = _take(workdir)
+  assert taken["pid"] == os.getpid()
+  warnings = [r.getMessage() for r in caplog.records if "stale lock" in r.getMessage()]
+  said = {"pid reused": "started later", "own pid": "this process's own",
+          "another boot": "before this host's last boot"}[case]
+  assert len(warnings) == 1 and said in warnings[0], warnings
+
+
+def test_a_live_holder_is_refused_and_kill_is_advised_only_when_verified(tmp_path,
+                                                                         other_process):
+  workdir = str(tmp_path)
+  record = _held_by(workdir, other_process)
+  with pytest.raises(errors.WorkdirBusyError, match=f"kill {other_process.pid}"):
+    _take(workdir)
+  # An earlier version's lock (no start time) of a live pid: it may be another process.
+  unverified = {k: v for k, v in record.items() if k not in ("start_time", "boot_id")}
+  with open(_lock_path(workdir), "w") as f:
+    json.dump(unverified, f)
+  with pytest.raises(errors.WorkdirBusyError) as info:
+    _take(workdir)
+  assert "kill" not in str(info.value) and f"delete {_lock_path(workdir)}" in str(info.value)
+  with open(_lock_path(workdir)) as f:
+    assert json.load(f) == unverified  # refused, and kept
+
+
+def test_a_lock_file_that_is_a_directory_is_one_clear_error(tmp_path):
+  os.mkdir(_lock_path(str(tmp_path)))
+  with pytest.raises(errors.WorkdirError, match="is a directory, not the workdir's lock file"):
+    _take(str(tmp_path))

@@ -365,11 +365,21 @@ def test_a_local_shard_of_one_is_a_legitimate_batch():
 
 @pytest.mark.parametrize("kw", [dict(la_R=1.5), dict(la_R=-1), dict(la_R=1.0),
                                 dict(la_mu=1.5), dict(la_mu=-0.1), dict(eps=-1.0),
-                                dict(eps=float("nan"))])
+                                dict(eps=float("nan")), dict(alpha=float("nan")),
+                                dict(alpha=-1.0), dict(alpha=float("inf")),
+                                # concrete arrays are checked like numbers
+                                dict(la_R=jnp.array(1.5)), dict(la_mu=np.float32(-0.5)),
+                                dict(alpha=jnp.array(np.nan)), dict(eps=jnp.array(-1.0))])
 def test_forgetting_factors_and_eps_out_of_range_are_refused(kw):
   name = next(iter(kw))
   with pytest.raises(ValueError, match=name):
     cim.corinfomax_loss(jnp.ones((4, 8)), jnp.ones((4, 8)), cim.init_state(8), **kw)
+
+
+@pytest.mark.parametrize("dim", [True, 2.5, "8"])
+def test_init_state_refuses_a_dimension_that_is_not_a_positive_integer(dim):
+  with pytest.raises(ValueError, match="dim must be a positive integer"):
+    cim.init_state(dim)
 
 
 def test_traced_hyperparameters_are_not_checked():
@@ -549,8 +559,11 @@ def test_float64_without_x64_mode_is_refused_in_one_line():
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="init_state: dtype=float64 needs JAX's x64 mode"):
     cim.init_state(4, dtype=jnp.float64)
-  with pytest.raises(ValueError, match="stats_dtype must be float32 or float64"):
+  with pytest.raises(ValueError, match="stats_dtype = <class 'jax.numpy.bfloat16'> is "
+                                       "invalid: expected jnp.float32 or jnp.float64"):
     cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="stats_dtype = 'bogus' is invalid"):  # not "None"
+    cim.corinfomax_loss(_Z, _Z, cim.init_state(4), stats_dtype="bogus")
 
 
 def test_float64_on_tpu_is_refused(monkeypatch):

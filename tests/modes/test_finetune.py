@@ -28,7 +28,8 @@ def _config(image_folder, **eval_overrides):
   return config
 
 
-def test_the_labelled_subset_is_class_balanced_seeded_or_named(image_folder, tmp_path):
+def test_the_labelled_subset_is_class_balanced_seeded_or_named(image_folder, tmp_path,
+                                                               caplog):
   source = sources.get_source(f"folder:{image_folder}", None, "train")  # 2 x 12, by class
   index = finetune.labelled_index(source, fraction=0.25, label_file=None, seed=0)
   assert len(index) == 6 and np.all(np.diff(index) > 0)
@@ -40,8 +41,12 @@ def test_the_labelled_subset_is_class_balanced_seeded_or_named(image_folder, tmp
   assert len(finetune.labelled_index(source, fraction=0.01, label_file=None, seed=0)) == 2
   names = tmp_path / "subset.txt"
   names.write_text("3.png\n10.png\n")  # in both class directories
-  index = finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
+  with caplog.at_level("WARNING"):
+    index = finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
   assert [os.path.basename(source.describe(i)) for i in index] == ["10.png", "3.png"] * 2
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "2 of its 2 names each match several images" in (
+      warnings[0]) and "4 examples are labelled for 2 names" in warnings[0], warnings
   names.write_text("3.png\nnot_there.png\n")
   with pytest.raises(errors.ConfigError, match="1 of its 2 names"):
     finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)

@@ -240,6 +240,19 @@ def test_knn_eval_of_random_init(image_root, tmp_path):
   assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
+def test_a_one_class_knn_eval_says_its_top1_is_trivial(tmp_path, caplog):
+  root = make_image_folder(tmp_path / "images", classes=("red",), per_class=4)
+  config = _config(str(root))
+  config.eval.random_init = True
+  config.eval.batch_size = 8
+  with caplog.at_level("WARNING"):
+    result = knn_eval_lib.knn_eval(config, str(tmp_path / "w"))
+  assert result["top1"] == 100.0 and result["trivial"] is True
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("has 1 class, so top-1 is 100 whatever the features" in w
+             for w in warnings), warnings
+
+
 def test_knn_eval_of_the_checkpoint(pretrained, tmp_path):
   config, pretrain_dir, _ = pretrained
   workdir = str(_copy(pretrain_dir, tmp_path))

@@ -40,6 +40,21 @@ def test_an_earlier_step_and_a_missing_one(pretrained_workdir):
     corinfomax_jax.load_encoder(str(pretrained_workdir), step=3)
 
 
+@pytest.mark.parametrize("step", ["2", 2.0, True])
+def test_a_step_that_is_not_an_integer_is_named(pretrained_workdir, step):
+  with pytest.raises(errors.ConfigError, match=f"step = {step!r} is invalid: expected an "
+                                               "integer checkpoint step"):
+    corinfomax_jax.load_encoder(str(pretrained_workdir), step=step)
+
+
+def test_images_that_are_not_floats_are_refused_not_cast(pretrained_workdir):
+  enc = corinfomax_jax.load_encoder(str(pretrained_workdir))
+  pixels = np.full((2, 16, 16, 3), 200, np.uint8)
+  with pytest.raises(ValueError, match="got dtype uint8.*normalize_uint8"):
+    enc(pixels)
+  assert np.isfinite(enc(pixels.astype(np.float64) / 255.0)).all()  # floats of any width
+
+
 def test_a_damaged_latest_checkpoint_is_skipped_as_every_mode_skips_it(
     pretrained_workdir, image_folder, tmp_path, caplog):
   workdir = str(damaged_copy(pretrained_workdir, tmp_path / "w", steps=[4]))

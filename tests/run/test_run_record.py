@@ -29,7 +29,7 @@ def test_a_record_of_an_earlier_version_is_compared_in_the_new_places(tmp_path, 
   assert "knn" not in warnings[0]  # moved, not changed; and not a result key
   assert json.loads((tmp_path / "config.json").read_text()) == new
   # The record that was there is kept as it was written.
-  assert json.loads((tmp_path / "config.json.prev").read_text()) == {
+  assert json.loads((tmp_path / "config.json.1").read_text()) == {
       "alpha": 250.0, "model": {"width": 8}, "eval": {"knn_k": 20}}
 
 
@@ -50,7 +50,30 @@ def test_resume_with_a_changed_alpha_warns_once_and_records_the_new(image_folder
   assert "corinfomax.alpha 250.0 -> 500.0" in warnings[0]
   assert "max_steps" not in warnings[0]  # bookkeeping, not a result
   assert json.loads((tmp_path / "config.json").read_text())["corinfomax"]["alpha"] == 500.0
-  assert json.loads((tmp_path / "config.json.prev").read_text()) == first
+  assert json.loads((tmp_path / "config.json.1").read_text()) == first
+
+
+def test_every_generation_of_the_record_is_kept(tmp_path, caplog):
+  records = [{"corinfomax": {"alpha": a}, "seed": 0} for a in (250.0, 500.0, 750.0)]
+  for record in records:
+    run_record.write_run_config(record, str(tmp_path))
+  run_record.write_run_config(records[-1], str(tmp_path))  # unchanged: no new generation
+  kept = run_record.record_generations(str(tmp_path))
+  assert [p.name for p in kept] == ["config.json.1", "config.json.2"]
+  assert [json.loads(p.read_text()) for p in kept] == records[:2]
+  assert json.loads((tmp_path / "config.json").read_text()) == records[2]
+
+
+def test_a_damaged_record_is_kept_and_replaced_with_one_warning(tmp_path, caplog):
+  (tmp_path / "config.json").write_text("")  # cut short by a full disk
+  with caplog.at_level(logging.WARNING):
+    run_record.write_run_config({"seed": 0}, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1, warnings
+  assert f"{tmp_path / 'config.json'} is not a readable record (JSONDecodeError" in (
+      warnings[0]) and "kept as config.json.1" in warnings[0]
+  assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 0}
+  assert (tmp_path / "config.json.1").read_text() == ""
 
 
 def test_a_resume_is_checked_against_the_checkpoint_even_without_config_json(

@@ -23,15 +23,37 @@ def test_flat_model_flags_move_under_config_model():
   argv = ["main.py", "--config=configs/cifar10.py", "--config.model=resnet50",
           "--config.width", "32", "--config.projector=4096-4096-128",
           "--config.cifar_stem=False", "--config.projector_bn=True",
-          "--config.dtype=bfloat16", "--config.model.projector=64-8",
-          "--config.alpha=10", "--workdir=w"]
+          "--config.dtype=bfloat16", "--config.model.projector=4096-4096-128",
+          "--config.alpha=10", "--config.corinfomax.alpha=10.0", "--workdir=w"]
   # CorInfoMax's flat keys now move too, to its section config.corinfomax.
   assert command_line.translate_moved_flags(argv) == [
       "main.py", "--config=configs/cifar10.py", "--config.model.backbone=resnet50",
       "--config.model.width=32", "--config.model.projector=(4096,4096,128,)",
       "--config.model.cifar_stem=False", "--config.model.projector_bn=True",
-      "--config.model.dtype=bfloat16", "--config.model.projector=(64,8,)",
-      "--config.corinfomax.alpha=10", "--workdir=w"]
+      "--config.model.dtype=bfloat16", "--config.model.projector=(4096,4096,128,)",
+      "--config.corinfomax.alpha=10", "--config.corinfomax.alpha=10.0", "--workdir=w"]
+
+
+def test_each_moved_flag_is_noted_for_the_log():
+  notices = []
+  command_line.translate_moved_flags(
+      ["main.py", "--config.alpha=10", "--config.width", "8", "--config.seed=1"], notices)
+  assert notices == ["--config.alpha is now --config.corinfomax.alpha.",
+                     "--config.width is now --config.model.width."]
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--config.alpha=10", "--config.corinfomax.alpha=20"],
+     "--config.alpha=10 and --config.corinfomax.alpha=20 set the same key"),
+    (["--config.model.projector=64-8", "--config.projector", "128-8"],
+     "--config.projector=128-8 and --config.model.projector=64-8 set the same key"),
+    (["--config.eval.knn_k=(20,)", "--config.eval.knn.k=(200,)"],
+     "(config.eval.knn.k, whose earlier name is config.eval.knn_k)"),
+])
+def test_an_old_and_a_new_flag_with_different_values_are_refused(argv, said):
+  with pytest.raises(errors.ConfigError) as info:
+    command_line.translate_moved_flags(["main.py", *argv])
+  assert said in str(info.value) and "give it once" in str(info.value), str(info.value)
 
 
 def test_flat_eval_flags_move_to_their_evaluator_sections():
@@ -293,3 +315,10 @@ def test_a_key_nothing_reads_is_refused_naming_the_closest(where, key, closest):
                      match=rf"config\.{re.escape(path)} is not a configuration key.*"
                            rf"{re.escape(closest)}"):
     settings.resolve(config)
+
+
+@pytest.mark.parametrize("dataset", ["folder:", "folder: "])
+def test_a_folder_dataset_without_a_root_is_refused(dataset):
+  with pytest.raises(errors.ConfigError, match="config.dataset = .folder: ?. is invalid: "
+                                               "expected 'folder:<root>' with the path"):
+    settings.resolve(tiny_config(dataset))
