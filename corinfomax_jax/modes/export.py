@@ -9,17 +9,28 @@ from corinfomax_jax import files
 from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import encoder as encoder_lib
+from corinfomax_jax.run import train_state as train_state_lib
 
 EXPORT_DIR = "export"
 SAFETENSORS_FILE = "backbone.safetensors"
 MSGPACK_FILE = "backbone.msgpack"
 
 
+def batches_tracked(enc: encoder_lib.Encoder) -> int | dict[str, int]:
+  """The BatchNorms' num_batches_tracked: the steps trained, plus those of a backbone
+  imported with --mode=import (so that an import exports as it came)."""
+  imported = enc.config.get(train_state_lib.IMPORTED, {}).get("num_batches_tracked", 0)
+  if isinstance(imported, dict):
+    return {key: value + enc.step for key, value in imported.items()}
+  return imported + enc.step
+
+
 def export_backbone(config, workdir: str) -> dict[str, str]:
   """--mode=export: the backbone of the latest checkpoint, for PyTorch and for Flax.
 
   Writes (process 0) DIR/export/backbone.safetensors: torchvision's resnet18/resnet50
-  state_dict (no fc; BatchNorm running statistics and num_batches_tracked = the step),
+  state_dict (no fc; BatchNorm running statistics; num_batches_tracked = the step, plus
+  an imported backbone's own),
   metadata {backbone, cifar_stem, width, step}; and DIR/export/backbone.msgpack:
   flax.serialization.to_bytes({"params", "batch_stats"}) of the backbone alone, which
   `flax.serialization.from_bytes` restores into `models.create_backbone(...)`'s variables.
@@ -44,7 +55,7 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
   backbone = {k: enc.variables[k]["backbone"] for k in ("params", "batch_stats")}
   tensors = export.torchvision_state_dict(enc.variables, backbone=model["backbone"],
                                           cifar_stem=model.get("cifar_stem"),
-                                          num_batches_tracked=enc.step)
+                                          num_batches_tracked=batches_tracked(enc))
   directory = files.as_path(workdir) / EXPORT_DIR
   paths = {"safetensors": str(directory / SAFETENSORS_FILE),
            "msgpack": str(directory / MSGPACK_FILE)}

@@ -251,8 +251,11 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
             f"{manager.directory}. Lower config.learning_rate or check the data."),
         totals=("cholesky_fallbacks",))
     results = run_record.result_values(run.record)
+    # A backbone imported with --mode=import: every checkpoint keeps saying so.
+    imported = ({train_state_lib.IMPORTED: record[train_state_lib.IMPORTED]}
+                if restored is not None and train_state_lib.IMPORTED in record else {})
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
-                         "results": results,
+                         "results": results, **imported,
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
     actions = [
         report,

@@ -152,3 +152,15 @@ def test_an_unreadable_image_ends_the_process_right_after_its_error_line(
   # Exiting takes no teardown of background threads (it took 14 s and more under load,
   # or never ended, before).
   assert time.monotonic() - error_at < 5.0
+
+
+def test_import_of_weights_that_do_not_fit_is_one_error_line(tmp_path, image_folder):
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from torch_layout import torchvision_resnet  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "imagenet_stem.safetensors"
+  safetensors.numpy.save_file(
+      torchvision_resnet("resnet18", width=4, cifar_stem=False, classes=10), str(path))
+  proc = run_main(image_folder, tmp_path / "w", "--mode=import", f"--weights={path}")
+  assert_one_error_line(proc, "does not fit config.model", "conv1.weight is 7x7",
+                        "set config.model.cifar_stem=False")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")

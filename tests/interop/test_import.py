@@ -9,55 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch_writer
+from torch_layout import save_torch_file
+from torch_layout import torchvision_resnet
 from test_torchvision import _torchvision_keys
 
 from corinfomax_jax import models
 from corinfomax_jax.interop import torchvision as tv
 from corinfomax_jax.interop import weights_files
-
-
-def torchvision_resnet(backbone, *, width=64, cifar_stem=False, classes=1000, seed=0):
-  """torchvision.models.resnet18()/resnet50()'s state_dict, written from its definition
-  (not from the export's table), with random values: kernels He-scaled, BN scales of
-  either sign, running means and variances away from their initial 0 and 1."""
-  stages, bottleneck = {"resnet18": ((2, 2, 2, 2), False),
-                        "resnet50": ((3, 4, 6, 3), True)}[backbone]
-  rng = np.random.default_rng(seed)
-  sd = {}
-
-  def conv(key, out, inp, k):
-    sd[f"{key}.weight"] = rng.normal(0, np.sqrt(2 / (inp * k * k)),
-                                     (out, inp, k, k)).astype(np.float32)
-
-  def bn(key, c):
-    sd[f"{key}.weight"] = (rng.choice([-1, 1], c) * rng.uniform(0.5, 1.5, c)).astype(np.float32)
-    sd[f"{key}.bias"] = rng.normal(0, 0.3, c).astype(np.float32)
-    sd[f"{key}.running_mean"] = rng.normal(0, 0.3, c).astype(np.float32)
-    sd[f"{key}.running_var"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
-    sd[f"{key}.num_batches_tracked"] = np.array(1234, np.int64)
-
-  conv("conv1", width, 3, 3 if cifar_stem else 7)
-  bn("bn1", width)
-  inplanes, expansion = width, 4 if bottleneck else 1
-  for i, blocks in enumerate(stages):
-    planes = width * 2 ** i
-    for j in range(blocks):
-      p = f"layer{i + 1}.{j}"
-      if bottleneck:
-        conv(f"{p}.conv1", planes, inplanes, 1), bn(f"{p}.bn1", planes)
-        conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
-        conv(f"{p}.conv3", planes * 4, planes, 1), bn(f"{p}.bn3", planes * 4)
-      else:
-        conv(f"{p}.conv1", planes, inplanes, 3), bn(f"{p}.bn1", planes)
-        conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
-      if j == 0 and (i > 0 or bottleneck):
-        conv(f"{p}.downsample.0", planes * expansion, inplanes, 1)
-        bn(f"{p}.downsample.1", planes * expansion)
-      inplanes = planes * expansion
-  sd["fc.weight"] = rng.normal(0, 0.01, (classes, inplanes)).astype(np.float32)
-  sd["fc.bias"] = np.zeros(classes, np.float32)
-  return sd
 
 
 def _parameters(sd):
@@ -79,7 +37,7 @@ def test_pth_and_safetensors_import_gives_torchvisions_features(backbone, count,
   # The layout is torchvision's: its keys (plus fc) and its parameter count.
   assert list(sd) == _torchvision_keys(backbone) + ["fc.weight", "fc.bias"]
   assert _parameters(sd) == count
-  torch_writer.save_torch_file(sd, tmp_path / "w.pth")
+  save_torch_file(sd, tmp_path / "w.pth")
   safetensors.numpy.save_file(sd, str(tmp_path / "w.safetensors"))
   pth = weights_files.read_weights(tmp_path / "w.pth")
   st = weights_files.read_weights(tmp_path / "w.safetensors")
@@ -120,7 +78,7 @@ def test_nested_checkpoints_lose_their_prefixes_and_count_what_is_left_out(tmp_p
                 **{f"module.backbone.{k}": v for k, v in sd.items()},
                 **{f"module.projector.{i}.weight": np.ones((3, 3), np.float32)
                    for i in range(3)}}}
-  torch_writer.save_torch_file(nested, tmp_path / "ckpt.pth")
+  save_torch_file(nested, tmp_path / "ckpt.pth")
   weights = weights_files.read_weights(tmp_path / "ckpt.pth")
   assert list(weights.state_dict) == list(sd)
   assert weights.left_out == {"projector.*": 3}
@@ -132,7 +90,7 @@ def test_nested_checkpoints_lose_their_prefixes_and_count_what_is_left_out(tmp_p
 
   safetensors.numpy.save_file({"weight": np.ones(2, np.float32)},
                               str(tmp_path / "a.safetensors"))
-  torch_writer.save_torch_file({"epoch": 1, "args": "x"}, tmp_path / "none.pth")
+  save_torch_file({"epoch": 1, "args": "x"}, tmp_path / "none.pth")
   with pytest.raises(ValueError, match=r"no state_dict .* top level is \['args', 'epoch'\]"):
     weights_files.read_weights(tmp_path / "none.pth")
   (tmp_path / "junk.bin").write_bytes(b"\x01" * 64)

@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch_writer
+from torch_layout import save_torch_file
 
 from corinfomax_jax.interop import torch_files
 
@@ -57,7 +57,7 @@ def test_the_test_writer_matches_the_reader(tmp_path):
   tree = {"epoch": 9, "state_dict": {"w": rng.normal(size=(3, 2, 5)).astype(np.float32),
                                      "n": np.array(12, np.int64),
                                      "h": rng.normal(size=(4,)).astype(np.float16)}}
-  torch_writer.save_torch_file(tree, tmp_path / "t.pth")
+  save_torch_file(tree, tmp_path / "t.pth")
   back = torch_files.read_torch_file(tmp_path / "t.pth")
   assert back["epoch"] == 9 and list(back["state_dict"]) == ["w", "n", "h"]
   for key, value in tree["state_dict"].items():
