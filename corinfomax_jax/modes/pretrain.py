@@ -256,6 +256,8 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
                 if restored is not None and train_state_lib.IMPORTED in record else {})
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
                          "results": results, **imported,
+                         "steps_per_epoch": steps_per_epoch,
+                         "num_train_examples": source.num_examples,
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
     actions = [
         report,

@@ -1,5 +1,8 @@
 """--mode=export and --mode=embed on a tiny pretraining run."""
+import hashlib
+import json
 import os
+import shutil
 
 import flax
 import jax
@@ -13,6 +16,7 @@ import corinfomax_jax
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
+from corinfomax_jax.data import augment
 from corinfomax_jax.data import sources
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax.interop import torchvision as export
@@ -36,8 +40,14 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
   # The torchvision state_dict, read back, gives the encoder's features.
   tensors = export.load_safetensors(out["safetensors"])
   assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
-  assert export.read_safetensors_header(out["safetensors"])["__metadata__"] == {
-      "backbone": "resnet18", "cifar_stem": "True", "width": "4", "step": "4"}
+  metadata = export.read_safetensors_header(out["safetensors"])["__metadata__"]
+  assert json.loads(metadata.pop("preprocessing")) == {
+      "image_size": 16, "resize": 18, "interpolation": "bicubic",
+      "mean": list(augment.normalization_stats("folder:x")[0]),
+      "std": list(augment.normalization_stats("folder:x")[1]),
+      "layout": "RGB, pixels / 255, then (x - mean) / std"}
+  assert metadata == {"backbone": "resnet18", "cifar_stem": "True", "width": "4",
+                      "step": "4"}
   got = export.torch_layout_features(tensors, jnp.asarray(_images()), backbone="resnet18",
                                      cifar_stem=True)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
@@ -48,6 +58,48 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
     variables = flax.serialization.from_bytes(template, f.read())
   np.testing.assert_allclose(np.asarray(backbone.apply(variables, _images(), train=False)),
                              expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_writes_a_model_card_from_what_the_workdir_records(
+    pretrained_workdir, tmp_path, image_folder):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  shutil.copy(pretrained_workdir / "config.json", tmp_path / "config.json")
+  config = tiny_config(f"folder:{image_folder}")
+  knn = knn_eval_lib.knn_eval(config, str(tmp_path))
+  out = export_lib.export_backbone(config, str(tmp_path))
+  with open(out["card"]) as f:
+    card = f.read()
+  assert out["card"] == str(tmp_path / "export" / "README.md")
+  digest = hashlib.sha256(open(out["safetensors"], "rb").read()).hexdigest()
+  assert f"- `backbone.safetensors`: sha256 `{digest}`" in card
+  digest = hashlib.sha256(open(out["msgpack"], "rb").read()).hexdigest()
+  assert f"- `backbone.msgpack`: sha256 `{digest}`" in card
+  assert card.startswith(f"# resnet18 (CIFAR stem, width 4), corinfomax, folder:{image_folder}"
+                         ", step 4\n")
+  # The method's hyperparameters and the optimizer, from the workdir's config.json.
+  assert ("- corinfomax: alpha = 250.0, eps = 1e-08, la_R = 0.01, la_mu = 0.01, "
+          "normalize = True, r_init = 1.0, stats_dtype = float32.") in card
+  assert "peak learning rate 0.1 x batch 16 / 16, momentum 0.9" in card
+  assert "(From the workdir's config.json.)" in card
+  # 24 training images in batches of 16: one step per epoch; 4 steps.
+  assert "- Step 4 of a schedule of 20 epochs (4 steps at most): 4.00 epochs (1 steps " \
+      "per epoch, 24 images)." in card
+  assert f"as the folder's owner licenses it" in card
+  assert (f"- kNN (InstDisc's weighted kNN, k = 200, T = 0.07, bank: 24 "
+          f"folder:{image_folder} train images, queries: 24 test images, centre crops): "
+          f"top-1 {knn['top1']:.2f}, top-5 {knn['top5']:.2f}.") in card
+  assert "Branch 1's projector covariance at step 4: dimension 8, effective rank" in card
+  assert ("RGB; resize the shorter side to 18 px (bicubic), centre crop 16 x 16; divide "
+          "by 255; subtract mean [0.485, 0.456, 0.406]") in card
+  # The JAX snippet, run as written, gives the encoder's features.
+  snippet = card.split("### JAX (Flax)\n\n```python\n")[1].split("```")[0]
+  snippet = snippet.replace('"backbone.msgpack"', repr(out["msgpack"]))
+  scope = {"images": _images()}
+  exec(snippet, scope)  # pylint: disable=exec-used
+  np.testing.assert_allclose(np.asarray(scope["features"]),
+                             corinfomax_jax.load_encoder(str(tmp_path))(_images()),
+                             rtol=1e-5, atol=1e-5)
+  assert "torchvision builds its ResNets at width 64 only" in card  # width 4
 
 
 def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdir,
