@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import damaged_copy
 from conftest import tiny_config
 
@@ -18,6 +19,7 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
 from corinfomax_jax.data import augment
 from corinfomax_jax.data import sources
+from corinfomax_jax.eval import embedding_map
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax.modes import embed as embed_lib
@@ -103,12 +105,20 @@ def test_export_writes_a_model_card_from_what_the_workdir_records(
 
 
 def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdir,
-                                                               tmp_path, image_folder):
+                                                               tmp_path, image_folder,
+                                                               one_thread, caplog):
   os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
   config = tiny_config(f"folder:{image_folder}")
   config.eval.batch_size = 8  # 24 test images: 3 batches, each gathered and written
+  caplog.set_level("INFO")
   path = embed_lib.embed(config, str(tmp_path))
   assert path == str(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.npz")
+  # The map of the 24 test images, coloured by their two classes.
+  map_path = tmp_path / embed_lib.EMBEDDINGS_DIR / embed_lib.MAP_FILE
+  image = np.asarray(Image.open(map_path).convert("RGB")).astype(int)
+  for colour in ((31, 119, 180), (255, 127, 14)):  # matplotlib's C0 and C1
+    assert (np.abs(image - colour).sum(-1) < 30).sum() > 20, colour
+  assert f"Map of the embedding (t-SNE, 24 of 24 points): {map_path}" in caplog.text
   assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.parts")
   with np.load(path) as npz:
     assert sorted(npz.files) == ["features", "index", "labels"]
@@ -123,6 +133,21 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
       data=settings.resolve(config).data)
   np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_embed_without_a_layout_library_says_how_to_get_the_map(
+    pretrained_workdir, tmp_path, image_folder, monkeypatch, caplog):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  monkeypatch.setattr(embedding_map, "algorithm", lambda: None)
+  caplog.set_level("INFO")
+  path = embed_lib.embed(tiny_config(f"folder:{image_folder}"), str(tmp_path))
+  assert os.path.exists(path)
+  assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / embed_lib.MAP_FILE)
+  lines = [r.getMessage() for r in caplog.records if "No map of the embedding" in r.getMessage()]
+  assert lines == [f"No map of the embedding ({tmp_path / 'embeddings' / 'map.png'}): "
+                   "neither umap-learn nor scikit-learn is installed; pip install "
+                   "\"corinfomax-jax[map]\" (scikit-learn, for t-SNE) or pip install "
+                   "umap-learn."]
 
 
 @pytest.mark.parametrize("mode", [export_lib.export_backbone, embed_lib.embed])
