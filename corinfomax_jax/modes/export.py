@@ -106,6 +106,7 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
         prep=prep)
     files.write_text(paths["card"], card)
     logging.info("Exported the backbone of step %d (%s, cifar_stem=%s, width %d) to %s "
-                 "and %s.", enc.step, model["backbone"], model["cifar_stem"],
-                 model["width"], *paths.values())
+                 "and %s, its model card to %s.", enc.step, model["backbone"],
+                 model["cifar_stem"], model["width"], paths["safetensors"],
+                 paths["msgpack"], paths["card"])
   return {**paths, "step": enc.step}
