@@ -164,7 +164,8 @@ def torchvision_state_dict(variables: Mapping[str, Any], *, backbone: str,
   out = {}
   for key, collection, path in _entries(backbone):
     if collection is None:
-      out[key] = np.array(num_batches_tracked[key] if isinstance(num_batches_tracked, Mapping)
+      out[key] = np.array(num_batches_tracked.get(key, 0)
+                          if isinstance(num_batches_tracked, Mapping)
                           else num_batches_tracked, dtype=np.int64)
       continue
     value = _to_numpy(_lookup(trees[collection], path[:-1], path[-1], collection))
@@ -429,16 +430,18 @@ def _parse(raw: bytes, path) -> tuple[dict[str, Any], memoryview]:
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
-  """Reads a safetensors file (local or remote) into name -> numpy array."""
+  """Reads a safetensors file (local or remote) into name -> numpy array (BF16 tensors
+  as float32, exactly)."""
   header, buffer = _parse(epath.Path(path).read_bytes(), path)
   out = {}
   for name, entry in header.items():
     if name == "__metadata__":
       continue
-    if entry.get("dtype") not in _DTYPES:
+    if entry.get("dtype") not in _DTYPES and entry.get("dtype") != "BF16":
       raise ValueError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, not "
-                       f"one of {sorted(_DTYPES)}")
-    dtype = _DTYPES[entry["dtype"]]
+                       f"one of {sorted(_DTYPES) + ['BF16']}")
+    # bfloat16 is float32's upper half: read as uint16, widened exactly below.
+    dtype = _DTYPES.get(entry["dtype"], np.dtype("<u2"))
     shape = tuple(entry["shape"])
     start, end = entry["data_offsets"]
     if not 0 <= start <= end <= len(buffer) or end - start != dtype.itemsize * math.prod(shape):
@@ -447,4 +450,6 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
                        f"{len(buffer)} data bytes")
     out[name] = np.frombuffer(buffer[start:end], dtype=dtype).reshape(shape).astype(
         dtype.newbyteorder("="))
+    if entry["dtype"] == "BF16":
+      out[name] = (out[name].astype(np.uint32) << 16).view(np.float32)
   return out
