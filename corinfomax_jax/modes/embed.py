@@ -16,6 +16,7 @@ from corinfomax_jax.eval import evaluators
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import encoder as encoder_lib
 from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import writers
 
 EMBEDDINGS_DIR = "embeddings"
 MAP_FILE = "map.png"
@@ -27,11 +28,6 @@ MAP_POINTS = 2000
 def embed_split(run: settings_lib.Settings) -> str:
   """The split --mode=embed reads: config.eval.embed_split, else config.eval_split."""
   return run.eval.embed_split or run.data.eval_split
-
-
-def _name(location: str) -> str:
-  """A workdir or data set by its last path component (a folder: "folder:<root>")."""
-  return location.rstrip("/").rsplit("/", 1)[-1] or location
 
 
 def _draw_map(features, labels, class_names, path, *, title: str, seed: int) -> None:
@@ -114,8 +110,9 @@ def embed(config, workdir: str) -> str:
     try:
       _draw_map(arrays["features"][:count], None if source.unlabelled else
                 arrays["labels"][:count], source.class_names, directory / MAP_FILE,
-                title=f"{_name(workdir)}, step {enc.step}: {split} split of "
-                      f"{_name(data.dataset)}, {enc.config.get('method', 'corinfomax')}",
+                title=f"{workdir.rstrip('/').rsplit('/', 1)[-1]}, step {enc.step}: {split} "
+                      f"split of {writers.dataset_title(data.dataset)}, "
+                      f"{enc.config.get('method', 'corinfomax')}",
                 seed=run.seed)
     finally:
       arrays.clear()  # unmaps the .npy files

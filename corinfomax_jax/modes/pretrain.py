@@ -148,13 +148,6 @@ class SpectrumLog:
     logging.info("Covariance spectrum plot: %s", path)
 
 
-def _short_name(dataset: str) -> str:
-  """A data set's name for a plot title: an image folder by its last path component."""
-  if dataset.startswith("folder:"):
-    return f"{dataset.rstrip('/').rsplit('/', 1)[-1]} (folder)"
-  return dataset
-
-
 def _monitors(run: settings_lib.Settings, model, mesh, source) -> list:
   """The evaluators pretraining runs, their splits opened and checked now (so that they
   fail before any training), and the online probe's labels checked."""
@@ -279,6 +272,6 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
   spectrum.plot(files.as_path(workdir) / "spectrum.png",
-                title=f"{_short_name(data.dataset)}: {run.method.name} covariance "
+                title=f"{metrics_lib.dataset_title(data.dataset)}: {run.method.name} covariance "
                       "spectrum, branch 1")
   return state
