@@ -174,7 +174,7 @@ def model_card(*, record: Mapping[str, Any], config: Mapping[str, Any], config_s
               f", {len(imported['ignored'])} classifier keys ignored) and trained {step} "
               "steps since with the method below.", ""]
   lines += ["## Method", "",
-            f"- {method}: " + ", ".join(f"{k} = {v}" for k, v in hyper.items()) + ".",
+            f"- {method}: " + ", ".join(f"{k} = {v}" for k, v in sorted(hyper.items())) + ".",
             f"- Projector {model['projector']} (batch norm: {model.get('projector_bn')}); "
             "the export holds the backbone only.",
             f"- Optimizer {config.get('optimizer', record.get('optimizer'))}: peak "

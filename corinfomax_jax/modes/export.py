@@ -16,6 +16,7 @@ from corinfomax_jax.modes import knn_eval
 from corinfomax_jax.modes import linear_eval
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import run_record
+from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import encoder as encoder_lib
 from corinfomax_jax.run import train_state as train_state_lib
 
@@ -93,6 +94,8 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
     msgpack = flax.serialization.to_bytes(jax.device_get(backbone))
     files.write_bytes(paths["msgpack"], msgpack)
     saved = _read_json(root / run_record.RECORD)
+    if saved is not None:  # a record of an earlier version: its keys in their new places
+      saved = settings_lib.moved_keys_applied(saved)
     card = model_card.model_card(
         record=enc.config, config=saved or run.record,
         config_source=f"the workdir's {run_record.RECORD}" if saved else
