@@ -11,7 +11,10 @@ from it. The checkpoint's record (and W/import.json) says where the weights came
 """
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from corinfomax_jax import mesh as mesh_lib
@@ -68,11 +71,10 @@ def import_weights(config, workdir: str, weights: str | None) -> dict:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     model_keys = run.model.record()
-    probe_classes = _probe_classes(run)
-    model = run.model.create()
-    state = train_state_lib.initial_state(run, model, mesh, probe_classes=probe_classes)
-    like = {"params": state.params["backbone"],
-            "batch_stats": state.batch_stats["backbone"]}
+    # The backbone's shapes, without building it: a file that does not fit fails first.
+    size = run.data.image_size
+    like = jax.eval_shape(functools.partial(run.model.backbone().init, train=False),
+                          jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
     problem = torchvision.state_dict_mismatch(
         file.state_dict, torchvision.torchvision_shapes(like, backbone=model_keys["backbone"]),
         backbone=model_keys["backbone"], cifar_stem=model_keys["cifar_stem"])
@@ -84,6 +86,9 @@ def import_weights(config, workdir: str, weights: str | None) -> dict:
     backbone = torchvision.flax_backbone_from_state_dict(
         file.state_dict, backbone=model_keys["backbone"],
         cifar_stem=model_keys["cifar_stem"], like=like)
+    probe_classes = _probe_classes(run)
+    state = train_state_lib.initial_state(run, run.model.create(), mesh,
+                                          probe_classes=probe_classes)
     ignored = torchvision.ignored_keys(file.state_dict)
     replicated = mesh_lib.replicated(mesh)
     state = state.replace(
