@@ -28,6 +28,7 @@ from corinfomax_jax import files
 from corinfomax_jax.modes import embed
 from corinfomax_jax.modes import export
 from corinfomax_jax.modes import finetune
+from corinfomax_jax.modes import import_weights
 from corinfomax_jax.modes import knn_eval
 from corinfomax_jax.modes import linear_eval
 from corinfomax_jax.modes import pretrain
@@ -45,12 +46,18 @@ MODES = {
     "export": export.export_backbone,
     "embed": embed.embed,
     "finetune": finetune.finetune,
+    "import": lambda config, workdir: import_weights.import_weights(config, workdir,
+                                                                    FLAGS.weights),
 }
 flags.DEFINE_enum("mode", "pretrain", list(MODES),
                   "pretrain (resumes from the workdir); the others read the workdir's "
                   "latest pretraining checkpoint: knn_eval, linear_eval, export (backbone "
                   "for PyTorch and Flax), embed (features of a split), finetune (the whole "
-                  "network on a labelled subset).")
+                  "network on a labelled subset); import writes a new workdir from "
+                  "--weights.")
+flags.DEFINE_string("weights", None,
+                    "--mode=import: a torchvision ResNet state_dict, as .safetensors or "
+                    "torch.save .pth/.pt (read without torch).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs JAX cannot discover.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -155,6 +162,9 @@ def main(argv):
     logging.info("JAX process %d of %d, %d local of %d devices (%s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
+    if FLAGS.weights and FLAGS.mode != "import":
+      raise errors.ConfigError(f"--weights is read by --mode=import only, not by "
+                               f"--mode={FLAGS.mode}: drop it, or use --mode=import.")
     MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
     # Background threads (checkpointing, input) must not keep it alive.

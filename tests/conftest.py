@@ -31,6 +31,16 @@ def compilation_cache():
     yield
 
 
+@pytest.fixture
+def one_thread():
+  """t-SNE's OpenMP threads spin on an oversubscribed CPU (20 s instead of 1 s for 180
+  points on a busy 2-core machine): one thread while a test draws a map."""
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  pytest.importorskip("sklearn.manifold")  # loaded first: the limit applies to loaded libraries
+  with threadpoolctl.threadpool_limits(limits=1):
+    yield
+
+
 def make_image_folder(root, splits=("train", "test"), classes=("cat", "dog"), per_class=12,
                       size=16):
   """A tiny image folder root/<split>/<class>/<i>.png whose classes differ in colour."""

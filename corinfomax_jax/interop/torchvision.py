@@ -81,6 +81,24 @@ def _layers(backbone: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
         yield "bn", f"{torch_block}.downsample.1", (flax_block, "downsample_bn")
 
 
+def _entries(backbone: str) -> Iterator[tuple[str, Optional[str], tuple[str, ...]]]:
+  """(torch key, Flax collection, Flax path) of every tensor of torchvision's state_dict
+  (no fc.*), in its order: the one key table that export and import both read.
+
+  Conv kernels are OIHW in torch and HWIO in Flax (the path ends in "kernel");
+  num_batches_tracked has no Flax counterpart (collection None).
+  """
+  for kind, prefix, path in _layers(backbone):
+    if kind == "conv":
+      yield f"{prefix}.weight", "params", path + ("kernel",)
+      continue
+    yield f"{prefix}.weight", "params", path + ("scale",)
+    yield f"{prefix}.bias", "params", path + ("bias",)
+    yield f"{prefix}.running_mean", "batch_stats", path + ("mean",)
+    yield f"{prefix}.running_var", "batch_stats", path + ("var",)
+    yield f"{prefix}.num_batches_tracked", None, ()
+
+
 def _backbone_trees(variables: Mapping[str, Any]) -> tuple[Mapping, Mapping]:
   """(params, batch_stats) of the backbone: of a CorInfoMaxModel or a bare ResNet."""
   if "params" not in variables or "batch_stats" not in variables:
@@ -121,7 +139,8 @@ def _check_stem(kernel_shape: tuple[int, ...], cifar_stem: bool) -> None:
 
 def torchvision_state_dict(variables: Mapping[str, Any], *, backbone: str,
                            cifar_stem: bool,
-                           num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+                           num_batches_tracked: int | Mapping[str, int] = 0
+                           ) -> dict[str, np.ndarray]:
   """The backbone of `variables` as torchvision's ResNet state_dict (no fc.*).
 
   Args:
@@ -130,7 +149,8 @@ def torchvision_state_dict(variables: Mapping[str, Any], *, backbone: str,
     backbone: "resnet18" or "resnet50", as the model was built.
     cifar_stem: as the model was built (3x3 stride-1 conv1, no max-pool).
     num_batches_tracked: the value of every BN's num_batches_tracked buffer, e.g. the
-      pretraining step; eval mode never reads it.
+      pretraining step, or {torch key: value} (`batches_tracked`); eval mode never
+      reads it.
 
   Returns:
     torch key -> float32 array (conv kernels OIHW), each num_batches_tracked an int64
@@ -138,63 +158,166 @@ def torchvision_state_dict(variables: Mapping[str, Any], *, backbone: str,
     docstring.
   """
   _architecture(backbone)  # a non-ResNet is refused before its variables are read
-  params, stats = _backbone_trees(variables)
-  _check_stem(np.shape(_lookup(params, ("conv1",), "kernel", "params")), cifar_stem)
+  trees = dict(zip(("params", "batch_stats"), _backbone_trees(variables)))
+  _check_stem(np.shape(_lookup(trees["params"], ("conv1",), "kernel", "params")),
+              cifar_stem)
   out = {}
-  for kind, key, path in _layers(backbone):
-    if kind == "conv":
-      kernel = _to_numpy(_lookup(params, path, "kernel", "params"))
-      out[f"{key}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))  # HWIO->OIHW
-    else:
-      out[f"{key}.weight"] = _to_numpy(_lookup(params, path, "scale", "params"))
-      out[f"{key}.bias"] = _to_numpy(_lookup(params, path, "bias", "params"))
-      out[f"{key}.running_mean"] = _to_numpy(_lookup(stats, path, "mean", "batch_stats"))
-      out[f"{key}.running_var"] = _to_numpy(_lookup(stats, path, "var", "batch_stats"))
-      out[f"{key}.num_batches_tracked"] = np.array(num_batches_tracked, dtype=np.int64)
+  for key, collection, path in _entries(backbone):
+    if collection is None:
+      out[key] = np.array(num_batches_tracked.get(key, 0)
+                          if isinstance(num_batches_tracked, Mapping)
+                          else num_batches_tracked, dtype=np.int64)
+      continue
+    value = _to_numpy(_lookup(trees[collection], path[:-1], path[-1], collection))
+    out[key] = np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if path[-1] == "kernel" else value
   return out
 
 
+def torchvision_shapes(variables: Mapping[str, Any], *, backbone: str
+                       ) -> dict[str, tuple[int, ...]]:
+  """torch key -> shape of the state_dict that `variables` export to (no fc.*).
+
+  `variables` as for `torchvision_state_dict`; only shapes are read, so abstract
+  values (`jax.eval_shape`) do.
+  """
+  _architecture(backbone)
+  trees = dict(zip(("params", "batch_stats"), _backbone_trees(variables)))
+  out = {}
+  for key, collection, path in _entries(backbone):
+    if collection is None:
+      out[key] = ()
+      continue
+    shape = tuple(_lookup(trees[collection], path[:-1], path[-1], collection).shape)
+    out[key] = (shape[3], shape[2], shape[0], shape[1]) if path[-1] == "kernel" else shape
+  return out
+
+
+# torchvision's classifier: the one part of a torchvision ResNet that has no place in a
+# backbone, so the only keys an import leaves out (and counts).
+CLASSIFIER_PREFIX = "fc."
+
+
+def ignored_keys(state_dict: Mapping[str, Any]) -> list[str]:
+  """The keys of `state_dict` an import leaves out: torchvision's classifier, fc.*."""
+  return sorted(k for k in state_dict if k.startswith(CLASSIFIER_PREFIX))
+
+
+def batches_tracked(state_dict: Mapping[str, Any]) -> int | dict[str, int]:
+  """The num_batches_tracked of `state_dict`'s BatchNorms: one int when they agree
+  (torchvision's do), else {key: int}; 0 when it has none. An export adds the steps
+  trained since to it, so that an imported backbone exports as it came."""
+  values = {k: int(np.asarray(v)) for k, v in state_dict.items()
+            if k.endswith(".num_batches_tracked")}
+  if len(set(values.values())) > 1:
+    return values
+  return next(iter(values.values()), 0)
+
+
+def _architecture_of(keys) -> str:
+  """What a torchvision-style key set holds, for an error line: "resnet50", or the
+  blocks per stage and block kind when no registered ResNet has them."""
+  blocks: dict[int, set] = {}
+  for key in keys:
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0].startswith("layer") and parts[0][5:].isdigit():
+      blocks.setdefault(int(parts[0][5:]), set()).add(parts[1])
+  if not blocks:
+    return "no ResNet stages (layer1... keys)"
+  stages = tuple(len(blocks.get(i, ())) for i in range(1, max(blocks) + 1))
+  kind = "bottleneck" if any(".conv3." in k for k in keys) else "basic"
+  for name, spec in resnet.RESNETS.items():
+    if tuple(spec["stage_sizes"]) == stages and _BLOCK_KINDS[spec["block_cls"]] == kind:
+      return f"a {name}"
+  return f"{kind} blocks {list(stages)} per stage"
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+  return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit
+                                     else "")
+
+
+def state_dict_mismatch(state_dict: Mapping[str, Any], expected: Mapping[str, tuple],
+                        *, backbone: str, cifar_stem: bool) -> Optional[str]:
+  """Why `state_dict` does not load into the backbone whose torch shapes are
+  `expected` (`torchvision_shapes`), in one line; None when it loads.
+
+  Names the missing and the unexpected keys (fc.* is never unexpected), the keys whose
+  shapes differ, a stem of the other kind (7x7 ImageNet conv1 for a CIFAR model or
+  the reverse) and what architecture the keys hold when it is not `backbone`.
+  """
+  # torch itself loads a state_dict of torch < 0.4.1 without num_batches_tracked.
+  missing = [k for k in expected
+             if k not in state_dict and not k.endswith(".num_batches_tracked")]
+  unexpected = [k for k in state_dict
+                if k not in expected and not k.startswith(CLASSIFIER_PREFIX)]
+  shapes = [k for k in expected if k in state_dict
+            and tuple(np.shape(state_dict[k])) != tuple(expected[k])]
+  problems = []
+  stem = tuple(np.shape(state_dict.get("conv1.weight", ())))
+  want = 3 if cifar_stem else 7
+  if len(stem) == 4 and stem[2:] != (want, want) and stem[2] == stem[3] in (3, 7):
+    problems.append(
+        f"conv1.weight is {stem[2]}x{stem[3]}: "
+        + ("an ImageNet stem (7x7 stride-2 conv1, then a 3x3 max-pool)" if stem[2] == 7
+           else "a CIFAR stem (3x3 stride-1 conv1, no max-pool)")
+        + f", but the model has cifar_stem={cifar_stem}; set "
+          f"config.model.cifar_stem={not cifar_stem}")
+    if "conv1.weight" in shapes:
+      shapes.remove("conv1.weight")
+  if missing or unexpected:
+    held = _architecture_of(state_dict)
+    if held != f"a {backbone}":
+      problems.append(f"the file holds {held}, the model is a {backbone}")
+  if missing:
+    problems.append(f"missing keys ({len(missing)}): {_listed(missing)}")
+  if unexpected:
+    problems.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
+  if shapes:
+    problems.append(f"other shapes ({len(shapes)}): " + _listed(
+        [f"{k} {list(np.shape(state_dict[k]))} in the file, {list(expected[k])} in the "
+         "model" for k in shapes], limit=3))
+    first = "conv1.weight" if "conv1.weight" in shapes else None
+    if first:
+      problems.append(f"the file's conv1 has {np.shape(state_dict[first])[0]} output "
+                      f"channels, the model {expected[first][0]} (config.model.width)")
+  return "; ".join(problems) if problems else None
+
+
 def flax_backbone_from_state_dict(state_dict: Mapping[str, Any], *, backbone: str,
-                                  cifar_stem: bool) -> dict[str, dict]:
+                                  cifar_stem: bool,
+                                  like: Optional[Mapping[str, Any]] = None
+                                  ) -> dict[str, dict]:
   """The inverse of `torchvision_state_dict`: {"params", "batch_stats"} of a ResNet.
 
   The result is the backbone's own variables (what `models.create_backbone` builds;
-  under "backbone" in a CorInfoMaxModel). fc.* keys (a torchvision classifier) and
-  num_batches_tracked are ignored; any other missing or extra key raises.
+  under "backbone" in a CorInfoMaxModel), float32. `like`: variables of the model
+  the result is for (any `torchvision_state_dict` input; abstract values do), whose
+  shapes the file must have; without it, the kernels' stem alone is checked. fc.* keys
+  (`ignored_keys`) are left out and num_batches_tracked is not kept (Flax has no such
+  buffer); any other difference raises ValueError in one line (`state_dict_mismatch`).
   """
   _architecture(backbone)  # a non-ResNet is refused before its variables are read
-  params: dict = {}
-  stats: dict = {}
-  used = set()
-
-  def take(key):
-    if key not in state_dict:
-      raise ValueError(f"state_dict has no {key!r}: not a torchvision {backbone}")
-    used.add(key)
-    return np.asarray(state_dict[key], dtype=np.float32)
-
-  def put(tree, path, leaf, value):
-    node = tree
-    for name in path:
+  expected = (torchvision_shapes(like, backbone=backbone) if like is not None else
+              {key: np.shape(state_dict[key]) for key, _, _ in _entries(backbone)
+               if key in state_dict})
+  if like is None:
+    expected.update({key: () for key, _, _ in _entries(backbone) if key not in expected})
+  problem = state_dict_mismatch(state_dict, expected, backbone=backbone,
+                                cifar_stem=cifar_stem)
+  if problem:
+    raise ValueError(f"the state_dict does not fit a torchvision {backbone}: {problem}")
+  trees: dict[str, dict] = {"params": {}, "batch_stats": {}}
+  for key, collection, path in _entries(backbone):
+    if collection is None:
+      continue
+    value = np.asarray(state_dict[key], dtype=np.float32)
+    if path[-1] == "kernel":
+      value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    node = trees[collection]
+    for name in path[:-1]:
       node = node.setdefault(name, {})
-    node[leaf] = value
-
-  for kind, key, path in _layers(backbone):
-    if kind == "conv":
-      put(params, path, "kernel",
-          np.ascontiguousarray(take(f"{key}.weight").transpose(2, 3, 1, 0)))  # OIHW->HWIO
-    else:
-      put(params, path, "scale", take(f"{key}.weight"))
-      put(params, path, "bias", take(f"{key}.bias"))
-      put(stats, path, "mean", take(f"{key}.running_mean"))
-      put(stats, path, "var", take(f"{key}.running_var"))
-      used.add(f"{key}.num_batches_tracked")
-  extra = sorted(k for k in state_dict if k not in used and not k.startswith("fc."))
-  if extra:
-    raise ValueError(f"state_dict has keys a torchvision {backbone} does not: {extra[:5]}"
-                     f"{' ...' if len(extra) > 5 else ''}")
-  _check_stem(params["conv1"]["kernel"].shape, cifar_stem)
-  return {"params": params, "batch_stats": stats}
+    node[path[-1]] = value
+  return trees
 
 
 def torch_layout_features(state_dict: Mapping[str, Any], images_nhwc: jax.Array, *,
@@ -307,16 +430,18 @@ def _parse(raw: bytes, path) -> tuple[dict[str, Any], memoryview]:
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
-  """Reads a safetensors file (local or remote) into name -> numpy array."""
+  """Reads a safetensors file (local or remote) into name -> numpy array (BF16 tensors
+  as float32, exactly)."""
   header, buffer = _parse(epath.Path(path).read_bytes(), path)
   out = {}
   for name, entry in header.items():
     if name == "__metadata__":
       continue
-    if entry.get("dtype") not in _DTYPES:
+    if entry.get("dtype") not in _DTYPES and entry.get("dtype") != "BF16":
       raise ValueError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, not "
-                       f"one of {sorted(_DTYPES)}")
-    dtype = _DTYPES[entry["dtype"]]
+                       f"one of {sorted(_DTYPES) + ['BF16']}")
+    # bfloat16 is float32's upper half: read as uint16, widened exactly below.
+    dtype = _DTYPES.get(entry["dtype"], np.dtype("<u2"))
     shape = tuple(entry["shape"])
     start, end = entry["data_offsets"]
     if not 0 <= start <= end <= len(buffer) or end - start != dtype.itemsize * math.prod(shape):
@@ -325,4 +450,6 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
                        f"{len(buffer)} data bytes")
     out[name] = np.frombuffer(buffer[start:end], dtype=dtype).reshape(shape).astype(
         dtype.newbyteorder("="))
+    if entry["dtype"] == "BF16":
+      out[name] = (out[name].astype(np.uint32) << 16).view(np.float32)
   return out

@@ -11,17 +11,35 @@ from absl import logging
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
+from corinfomax_jax.eval import embedding_map
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import encoder as encoder_lib
 from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import writers
 
 EMBEDDINGS_DIR = "embeddings"
+MAP_FILE = "map.png"
+# The map's points at most: scikit-learn's t-SNE of 2000 points of 512 dimensions takes
+# 14 s on one CPU core, of 5000 points 107 s.
+MAP_POINTS = 2000
 
 
 def embed_split(run: settings_lib.Settings) -> str:
   """The split --mode=embed reads: config.eval.embed_split, else config.eval_split."""
   return run.eval.embed_split or run.data.eval_split
+
+
+def _draw_map(features, labels, class_names, path, *, title: str, seed: int) -> None:
+  """embeddings/map.png, or one line saying how to get it when no layout is installed."""
+  points = embedding_map.layout(features, seed=seed, max_points=MAP_POINTS)
+  if points is None:
+    logging.info("No map of the embedding (%s): neither umap-learn nor scikit-learn is "
+                 "installed; %s.", path, embedding_map.INSTALL_HINT)
+    return
+  embedding_map.plot_map(points, labels, class_names, path, title=title, seed=seed)
+  logging.info("Map of the embedding (%s, %d of %d points): %s", points.algorithm,
+               len(points.index), points.total, path)
 
 
 def embed(config, workdir: str) -> str:
@@ -39,7 +57,11 @@ def embed(config, workdir: str) -> str:
   and removes them: host memory holds one batch, the disk briefly twice the result; for
   a URL the npz is then uploaded.
   `np.load(path, mmap_mode=...)` does not map npz members; np.load(path)["features"]
-  reads that array. Returns the npz path.
+  reads that array.
+  Process 0 also draws DIR/embeddings/map.png (eval.embedding_map): the features in 2-D
+  (UMAP, else t-SNE; at most MAP_POINTS of them, drawn with config.seed), coloured by
+  class where the split has labels; without either library it logs how to get it.
+  Returns the npz path.
   """
   run, mesh = startup.begin(
       config, workdir, batch_sizes=lambda r: {"eval.batch_size": r.eval.batch_size},
@@ -82,9 +104,17 @@ def embed(config, workdir: str) -> str:
       # np.savez copies each (memory-mapped) array in 16 MiB pieces; [:count] drops the
       # rows of images skipped as unreadable.
       np.savez(f, **{name: array[:count] for name, array in arrays.items()})
-    arrays.clear()  # unmaps the .npy files
     files.move_local_file(tmp, path)
-    shutil.rmtree(parts)
     logging.info("Features of %d %s %s images (dim %d, checkpoint step %d) written to "
                  "%s.", count, data.dataset, split, dim, enc.step, path)
+    try:
+      _draw_map(arrays["features"][:count], None if source.unlabelled else
+                arrays["labels"][:count], source.class_names, directory / MAP_FILE,
+                title=f"{workdir.rstrip('/').rsplit('/', 1)[-1]}, step {enc.step}: {split} "
+                      f"split of {writers.dataset_title(data.dataset)}, "
+                      f"{enc.config.get('method', 'corinfomax')}",
+                seed=run.seed)
+    finally:
+      arrays.clear()  # unmaps the .npy files
+      shutil.rmtree(parts)
   return str(path)

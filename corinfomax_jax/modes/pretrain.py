@@ -149,13 +149,6 @@ class SpectrumLog:
     logging.info("Covariance spectrum plot: %s", path)
 
 
-def _short_name(dataset: str) -> str:
-  """A data set's name for a plot title: an image folder by its last path component."""
-  if dataset.startswith("folder:"):
-    return f"{dataset.rstrip('/').rsplit('/', 1)[-1]} (folder)"
-  return dataset
-
-
 def _monitors(run: settings_lib.Settings, model, mesh, source) -> list:
   """The evaluators pretraining runs, their splits opened and checked now (so that they
   fail before any training), and the online probe's labels checked."""
@@ -289,8 +282,13 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
             "config.learning_rate or check the data."),
         totals=("cholesky_fallbacks",))
     results = run_record.result_values(run.record)
+    # A backbone imported with --mode=import: every checkpoint keeps saying so.
+    imported = ({train_state_lib.IMPORTED: record[train_state_lib.IMPORTED]}
+                if restored is not None and train_state_lib.IMPORTED in record else {})
     record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
-                         "results": results,
+                         "results": results, **imported,
+                         "steps_per_epoch": steps_per_epoch,
+                         "num_train_examples": source.num_examples,
                          "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
     check_health = functools.partial(_check_health, detector, manager, run.optimizer)
     actions = [
@@ -317,6 +315,6 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   if preempted:
     logging.warning("Preempted: checkpoint at step %d written; exiting.", int(state.step))
   spectrum.plot(files.as_path(workdir) / "spectrum.png",
-                title=f"{_short_name(data.dataset)}: {run.method.name} covariance "
+                title=f"{metrics_lib.dataset_title(data.dataset)}: {run.method.name} covariance "
                       "spectrum, branch 1")
   return state

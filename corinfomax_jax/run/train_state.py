@@ -159,6 +159,12 @@ def create_checkpoint_manager(workdir: str, keep: int = 3):
   return checkpoints.create_manager(checkpoint_dir(workdir), keep=keep)
 
 
+# The record's entry naming the file a backbone was imported from (--mode=import):
+# {path, sha256, source, keys, read, ignored, left_out, num_batches_tracked}. Every
+# later checkpoint of the run carries it on.
+IMPORTED = "imported"
+
+
 def checkpoint_record(run: settings_lib.Settings, probe_classes: int = 0) -> dict:
   """What a checkpoint says about the run that wrote it (load_encoder reads "model").
 

@@ -66,6 +66,13 @@ def spectrum_summary(spectrum: objective.Spectrum, branch: int) -> dict:
   }
 
 
+def dataset_title(dataset: str) -> str:
+  """A data set's name for a plot title: an image folder by its last path component."""
+  if dataset.startswith("folder:"):
+    return f"{dataset.rstrip('/').rsplit('/', 1)[-1]} (folder)"
+  return dataset
+
+
 def write_json(path: str | os.PathLike, result: dict) -> None:
   """Writes `result` from process 0, whole (a reader never sees half a file)."""
   if jax.process_index() != 0:

@@ -200,3 +200,15 @@ def test_flag_errors_are_one_line_in_the_programs_form(tmp_path):
     assert status == 1, (argv, stderr)
     assert stderr.count("\n") == 1 and stderr.startswith("error: "), (argv, stderr)
     assert said in stderr, (argv, stderr)
+
+
+def test_import_of_weights_that_do_not_fit_is_one_error_line(tmp_path, image_folder):
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from torch_layout import torchvision_resnet  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "imagenet_stem.safetensors"
+  safetensors.numpy.save_file(
+      torchvision_resnet("resnet18", width=4, cifar_stem=False, classes=10), str(path))
+  proc = run_main(image_folder, tmp_path / "w", "--mode=import", f"--weights={path}")
+  assert_one_error_line(proc, "does not fit config.model", "conv1.weight is 7x7",
+                        "set config.model.cifar_stem=False")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")

@@ -65,6 +65,10 @@ def test_it_evaluates_and_exports(old_workdir, image_folder):
   assert result["step"] == 2 and 0 <= result["top1"] <= 100
   out = export.export_backbone(_config(image_folder), str(old_workdir))
   assert out["step"] == 2 and pathlib.Path(out["safetensors"]).stat().st_size > 0
+  # Its model card reads that version's flat config.json keys in their new places.
+  card = pathlib.Path(out["card"]).read_text()
+  assert "- corinfomax: alpha = 250.0, eps = 1e-08, la_R = 0.01" in card
+  assert "the checkpoint does not record its steps per epoch" in card
 
 
 def test_another_method_on_it_is_refused_in_one_line(old_workdir, image_folder):

@@ -193,3 +193,16 @@ def test_state_dict_file_and_inverse_round_trip(tmp_path):
   loaded["layer5.0.conv1.weight"] = sd["conv1.weight"]
   with pytest.raises(ValueError, match="layer5.0.conv1.weight"):
     export.flax_backbone_from_state_dict(loaded, backbone="resnet50", cifar_stem=True)
+
+
+def test_safetensors_bfloat16_reads_as_float32_exactly(tmp_path):
+  # safetensors' BF16: the upper 16 bits of each float32, little-endian.
+  values = np.array([1.0, -3.5, 0.15625, -0.0], np.float32)
+  raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+  header = json.dumps({"w": {"dtype": "BF16", "shape": [2, 2],
+                             "data_offsets": [0, len(raw)]}}).encode()
+  path = tmp_path / "bf16.safetensors"
+  path.write_bytes(struct.pack("<Q", len(header)) + header + raw)
+  loaded = export.load_safetensors(path)["w"]
+  assert loaded.dtype == np.float32 and loaded.shape == (2, 2)
+  assert loaded.tobytes() == values.tobytes()

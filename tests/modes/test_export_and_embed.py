@@ -1,11 +1,15 @@
 """--mode=export and --mode=embed on a tiny pretraining run."""
+import hashlib
+import json
 import os
+import shutil
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import damaged_copy
 from conftest import tiny_config
 
@@ -13,7 +17,9 @@ import corinfomax_jax
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
+from corinfomax_jax.data import augment
 from corinfomax_jax.data import sources
+from corinfomax_jax.eval import embedding_map
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax.modes import embed as embed_lib
@@ -36,8 +42,14 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
   # The torchvision state_dict, read back, gives the encoder's features.
   tensors = export.load_safetensors(out["safetensors"])
   assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
-  assert export.read_safetensors_header(out["safetensors"])["__metadata__"] == {
-      "backbone": "resnet18", "cifar_stem": "True", "width": "4", "step": "4"}
+  metadata = export.read_safetensors_header(out["safetensors"])["__metadata__"]
+  assert json.loads(metadata.pop("preprocessing")) == {
+      "image_size": 16, "resize": 18, "interpolation": "bicubic",
+      "mean": list(augment.normalization_stats("folder:x")[0]),
+      "std": list(augment.normalization_stats("folder:x")[1]),
+      "layout": "RGB, pixels / 255, then (x - mean) / std"}
+  assert metadata == {"backbone": "resnet18", "cifar_stem": "True", "width": "4",
+                      "step": "4"}
   got = export.torch_layout_features(tensors, jnp.asarray(_images()), backbone="resnet18",
                                      cifar_stem=True)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
@@ -50,13 +62,63 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
                              expected, rtol=1e-5, atol=1e-5)
 
 
+def test_export_writes_a_model_card_from_what_the_workdir_records(
+    pretrained_workdir, tmp_path, image_folder):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  shutil.copy(pretrained_workdir / "config.json", tmp_path / "config.json")
+  config = tiny_config(f"folder:{image_folder}")
+  knn = knn_eval_lib.knn_eval(config, str(tmp_path))
+  out = export_lib.export_backbone(config, str(tmp_path))
+  with open(out["card"]) as f:
+    card = f.read()
+  assert out["card"] == str(tmp_path / "export" / "README.md")
+  digest = hashlib.sha256(open(out["safetensors"], "rb").read()).hexdigest()
+  assert f"- `backbone.safetensors`: sha256 `{digest}`" in card
+  digest = hashlib.sha256(open(out["msgpack"], "rb").read()).hexdigest()
+  assert f"- `backbone.msgpack`: sha256 `{digest}`" in card
+  assert card.startswith(f"# resnet18 (CIFAR stem, width 4), corinfomax, folder:{image_folder}"
+                         ", step 4\n")
+  # The method's hyperparameters and the optimizer, from the workdir's config.json.
+  assert ("- corinfomax: alpha = 250.0, eps = 1e-08, la_R = 0.01, la_mu = 0.01, "
+          "normalize = True, r_init = 1.0, stats_dtype = float32.") in card
+  assert "peak learning rate 0.1 x batch 16 / 16, momentum 0.9" in card
+  assert "(From the workdir's config.json.)" in card
+  # 24 training images in batches of 16: one step per epoch; 4 steps.
+  assert "- Step 4 of a schedule of 20 epochs (4 steps at most): 4.00 epochs (1 steps " \
+      "per epoch, 24 images)." in card
+  assert f"as the folder's owner licenses it" in card
+  assert (f"- kNN (InstDisc's weighted kNN, k = 200, T = 0.07, bank: 24 "
+          f"folder:{image_folder} train images, queries: 24 test images, centre crops): "
+          f"top-1 {knn['top1']:.2f}, top-5 {knn['top5']:.2f}.") in card
+  assert "Branch 1's projector covariance at step 4: dimension 8, effective rank" in card
+  assert ("RGB; resize the shorter side to 18 px (bicubic), centre crop 16 x 16; divide "
+          "by 255; subtract mean [0.485, 0.456, 0.406]") in card
+  # The JAX snippet, run as written, gives the encoder's features.
+  snippet = card.split("### JAX (Flax)\n\n```python\n")[1].split("```")[0]
+  snippet = snippet.replace('"backbone.msgpack"', repr(out["msgpack"]))
+  scope = {"images": _images()}
+  exec(snippet, scope)  # pylint: disable=exec-used
+  np.testing.assert_allclose(np.asarray(scope["features"]),
+                             corinfomax_jax.load_encoder(str(tmp_path))(_images()),
+                             rtol=1e-5, atol=1e-5)
+  assert "torchvision builds its ResNets at width 64 only" in card  # width 4
+
+
 def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdir,
-                                                               tmp_path, image_folder):
+                                                               tmp_path, image_folder,
+                                                               one_thread, caplog):
   os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
   config = tiny_config(f"folder:{image_folder}")
   config.eval.batch_size = 8  # 24 test images: 3 batches, each gathered and written
+  caplog.set_level("INFO")
   path = embed_lib.embed(config, str(tmp_path))
   assert path == str(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.npz")
+  # The map of the 24 test images, coloured by their two classes.
+  map_path = tmp_path / embed_lib.EMBEDDINGS_DIR / embed_lib.MAP_FILE
+  image = np.asarray(Image.open(map_path).convert("RGB")).astype(int)
+  for colour in ((31, 119, 180), (255, 127, 14)):  # matplotlib's C0 and C1
+    assert (np.abs(image - colour).sum(-1) < 30).sum() > 20, colour
+  assert f"Map of the embedding (t-SNE, 24 of 24 points): {map_path}" in caplog.text
   assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.parts")
   with np.load(path) as npz:
     assert sorted(npz.files) == ["features", "index", "labels"]
@@ -71,6 +133,21 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
       data=settings.resolve(config).data)
   np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_embed_without_a_layout_library_says_how_to_get_the_map(
+    pretrained_workdir, tmp_path, image_folder, monkeypatch, caplog):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  monkeypatch.setattr(embedding_map, "algorithm", lambda: None)
+  caplog.set_level("INFO")
+  path = embed_lib.embed(tiny_config(f"folder:{image_folder}"), str(tmp_path))
+  assert os.path.exists(path)
+  assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / embed_lib.MAP_FILE)
+  lines = [r.getMessage() for r in caplog.records if "No map of the embedding" in r.getMessage()]
+  assert lines == [f"No map of the embedding ({tmp_path / 'embeddings' / 'map.png'}): "
+                   "neither umap-learn nor scikit-learn is installed; pip install "
+                   "\"corinfomax-jax[map]\" (scikit-learn, for t-SNE) or pip install "
+                   "umap-learn."]
 
 
 @pytest.mark.parametrize("mode", [export_lib.export_backbone, embed_lib.embed])
