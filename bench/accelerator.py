@@ -107,6 +107,7 @@ def base_config() -> dict:
       "warmup_start_lr": 3e-3, "lars_eta": 0.02,
       "seed": 0, "log_every_steps": 50, "checkpoint_every_steps": 1000,
       "keep_checkpoints": 3, "spectrum_every_steps": 1000, "profile_steps": 0,
+      "divergence": {"enabled": True, "max_norm_ratio": 1e3, "floor_factor": 10.0},
       "eval": {
           "batch_size": 512, "monitors": ("knn",), "random_init": False,
           "embed_split": None,

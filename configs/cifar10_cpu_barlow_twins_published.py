@@ -8,8 +8,5 @@ from configs import recipes
 
 
 def get_config():
-  c = cifar10_cpu.get_config()
-  epochs, warmup = c.num_epochs, c.warmup_epochs
-  recipes.barlow_twins(c, hidden=512, out=512, own="cifar")
-  c.num_epochs, c.warmup_epochs = epochs, warmup
-  return c
+  return recipes.published_on_budget(cifar10_cpu.get_config(), "barlow_twins", hidden=512,
+                                     out=512)

@@ -7,8 +7,5 @@ from configs import recipes
 
 
 def get_config():
-  c = cifar10_cpu.get_config()
-  epochs, warmup = c.num_epochs, c.warmup_epochs
-  recipes.vicreg(c, hidden=512, out=512, own="cifar")
-  c.num_epochs, c.warmup_epochs = epochs, warmup
-  return c
+  return recipes.published_on_budget(cifar10_cpu.get_config(), "vicreg", hidden=512,
+                                     out=512)

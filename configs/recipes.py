@@ -110,6 +110,15 @@ def vicreg(c, hidden: int = 2048, out: int = 2048, own: str | None = None):
   return c
 
 
+def published_on_budget(c, method: str, hidden: int, out: int):
+  """`method`'s published CIFAR run (own="cifar") on config `c`'s budget: c keeps its
+  epochs and warmup epochs, everything else is the published recipe."""
+  epochs, warmup = c.num_epochs, c.warmup_epochs
+  {"vicreg": vicreg, "barlow_twins": barlow_twins}[method](c, hidden, out, own="cifar")
+  c.num_epochs, c.warmup_epochs = epochs, warmup
+  return c
+
+
 def barlow_twins(c, hidden: int = 2048, out: int = 2048, own: str | None = None):
   """Barlow Twins' loss weights, projector and optimizer on config `c` (in place); with
   own="cifar" or "imagenet100", its published views, batch and schedule too."""

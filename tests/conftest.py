@@ -96,6 +96,15 @@ def pretrained_workdir(image_folder, tmp_path_factory):
   return workdir
 
 
+def stored_workdir(name, tmp_path):
+  """A copy of tests/e2e/data/<name> (a workdir an earlier version wrote) to run on."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "workdir"
+  shutil.copytree(pathlib.Path(__file__).parent / "e2e" / "data" / name, workdir)
+  return workdir
+
+
 def damaged_copy(workdir, target, steps):
   """A copy of `workdir` at `target` whose checkpoints of `steps` each have their
   biggest state file cut in half (a crash during a save); returns `target`."""

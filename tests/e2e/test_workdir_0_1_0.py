@@ -9,11 +9,11 @@ four fixed images and the features that version's `load_encoder` gave for them.
 import json
 import logging
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
 
+from conftest import stored_workdir
 from conftest import tiny_config
 
 import corinfomax_jax
@@ -26,9 +26,7 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 @pytest.fixture
 def old_workdir(tmp_path):
-  workdir = tmp_path / "workdir"
-  shutil.copytree(DATA / "workdir_0.1.0", workdir)
-  return workdir
+  return stored_workdir("workdir_0.1.0", tmp_path)
 
 
 def _config(image_folder, **overrides):

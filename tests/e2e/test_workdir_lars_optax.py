@@ -8,10 +8,9 @@ step 2 (optax.lars's state; a record without "optimizer_version") and its config
 """
 import json
 import logging
-import pathlib
-import shutil
 
 import pytest
+from conftest import stored_workdir
 from conftest import tiny_config
 
 import corinfomax_jax
@@ -19,14 +18,10 @@ from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.modes import knn_eval
 from corinfomax_jax.modes import pretrain
 
-DATA = pathlib.Path(__file__).resolve().parent / "data"
-
 
 @pytest.fixture
 def old_workdir(tmp_path):
-  workdir = tmp_path / "workdir"
-  shutil.copytree(DATA / "workdir_lars_optax", workdir)
-  return workdir
+  return stored_workdir("workdir_lars_optax", tmp_path)
 
 
 def test_readers_read_it_whatever_optimizer_the_config_names(old_workdir, image_folder):
