@@ -10,14 +10,15 @@ from absl import logging
 
 from configs import default
 
-# The CIFAR-10 image folder beside the checkout (<repository>/../shared/data/cifar10),
-# found from this file's place, not the working directory.
+# A local convenience: a CIFAR-10 image folder at <repository>/../shared/data/cifar10 is
+# read when present (found from this file's place, not the working directory). Without
+# it, TFDS cifar10 is downloaded and prepared on first use.
 BESIDE_CHECKOUT = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10"))
 
 
 def dataset_name() -> str:
-  """The folder beside the checkout when it is there, else TFDS cifar10 (downloads)."""
+  """The folder beside the checkout when it is there, else TFDS cifar10."""
   if os.path.isdir(BESIDE_CHECKOUT):
     logging.info("cifar10_cpu: reading the CIFAR-10 folder %s.", BESIDE_CHECKOUT)
     return f"folder:{BESIDE_CHECKOUT}"

@@ -15,8 +15,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "etils")
-TRAIN = ("tensorflow-cpu", "tensorflow-datasets", "tensorboard", "ml-collections",
-         "absl-py", "matplotlib", "pillow")
+TRAIN = ("tensorflow-cpu", "tensorflow-datasets", "importlib-resources", "tensorboard",
+         "ml-collections", "absl-py", "matplotlib", "pillow")
 
 
 def _name(requirement):

@@ -11,12 +11,15 @@ TensorFlow is imported here, in `pipeline` and in `augment` only; importing this
 module hides the GPUs and TPUs from it (`tensorflow_setup.hide_accelerators_from_tensorflow`).
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import io
 import os
 import posixpath
 import re
+import socket
 from typing import Callable, Sequence
 
 from absl import logging
@@ -438,9 +441,80 @@ def _not_prepared(dataset, builder, split, error=None) -> ValueError:
                     + (f" Splits: {splits}." if splits else ""))
 
 
+# The small public TFDS sets prepared on first use, and the host TFDS downloads each from.
+DOWNLOADED_ON_FIRST_USE = {"cifar10": "www.cs.toronto.edu",
+                           "cifar100": "www.cs.toronto.edu"}
+DOWNLOAD_PROBE_TIMEOUT_S = 10.0
+
+
+def _unreachable(host: str) -> str | None:
+  """Why `host` cannot be reached on port 443, or None when it can.
+
+  TFDS's own downloader retries a failed connection for minutes before it gives up;
+  this answers in seconds.
+  """
+  try:
+    with socket.create_connection((host, 443), timeout=DOWNLOAD_PROBE_TIMEOUT_S):
+      return None
+  except OSError as e:
+    return f"{host} unreachable: {e.strerror or e}"
+
+
+@contextlib.contextmanager
+def _download_lock(builder):
+  """One process per machine prepares a data set; the others wait, then read it."""
+  root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  if "://" in root:  # a bucket: no local lock to take (preparing into one is rare)
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{builder.name}.prepare.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
+  """Downloads and prepares a small public set (cifar10, cifar100) as ArrayRecord.
+
+  Returns the builder of the prepared set, or `builder` unchanged for any other data
+  set (its not-prepared error says how to build it). Offline, fails at once in one line
+  that says how to provide the data.
+  """
+  host = DOWNLOADED_ON_FIRST_USE.get(builder.name)
+  if host is None or builder.is_prepared():
+    return builder
+  root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  why = _unreachable(host)
+  if why is not None:
+    raise ValueError(
+        f"{builder.name} is not prepared in {root} and cannot be downloaded ({why}). "
+        f"Provide it: run `tfds build {builder.name} --data_dir=DIR "
+        f"--file_format=array_record` on a machine with internet and pass "
+        f"--config.data_dir=DIR, or give an image folder with "
+        f"--config.dataset=folder:<root> (<root>/<split>/<class>/<image>).")
+  with _download_lock(builder):
+    builder = _tfds_builder(dataset, tfds_name, data_dir)  # another process may be done
+    if not builder.is_prepared():
+      logging.info("Downloading %s from %s and preparing it as ArrayRecord in %s "
+                   "(first use only).", builder.name, host, root)
+      try:
+        builder.download_and_prepare(file_format="array_record")
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"Downloading and preparing {builder.name} into {root} failed: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         f" Run `tfds build {builder.name} --data_dir=DIR "
+                         f"--file_format=array_record` and pass --config.data_dir=DIR."
+                         ) from None
+  return _tfds_builder(dataset, tfds_name, data_dir)
+
+
 def _tfds_source(dataset, tfds_name, data_dir, split, skip_bad_images,
                  random_access, subset=None) -> Source:
-  builder = _tfds_builder(dataset, tfds_name, data_dir)
+  builder = _prepare_on_first_use(dataset, tfds_name, data_dir,
+                                  _tfds_builder(dataset, tfds_name, data_dir))
   features = builder.info.features
   image_keys = [k for k, f in features.items()
                 if isinstance(f, tfds.features.Image)]
