@@ -6,7 +6,7 @@ imagenet2012 from TFDS restricted to the reference's 100 classes; needs a prepar
 from configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.dataset = "imagenet100"
   c.eval_split = "validation"
@@ -20,4 +20,4 @@ def get_config():
   c.min_learning_rate = 5e-3
   c.corinfomax.alpha = 500.0
   c.eval.batch_size = 1024
-  return c
+  return default.with_argument(c, arg)

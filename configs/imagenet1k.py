@@ -1,18 +1,14 @@
 """ImageNet-1K, ResNet-50 with BatchNorm in the projector (paper: 69.08 linear top-1).
 
 The argument semi1 / semi10 sets --mode=finetune to the paper's semi-supervised
-protocol on 1% / 10% of the labels (default.set_paper_finetune), e.g.
+protocol on 1% / 10% of the labels with SimCLR's label lists (default.with_argument),
+e.g.
   python main.py --config=configs/imagenet1k.py:semi10 --mode=finetune --workdir=DIR
 """
 from configs import default
 
-_SEMI_PERCENT = {"semi1": 1, "semi10": 10}
-
 
 def get_config(arg=None):
-  if arg is not None and arg not in _SEMI_PERCENT:
-    raise ValueError(f"configs/imagenet1k.py:{arg} is not known: accepted "
-                     f"{list(_SEMI_PERCENT)}, or no argument")
   c = default.get_config()
   c.dataset = "imagenet2012"
   c.eval_split = "validation"
@@ -32,6 +28,4 @@ def get_config(arg=None):
   c.eval.linear.lr = 25.0
   c.eval.linear.schedule = "step"
   c.eval.linear.step_epochs = 20
-  if arg is not None:
-    default.set_paper_finetune(c, _SEMI_PERCENT[arg])
-  return c
+  return default.with_argument(c, arg)

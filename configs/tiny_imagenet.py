@@ -6,7 +6,7 @@ root/{train,val}/<wnid>/<image>.
 from configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.dataset = "folder:data/tiny-imagenet-200"
   c.eval_split = "val"
@@ -18,4 +18,4 @@ def get_config():
   c.num_epochs = 800
   c.corinfomax.alpha = 500.0
   c.corinfomax.la_R = c.corinfomax.la_mu = 0.1
-  return c
+  return default.with_argument(c, arg)

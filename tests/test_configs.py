@@ -7,6 +7,8 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import pytest
 
+from corinfomax_jax import errors
+from corinfomax_jax.run import run_record
 from corinfomax_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,6 +130,33 @@ def test_imagenet1k_takes_the_papers_semi_supervised_protocol_as_an_argument(
   plain = settings.resolve(_parse("imagenet1k.py")).eval.finetune
   assert (plain.schedule, plain.head_init, plain.crop_interpolation) == (
       "cosine", "zeros", "bicubic")
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("arg,percent", [("semi1", 1), ("semi10", 10)])
+def test_every_config_takes_semi1_and_semi10(name, arg, percent):
+  plain = settings.resolve(_parse(name))
+  ft = settings.resolve(_parse(f"{name}:{arg}")).eval.finetune
+  # SimCLR's lists name ImageNet-1K's images: elsewhere a class-balanced fraction.
+  lists = plain.data.dataset == "imagenet2012"
+  assert (ft.label_file, ft.label_fraction) == (
+      f"{percent}percent.txt" if lists else None, percent / 100)
+  assert (ft.subdir, plain.eval.finetune.subdir) == (f"finetune_{arg}", "finetune")
+  assert (ft.epochs, ft.schedule, ft.evaluate_every_epoch) == (20, "step", True)
+  # The argument changes the fine-tuning only.
+  changed = {k for k, v in run_record.flatten(settings.resolve(_parse(f"{name}:{arg}")).record)
+             .items() if run_record.flatten(plain.record)[k] != v}
+  assert changed and all(k.startswith("eval.finetune.") for k in changed), changed
+
+
+def test_an_unknown_config_argument_is_one_error_line_naming_it():
+  from configs import imagenet100  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError) as e:
+    imagenet100.get_config("semi5")
+  assert str(e.value) == (
+      "the config file argument 'semi5' is not known: accepted 'semi1' or 'semi10' "
+      "(fine-tuning on 1% or 10% of the labels), or none, e.g. "
+      "--config=configs/imagenet100.py:semi1")
 
 
 @pytest.mark.parametrize("name,crop_min,blur,solarize,epochs", [

@@ -82,11 +82,16 @@ def _evaluation_lines(evaluations: Mapping[str, Optional[dict]], step: int) -> l
         f"{linear['num_test_examples']} {linear['eval_split']} images): top-1 "
         f"{_number(linear['top1'])}, top-5 {_number(linear['top5'])}"
         f"{of_step(linear['pretrain_step'])}.")
-  finetune = evaluations.get("finetune")
-  if finetune:
+  # "finetune" (config.eval.finetune.subdir's default), then "finetune:<subdir>" each.
+  for key in sorted(k for k in evaluations if k.split(":")[0] == "finetune"):
+    finetune = evaluations[key]
+    if not finetune:
+      continue
     best = finetune.get("best", {})
+    where = f"{key.split(':', 1)[1]}.json; " if ":" in key else ""
     lines.append(
-        f"- Fine-tuning ({'random initialisation; ' if finetune.get('random_init') else ''}"
+        f"- Fine-tuning ({where}"
+        f"{'random initialisation; ' if finetune.get('random_init') else ''}"
         f"whole network on {finetune['num_labelled']} labelled images "
         f"({finetune['label_fraction']:g} of {finetune['dataset']} "
         f"{finetune['train_split']}), {finetune['epochs']} epochs, batch "
@@ -155,7 +160,8 @@ def model_card(*, record: Mapping[str, Any], config: Mapping[str, Any], config_s
 
   record: the checkpoint's record; config: the run's resolved configuration (from
   `config_source`, e.g. "config.json"); step: the exported checkpoint's; evaluations:
-  {"knn", "linear", "finetune"}: each mode's result JSON, or None; files: {"safetensors",
+  {"knn", "linear", "finetune", "finetune:<subdir>", ...}: each mode's result JSON, or
+  None ("finetune:<subdir>": a fine-tuning with config.eval.finetune.subdir); files: {"safetensors",
   "msgpack"}: the exported file names; sha256: name -> hex digest; prep: `preprocessing`.
   """
   model = record["model"]
