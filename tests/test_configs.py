@@ -149,6 +149,15 @@ def test_every_config_takes_semi1_and_semi10(name, arg, percent):
   assert changed and all(k.startswith("eval.finetune.") for k in changed), changed
 
 
+@pytest.mark.parametrize("name", [n for n in CONFIG_FILES if n.startswith("imagenet")])
+def test_imagenet_configs_monitor_knn_on_a_subsampled_bank(name):
+  run = settings.resolve(_parse(name))
+  knn = run.eval.knn
+  assert "knn" in run.eval.monitors and 0 < knn.every_epochs <= 20
+  assert (knn.monitor_max_train_examples, knn.monitor_max_test_examples) == (10000, 5000)
+  assert knn.max_train_examples == -1  # --mode=knn_eval: the whole train split
+
+
 def test_an_unknown_config_argument_is_one_error_line_naming_it():
   from configs import imagenet100  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError) as e:
