@@ -1,5 +1,6 @@
 """configs/: every file resolves (settings.resolve), and every key can be set on the
 command line."""
+import json
 import pathlib
 
 from absl import flags
@@ -8,16 +9,25 @@ from ml_collections import config_flags
 import pytest
 
 from corinfomax_jax import errors
+from corinfomax_jax.run import command_line
 from corinfomax_jax.run import run_record
 from corinfomax_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
                       if p.name != "__init__.py")
+# The files that need an argument: a workdir's record (here one of an earlier version),
+# an image folder.
+CONFIG_ARGS = {"run_record.py": str(ROOT / "tests/e2e/data/workdir_0.1.0/config.json"),
+               "folder.py": "/data/my_images"}
 
 
 def _parse(name, *overrides):
-  """The config of configs/<name> after `--config.<key>=<value>` flags, as main.py parses."""
+  """The config of configs/<name> after `--config.<key>=<value>` flags, as main.py parses;
+  a file that needs an argument gets CONFIG_ARGS' before one given in `name`."""
+  file, _, arg = name.partition(":")
+  if file in CONFIG_ARGS:
+    name = ":".join([file, CONFIG_ARGS[file]] + ([arg] if arg else []))
   argv = ["main.py", f"--config={ROOT / 'configs' / name}", *overrides]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
@@ -132,7 +142,7 @@ def test_imagenet1k_takes_the_papers_semi_supervised_protocol_as_an_argument(
       "cosine", "zeros", "bicubic")
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("name", [n for n in CONFIG_FILES if n != "run_record.py"])
 @pytest.mark.parametrize("arg,percent", [("semi1", 1), ("semi10", 10)])
 def test_every_config_takes_semi1_and_semi10(name, arg, percent):
   plain = settings.resolve(_parse(name))
@@ -156,6 +166,25 @@ def test_imagenet_configs_monitor_knn_on_a_subsampled_bank(name):
   assert "knn" in run.eval.monitors and 0 < knn.every_epochs <= 20
   assert (knn.monitor_max_train_examples, knn.monitor_max_test_examples) == (10000, 5000)
   assert knn.max_train_examples == -1  # --mode=knn_eval: the whole train split
+
+
+def test_a_workdirs_record_reads_back_as_the_configuration_that_wrote_it(tmp_path):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config("folder:/data/x", seed=3)
+  config.eval.knn.k = (5, 7)
+  config.aug.view2.solarize_p = 0.3
+  record = settings.resolve(config).record
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  argv = command_line.record_config_flag(
+      ["main.py", f"--config={tmp_path}/config.json", "--config.eval.batch_size=8"],
+      str(ROOT / "configs" / "run_record.py"))
+  assert argv[1] == f"--config={ROOT / 'configs' / 'run_record.py'}:{tmp_path}/config.json"
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  assert settings.resolve(values.config).record == {
+      **record, "eval": {**record["eval"], "batch_size": 8}}
+  assert values.config.eval.knn.k == (5, 7)  # tuples, as config files write them
 
 
 def test_an_unknown_config_argument_is_one_error_line_naming_it():
