@@ -24,9 +24,10 @@ CONFIG_ARGS = {"run_record.py": str(ROOT / "tests/e2e/data/workdir_0.1.0/config.
 
 def _parse(name, *overrides):
   """The config of configs/<name> after `--config.<key>=<value>` flags, as main.py parses;
-  a file that needs an argument gets CONFIG_ARGS' before one given in `name`."""
+  a file that needs an argument gets CONFIG_ARGS' unless `name` gives one (semi1 or
+  semi10 after it)."""
   file, _, arg = name.partition(":")
-  if file in CONFIG_ARGS:
+  if file in CONFIG_ARGS and arg in ("", "semi1", "semi10"):
     name = ":".join([file, CONFIG_ARGS[file]] + ([arg] if arg else []))
   argv = ["main.py", f"--config={ROOT / 'configs' / name}", *overrides]
   values = flags.FlagValues()
@@ -185,6 +186,29 @@ def test_a_workdirs_record_reads_back_as_the_configuration_that_wrote_it(tmp_pat
   assert settings.resolve(values.config).record == {
       **record, "eval": {**record["eval"], "batch_size": 8}}
   assert values.config.eval.knn.k == (5, 7)  # tuples, as config files write them
+
+
+def test_the_folder_config_takes_the_folder_as_its_argument_or_says_how_to_give_it():
+  run = settings.resolve(_parse("folder.py:/data/my_images:semi10"))
+  assert (run.data.dataset, run.data.image_size, run.model.kwargs["backbone"]) == (
+      "folder:/data/my_images", 224, "resnet18")
+  assert (run.eval.finetune.subdir, run.eval.finetune.label_fraction) == (
+      "finetune_semi10", 0.1)
+  assert run.eval.knn.every_epochs == 0  # the monitor needs classes: off
+  assert settings.resolve(_parse("folder.py:gs://bucket/images")).data.dataset == (
+      "folder:gs://bucket/images")
+  values = flags.FlagValues()
+  argv = ["main.py", f"--config={ROOT / 'configs' / 'folder.py'}"]
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  with pytest.raises(errors.ConfigError) as e:
+    settings.resolve(values.config)
+  assert str(e.value) == (
+      "config.dataset = 'folder:' names no image folder: give its path, "
+      "--config.dataset=folder:/data/my_images or, with configs/folder.py, "
+      "--config=configs/folder.py:/data/my_images (root/<split>/<class>/<image>)")
+  values.config.dataset = "folder:/data/x"  # --config.dataset=folder:/data/x
+  assert settings.resolve(values.config).data.dataset == "folder:/data/x"
 
 
 def test_an_unknown_config_argument_is_one_error_line_naming_it():

@@ -61,7 +61,9 @@ def index_subset(source, index: np.ndarray):
       load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
       describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set(),
       file_names=(None if source.file_names is None else
-                  lambda: np.asarray(source.file_names(), object)[index].tolist()))
+                  lambda: np.asarray(source.file_names(), object)[index].tolist()),
+      paths=(None if source.paths is None else
+             lambda: np.asarray(source.paths(), object)[index].tolist()))
 
 
 def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,

@@ -408,9 +408,11 @@ def _data(raw: dict) -> Data:
   need, is_int, _ = _checker(raw, "")
   need(isinstance(raw.get("dataset"), str) and raw["dataset"], "dataset",
        "a TFDS name, 'imagenet100', or 'folder:<root>'")
-  need(not raw["dataset"].startswith("folder:") or raw["dataset"][len("folder:"):].strip(),
-       "dataset", "'folder:<root>' with the path of the folder root/<split>/<class>/"
-       "<image> after the colon")
+  if raw["dataset"].startswith("folder:") and not raw["dataset"][len("folder:"):].strip():
+    raise ConfigError(
+        f"config.dataset = {raw['dataset']!r} names no image folder: give its path, "
+        "--config.dataset=folder:/data/my_images or, with configs/folder.py, "
+        "--config=configs/folder.py:/data/my_images (root/<split>/<class>/<image>)")
   need(is_int("image_size") and raw["image_size"] > 0, "image_size", "a positive integer")
   for key in ("train_split", "eval_split"):
     need(isinstance(raw.get(key), str) and raw[key], key, "a split name")

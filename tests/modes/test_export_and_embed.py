@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from conftest import damaged_copy
+from conftest import make_image_folder
 from conftest import tiny_config
 
 import corinfomax_jax
@@ -120,11 +121,17 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
     assert (np.abs(image - colour).sum(-1) < 30).sum() > 20, colour
   assert f"Map of the embedding (t-SNE, 24 of 24 points): {map_path}" in caplog.text
   assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.parts")
-  with np.load(path) as npz:
-    assert sorted(npz.files) == ["features", "index", "labels"]
-    feats, labels, index = npz["features"], npz["labels"], npz["index"]
+  with np.load(path) as npz:  # no pickled objects: plain arrays only
+    assert sorted(npz.files) == ["features", "index", "labels", "paths"]
+    feats, labels, index, paths = (npz[k] for k in ("features", "labels", "index",
+                                                     "paths"))
   assert feats.dtype == np.float32 and labels.dtype == np.int32 and index.dtype == np.int64
   np.testing.assert_array_equal(index, np.arange(24))
+  # Each row's image, relative to the folder's root, in the folder's sorted order.
+  assert paths.tolist() == [f"test/{c}/{name}" for c in ("cat", "dog")
+                            for name in sorted(f"{i}.png" for i in range(12))]
+  with Image.open(image_folder / paths[13]) as image:
+    assert image.size == (16, 16)
   np.testing.assert_array_equal(labels, np.repeat([0, 1], 12))  # folder sorted by class
   enc = corinfomax_jax.load_encoder(str(tmp_path))
   source = sources.get_source(config.dataset, None, "test")
@@ -148,6 +155,27 @@ def test_embed_without_a_layout_library_says_how_to_get_the_map(
                    "neither umap-learn nor scikit-learn is installed; pip install "
                    "\"corinfomax-jax[map]\" (scikit-learn, for t-SNE) or pip install "
                    "umap-learn."]
+
+
+def test_embed_of_a_folder_of_one_unlabelled_split_reads_that_split(
+    pretrained_workdir, tmp_path, monkeypatch):
+  """Pretraining on one's own images: root/train/<image>, no eval split, no classes."""
+  root = tmp_path / "mine"
+  make_image_folder(root, splits=("train",), classes=("x",), per_class=5)
+  for png in sorted((root / "train" / "x").iterdir()):
+    png.rename(root / "train" / png.name)
+  (root / "train" / "x").rmdir()
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  os.symlink(pretrained_workdir / "checkpoints", workdir / "checkpoints")
+  monkeypatch.setattr(embedding_map, "algorithm", lambda: None)  # no map: faster
+  config = tiny_config(f"folder:{root}")
+  config.eval.batch_size = 8
+  path = embed_lib.embed(config, str(workdir))  # eval_split "test" is not there
+  assert path == str(workdir / embed_lib.EMBEDDINGS_DIR / "train.npz")
+  with np.load(path) as npz:
+    assert npz["paths"].tolist() == [f"train/{i}.png" for i in range(5)]
+    assert npz["labels"].tolist() == [0] * 5 and npz["features"].shape[0] == 5
 
 
 @pytest.mark.parametrize("mode", [export_lib.export_backbone, embed_lib.embed])

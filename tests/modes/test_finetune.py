@@ -83,6 +83,7 @@ def test_a_label_file_selects_tfds_records_by_their_file_name_feature(tmp_path):
   index = finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
   # The record order of a prepared split is TFDS's (shuffled by key), so compare names.
   assert sorted(source.file_names()[i] for i in index) == ["img_1.JPEG", "img_4.JPEG"]
+  assert source.paths() == source.file_names()  # what --mode=embed writes as paths
   labels = source.load_batch(tf.constant(index))[1].numpy()
   assert sorted(labels.tolist()) == [0, 1]  # img_4 is class 0, img_1 class 1
 
