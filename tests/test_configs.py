@@ -29,7 +29,7 @@ def _parse(name, *overrides):
   file, _, arg = name.partition(":")
   if file in CONFIG_ARGS and arg in ("", "semi1", "semi10"):
     name = ":".join([file, CONFIG_ARGS[file]] + ([arg] if arg else []))
-  argv = ["main.py", f"--config={ROOT / 'configs' / name}", *overrides]
+  argv = ["main.py", f"--config={ROOT / 'configs'}/{name}", *overrides]  # a URL keeps its //
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)
