@@ -65,7 +65,9 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
   Writes (process 0) DIR/export/backbone.safetensors: torchvision's resnet18/resnet50
   state_dict (no fc; BatchNorm running statistics; num_batches_tracked = the step, plus
   an imported backbone's own),
-  metadata {backbone, cifar_stem, width, step, preprocessing}; and DIR/export/backbone.msgpack:
+  metadata {backbone, cifar_stem, width, step, preprocessing, preprocessing.mean,
+  preprocessing.std, preprocessing.resize, preprocessing.crop} (JSON strings; the
+  evaluation input: model_card.preprocessing); and DIR/export/backbone.msgpack:
   flax.serialization.to_bytes({"params", "batch_stats"}) of the backbone alone, which
   `flax.serialization.from_bytes` restores into `models.create_backbone(...)`'s variables.
   In PyTorch (width 64; inputs normalised as in pretraining, NCHW):
@@ -107,7 +109,7 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
     export.save_safetensors(tensors, paths["safetensors"], metadata={
         "backbone": model["backbone"], "cifar_stem": str(model["cifar_stem"]),
         "width": str(model["width"]), "step": str(enc.step),
-        "preprocessing": model_card.metadata_json(prep)})
+        **model_card.metadata(prep)})
     msgpack = flax.serialization.to_bytes(jax.device_get(backbone))
     files.write_bytes(paths["msgpack"], msgpack)
     saved = _read_json(root / run_record.RECORD)

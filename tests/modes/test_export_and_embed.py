@@ -19,6 +19,8 @@ from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
 from corinfomax_jax.data import augment
+from corinfomax_jax.data import crops
+from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import sources
 from corinfomax_jax.eval import embedding_map
 from corinfomax_jax.eval import evaluators
@@ -44,13 +46,25 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
   tensors = export.load_safetensors(out["safetensors"])
   assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
   metadata = export.read_safetensors_header(out["safetensors"])["__metadata__"]
+  # The evaluation input: ImageNet's statistics for a folder, int(16 * 8 / 7) = 18.
+  mean, std = (list(x) for x in augment.normalization_stats("folder:x"))
   assert json.loads(metadata.pop("preprocessing")) == {
-      "image_size": 16, "resize": 18, "interpolation": "bicubic",
-      "mean": list(augment.normalization_stats("folder:x")[0]),
-      "std": list(augment.normalization_stats("folder:x")[1]),
-      "layout": "RGB, pixels / 255, then (x - mean) / std"}
+      "image_size": 16, "resize": 18, "crop": 16, "interpolation": "bicubic",
+      "mean": mean, "std": std, "layout": "RGB, pixels / 255, then (x - mean) / std"}
+  # And key by key, each a JSON string (safetensors metadata values are strings).
+  assert {k: json.loads(metadata.pop(f"preprocessing.{k}"))
+          for k in ("mean", "std", "resize", "crop")} == {
+              "mean": mean, "std": std, "resize": 18, "crop": 16}
   assert metadata == {"backbone": "resnet18", "cifar_stem": "True", "width": "4",
                       "step": "4"}
+  # The eval pipeline's view of a test image is that resize and crop.
+  source = sources.get_source(f"folder:{image_folder}", None, "test")
+  batch = next(pipeline.eval_batches(source, global_batch_size=8, image_size=16,
+                                     aug_config=settings.resolve(tiny_config(
+                                         f"folder:{image_folder}")).data.recipe))
+  first = np.asarray(Image.open(source.describe(0)).convert("RGB"))
+  np.testing.assert_array_equal(batch["image"][0],
+                                crops.resize_center_crop_np(first, 16, 18 / 16))
   got = export.torch_layout_features(tensors, jnp.asarray(_images()), backbone="resnet18",
                                      cifar_stem=True)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
@@ -92,8 +106,10 @@ def test_export_writes_a_model_card_from_what_the_workdir_records(
           f"folder:{image_folder} train images, queries: 24 test images, centre crops): "
           f"top-1 {knn['top1']:.2f}, top-5 {knn['top5']:.2f}.") in card
   assert "Branch 1's projector covariance at step 4: dimension 8, effective rank" in card
-  assert ("RGB; resize the shorter side to 18 px (bicubic), centre crop 16 x 16; divide "
-          "by 255; subtract mean [0.485, 0.456, 0.406]") in card
+  assert ("RGB; resize the shorter side to 18 px (bicubic), centre crop 16 x 16 (the size "
+          "the backbone was trained at); divide by 255; subtract mean [0.485, 0.456, "
+          "0.406]") in card
+  assert '"preprocessing.resize", "preprocessing.crop"' in card
   # The JAX snippet, run as written, gives the encoder's features.
   snippet = card.split("### JAX (Flax)\n\n```python\n")[1].split("```")[0]
   snippet = snippet.replace('"backbone.msgpack"', repr(out["msgpack"]))
