@@ -241,6 +241,12 @@ def _folder_source(dataset: str, root: str, split: str,
                      f"{type(e).__name__}: {_first_line(e)}") from None
   if not found:
     raise ValueError(f"Image folder root {root!r} does not exist{_parent_holds(root)}")
+  if _is_tiny_imagenet_archive(root):
+    raise ValueError(
+        f"Image folder {root!r} is the unpacked Tiny ImageNet archive, whose val/ holds "
+        "its images without class folders (labels in val/val_annotations.txt): prepare "
+        f"it first, python tools/prepare_tiny_imagenet.py {root} data/tiny-imagenet, "
+        "and read folder:data/tiny-imagenet.")
   split_dir = os.path.join(root, split)
   splits = _folders_in(root)
   if not _is_dir(split_dir):
@@ -292,6 +298,14 @@ def _folder_source(dataset: str, root: str, split: str,
                 describe=lambda i: paths[int(i)], unlabelled=unlabelled,
                 file_names=lambda: [os.path.basename(p) for p in paths],
                 paths=lambda: [_relative(p, root) for p in paths])
+
+
+def _is_tiny_imagenet_archive(root: str) -> bool:
+  """Whether `root` is Tiny ImageNet as unpacked (tiny-imagenet-200/): val/images/ and
+  val/val_annotations.txt, which as a folder would read as one unlabelled val split."""
+  val = os.path.join(root, "val")
+  return (_is_dir(os.path.join(val, "images"))
+          and files.as_path(os.path.join(val, "val_annotations.txt")).is_file())
 
 
 def op_message(text: str) -> str:
