@@ -324,6 +324,7 @@ def test_a_key_nothing_reads_is_refused_naming_the_closest(where, key, closest):
 
 @pytest.mark.parametrize("dataset", ["folder:", "folder: "])
 def test_a_folder_dataset_without_a_root_is_refused(dataset):
-  with pytest.raises(errors.ConfigError, match="config.dataset = .folder: ?. is invalid: "
-                                               "expected 'folder:<root>' with the path"):
+  with pytest.raises(errors.ConfigError, match="config.dataset = .folder: ?. names no "
+                                               "image folder: give its path, --config.dataset="
+                                               "folder:/data/my_images or"):
     settings.resolve(tiny_config(dataset))
