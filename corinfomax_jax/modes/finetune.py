@@ -35,9 +35,8 @@ from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.errors import ConfigError
 
-# config.eval.finetune.subdir's default: <workdir>/finetune/ holds the TensorBoard events
-# and checkpoints, <workdir>/finetune.json the result.
-FINETUNE_DIR = "finetune"
+# The result of config.eval.finetune.subdir's default, "finetune" (`result_file`): the
+# TensorBoard events and checkpoints go to <workdir>/<subdir>/.
 FINETUNE_RESULT_FILE = "finetune.json"
 # Keys a resumed fine-tuning run must share with the run that wrote its checkpoints.
 _FINETUNE_KEYS = ("label_fraction", "label_file", "finetune_epochs", "finetune_batch_size",
