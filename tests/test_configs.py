@@ -180,6 +180,12 @@ def test_a_workdirs_record_reads_back_as_the_configuration_that_wrote_it(tmp_pat
       ["main.py", f"--config={tmp_path}/config.json", "--config.eval.batch_size=8"],
       str(ROOT / "configs" / "run_record.py"))
   assert argv[1] == f"--config={ROOT / 'configs' / 'run_record.py'}:{tmp_path}/config.json"
+  for given in (["--config", f"{tmp_path}/config.json.2"],
+                ["--config=configs/folder.py:/data/x.json"], ["--config=configs/x.py"]):
+    # An earlier generation, as two arguments; a config file's own argument; a file.
+    translated = command_line.record_config_flag(["main.py", *given], "R.py")
+    assert translated[1:] == (["--config", f"R.py:{tmp_path}/config.json.2"]
+                              if given[0] == "--config" else given)
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)

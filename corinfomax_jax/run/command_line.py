@@ -37,7 +37,8 @@ def record_config_flag(argv: list[str], record_config_file: str) -> list[str]:
       value, at, prefix = out[i + 1], i + 1, ""
     else:
       continue
-    if re.search(r"\.json(\.\d+)?$", value):
+    # A config file's own argument may end in .json too (configs/x.py:labels.json).
+    if re.search(r"\.json(\.\d+)?$", value) and ".py:" not in value:
       out[at] = f"{prefix}{record_config_file}:{value}"
     break
   return out
