@@ -27,7 +27,7 @@ def dataset_name() -> str:
   return "cifar10"
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.dataset = dataset_name()
   # A folder gets ImageNet's mean/std by default; these images are CIFAR-10's (the
@@ -46,4 +46,4 @@ def get_config():
   c.eval.batch_size = 500
   c.eval.knn.every_epochs = 1  # kNN monitor on a 10k-image bank after each epoch
   c.eval.knn.max_train_examples = 10000
-  return c
+  return default.with_argument(c, arg)

@@ -88,6 +88,11 @@ class Source:
   # () -> the file name of every example in index order (e.g. "n01440764_10026.JPEG"),
   # for lists of names such as SimCLR's ImageNet subsets; None where the source has none.
   file_names: Callable[[], list[str]] | None = None
+  # () -> where each example comes from, in index order: an image folder's paths relative
+  # to its root ("train/cat/001.jpg"), a TFDS split's file_name feature
+  # ("n01440764_10026.JPEG") or else its id feature ("train_16399"); None where the
+  # source has neither, and for a streamed TFDS split (whose rows have no fixed index).
+  paths: Callable[[], list[str]] | None = None
   skipped: list[str] = dataclasses.field(default_factory=list)
   _bad: set[int] = dataclasses.field(default_factory=set)
 
@@ -239,6 +244,12 @@ def _folder_source(dataset: str, root: str, split: str,
                      f"{type(e).__name__}: {_first_line(e)}") from None
   if not found:
     raise ValueError(f"Image folder root {root!r} does not exist{_parent_holds(root)}")
+  if _is_tiny_imagenet_archive(root):
+    raise ValueError(
+        f"Image folder {root!r} is the unpacked Tiny ImageNet archive, whose val/ holds "
+        "its images without class folders (labels in val/val_annotations.txt): prepare "
+        f"it first, python tools/prepare_tiny_imagenet.py {root} data/tiny-imagenet, "
+        "and read folder:data/tiny-imagenet.")
   split_dir = os.path.join(root, split)
   splits = _folders_in(root)
   if not _is_dir(split_dir):
@@ -288,7 +299,16 @@ def _folder_source(dataset: str, root: str, split: str,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=_read_url if remote else tf.io.read_file,
                 describe=lambda i: paths[int(i)], unlabelled=unlabelled,
-                file_names=lambda: [os.path.basename(p) for p in paths])
+                file_names=lambda: [os.path.basename(p) for p in paths],
+                paths=lambda: [_relative(p, root) for p in paths])
+
+
+def _is_tiny_imagenet_archive(root: str) -> bool:
+  """Whether `root` is Tiny ImageNet as unpacked (tiny-imagenet-200/): val/images/ and
+  val/val_annotations.txt, which as a folder would read as one unlabelled val split."""
+  val = os.path.join(root, "val")
+  return (_is_dir(os.path.join(val, "images"))
+          and files.as_path(os.path.join(val, "val_annotations.txt")).is_file())
 
 
 def op_message(text: str) -> str:
@@ -640,20 +660,26 @@ def _random_access_tfds(dataset, split, data_source, image_key, class_names,
     base = int(base_index[i]) if base_index is not None else int(i)
     return f"record {base} of TFDS {builder.name} split {split!r}"
 
-  def file_names():
-    # One pass over the split's records (ImageNet: its 1.28M records, image bytes
-    # included, since each record is read whole).
-    logging.info("Reading the file names of %s %s once.", builder.name, split)
-    keys = base_index if base_index is not None else range(len(data_source))
-    names = _read_field(data_source, "file_name", [int(k) for k in keys])
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+  def field(key):
+    def read():
+      # One pass over the split's records (ImageNet: its 1.28M records, image bytes
+      # included, since each record is read whole).
+      logging.info("Reading the %s of every record of %s %s once.", key, builder.name,
+                   split)
+      keys = base_index if base_index is not None else range(len(data_source))
+      values = _read_field(data_source, key, [int(k) for k in keys])
+      return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    return read
 
-  has_names = "file_name" in builder.info.features.keys()
+  features = builder.info.features
+  names = [k for k in ("file_name", "id") if k in features.keys()
+           and isinstance(features[k], tfds.features.Text)]
   return Source(name=dataset, split=split, num_examples=num_examples,
                 class_names=class_names, random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=lambda x: x, describe=describe,
-                file_names=file_names if has_names else None)
+                file_names=field("file_name") if "file_name" in names else None,
+                paths=field(names[0]) if names else None)
 
 
 def _streaming_tfds(dataset, split, builder, decoders, image_key, class_names,

@@ -156,6 +156,9 @@ def test_a_folder_under_a_gs_url_lists_and_reads_as_the_local_folder(tmp_path,
     assert ([d[len(url):] for d in described]
             == [mine.describe(i)[len(str(local)):] for i in range(n)])
     assert remote.file_names() == mine.file_names()
+    # Paths relative to the root, the same under a URL.
+    assert remote.paths() == mine.paths()
+    assert mine.paths()[0] == ("train/n01/images/a.png" if n == 8 else "unlabelled/0.png")
     paths, labels = remote.load_batch(tf_indices(range(n)))
     assert labels.numpy().tolist() == mine.load_batch(tf_indices(range(n)))[1].numpy().tolist()
     # The bytes come through epath (TensorFlow has no gs:// file system here).
