@@ -28,6 +28,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from corinfomax_jax import errors
 from corinfomax_jax import files
 from corinfomax_jax import tensorflow_setup
 
@@ -509,7 +510,7 @@ def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
   root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
   why = _unreachable(host)
   if why is not None:
-    raise ValueError(
+    raise errors.ConfigError(
         f"{builder.name} is not prepared in {root} and cannot be downloaded ({why}). "
         f"Provide it: run `tfds build {builder.name} --data_dir=DIR "
         f"--file_format=array_record` on a machine with internet and pass "
@@ -523,7 +524,7 @@ def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
       try:
         builder.download_and_prepare(file_format="array_record")
       except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(f"Downloading and preparing {builder.name} into {root} failed: "
+        raise errors.ConfigError(f"Downloading and preparing {builder.name} into {root} failed: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                          f" Run `tfds build {builder.name} --data_dir=DIR "
                          f"--file_format=array_record` and pass --config.data_dir=DIR."
