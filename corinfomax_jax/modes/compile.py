@@ -379,7 +379,8 @@ def table(result: dict) -> str:
     mem = s["memory_bytes"]
     coll = s["collectives"]
     ar = coll.get("all-reduce", {"count": 0, "bytes": 0})
-    ar_before = (s["collectives_before_combining"] or {}).get("all-reduce", {}).get("count")
+    before = s["collectives_before_combining"]
+    ar_before = None if before is None else before.get("all-reduce", {}).get("count", 0)
     others = ", ".join(f"{k} {v['count']}" for k, v in sorted(coll.items())
                        if k != "all-reduce") or "-"
     est = "" if s["step_seconds_source"] == "optimal_seconds" else "*"
