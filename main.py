@@ -173,12 +173,7 @@ def main(argv):
     if FLAGS.weights and FLAGS.mode != "import":
       raise errors.ConfigError(f"--weights is read by --mode=import only, not by "
                                f"--mode={FLAGS.mode}: drop it, or use --mode=import.")
-    if (FLAGS.topology is None) != (FLAGS.mode != "compile"):
-      raise errors.ConfigError(
-          "--mode=compile needs --topology (e.g. --topology=v5litepod-16)"
-          if FLAGS.mode == "compile" else
-          f"--topology is read by --mode=compile only, not by --mode={FLAGS.mode}: drop "
-          "it, or use --mode=compile.")
+    compile_mode.check_topology_flag(FLAGS.mode, FLAGS.topology)
     MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
     # Background threads (checkpointing, input) must not keep it alive.

@@ -113,6 +113,15 @@ def parse_topology(name: str) -> Slice:
   return Slice(generation, f"{generation}:{'x'.join(map(str, shape))}", chips)
 
 
+def check_topology_flag(mode: str, topology: str | None) -> None:
+  """--topology is given with --mode=compile, and only with it."""
+  if mode == "compile" and topology is None:
+    raise ConfigError("--mode=compile needs --topology (e.g. --topology=v5litepod-16)")
+  if mode != "compile" and topology is not None:
+    raise ConfigError(f"--topology is read by --mode=compile only, not by --mode={mode}: "
+                      "drop it, or use --mode=compile.")
+
+
 def slice_devices(tpu_slice: Slice) -> list:
   """The devices of the slice as the TPU compiler sees them (no TPU needed)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
