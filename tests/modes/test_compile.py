@@ -147,3 +147,24 @@ def test_topology_flag_goes_with_compile_mode_only():
     compile_lib.check_topology_flag("compile", None)
   with pytest.raises(errors.ConfigError, match="not by --mode=knn_eval: drop it"):
     compile_lib.check_topology_flag("knn_eval", "v5e-4")
+
+
+def test_without_libtpu_the_error_says_what_to_install():
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip("libtpu is installed in this environment")
+  except ImportError:
+    pass
+  with pytest.raises(errors.ConfigError, match=r'pip install "jax\[tpu\]=='):
+    compile_lib.slice_devices(compile_lib.parse_topology("v5e-4"))
+
+
+def test_a_step_that_does_not_fit_names_the_batch_and_dtype_that_would():
+  gib = compile_lib.GIB
+  report = {"memory_bytes": {"temporaries": 20 * gib}, "hbm_needed_bytes": 24 * gib,
+            "hbm_bytes": 16 * gib, "per_chip_batch": 128, "fits": False}
+  run = type("Run", (), {"model": type("Model", (), {"kwargs": {"dtype": "float32"}})})
+  assert compile_lib.advice(report, run, chips=16) == (
+      "per-chip batch 72 (global 1152) by linear extrapolation of the temporaries, not "
+      "compiled; or --config.model.dtype=bfloat16")
+  assert compile_lib.advice({**report, "fits": True}, run, chips=16) is None
