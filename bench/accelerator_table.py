@@ -17,7 +17,8 @@ for `--devices` simulated devices at the config's global batch, from abstract sh
                buffers one device holds at once (state, its batch shard, the buffer
                assignment's temporaries; the donated state is the alias). XLA:CPU's
                buffer assignment: a GPU or TPU compile fuses differently and adds
-               convolution workspace, so read it as an estimate.
+               convolution workspace, so read it as an estimate. For a TPU slice,
+               `main.py --mode=compile --topology=...` gives the TPU compiler's own.
 
 From those, what one chip would reach at `--utilization` (default 40%) of its peak, and
 the host cores its input pipeline would need at the per-core host rates of

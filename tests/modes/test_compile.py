@@ -93,13 +93,14 @@ def test_compile_mode_compiles_a_tiny_config_for_a_v5e_slice(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "XLA_FLAGS"))}
   env["JAX_PLATFORMS"] = "cpu"
-  # ResNet-18 at width 4 on 32 px, 8 pairs per chip: about 40 s of compiling.
+  # ResNet-18 at width 2 on 16 px, 4 pairs per chip: about 35 s of compiling (a
+  # full-width step takes 10 to 20 minutes).
   out = subprocess.run(
       [python, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(
           ROOT, "configs", "cifar10.py"), f"--workdir={tmp_path}", "--mode=compile",
-       "--topology=v5litepod-4", "--config.model.width=4",
-       "--config.model.projector=(32,32,16)", "--config.batch_size=32",
-       "--config.eval.batch_size=32"],
+       "--topology=v5litepod-4", "--config.image_size=16", "--config.model.width=2",
+       "--config.model.projector=(16,16,8)", "--config.batch_size=16",
+       "--config.eval.batch_size=16"],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().splitlines()[-1] == "fits: true"
@@ -108,7 +109,7 @@ def test_compile_mode_compiles_a_tiny_config_for_a_v5e_slice(tmp_path):
   assert result["device_kind"] == "TPU v5 lite" and result["fits"] is True
   train, features = result["steps"]
   assert (train["step"], features["step"]) == ("train", "features")
-  assert (train["per_chip_batch"], features["per_chip_batch"]) == (8, 8)
+  assert (train["per_chip_batch"], features["per_chip_batch"]) == (4, 4)
   for step in (train, features):
     mem = step["memory_bytes"]
     assert step["hbm_needed_bytes"] == (mem["arguments"] + mem["outputs"] - mem["aliased"]
@@ -120,7 +121,7 @@ def test_compile_mode_compiles_a_tiny_config_for_a_v5e_slice(tmp_path):
   assert 0 < train["memory_bytes"]["aliased"] <= train["memory_bytes"]["outputs"]
   assert features["memory_bytes"]["aliased"] == 0
   # Every gradient crosses the chips: the all-reduces carry at least the parameters.
-  params = _parameter_bytes(width=4, projector=(32, 32, 16))
+  params = _parameter_bytes(width=2, projector=(16, 16, 8))
   reduced = train["collectives"]["all-reduce"]
   before = train["collectives_before_combining"]["all-reduce"]
   assert reduced["bytes"] >= params
@@ -135,7 +136,7 @@ def _parameter_bytes(**model) -> int:
   from corinfomax_jax import models  # pylint: disable=g-import-not-at-top
   net = models.create_model(backbone="resnet18", cifar_stem=True, **model)
   shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
-                                           np.zeros((1, 32, 32, 3), np.float32),
+                                           np.zeros((1, 16, 16, 3), np.float32),
                                            train=False))["params"]
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
