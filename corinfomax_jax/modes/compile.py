@@ -35,7 +35,7 @@ from corinfomax_jax.modes import startup
 from corinfomax_jax.run import encoder
 from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import train_state as train_state_lib
-from corinfomax_jax.run import writers
+from corinfomax_jax.run import workdir as workdir_lib
 
 RESULT = "compile.json"
 GIB = 2**30
@@ -328,7 +328,7 @@ def compile_for_slice(config, workdir: str, topology: str) -> dict:
   for key, size in (("batch_size", run.train.batch_size),
                     ("eval.batch_size", run.eval.batch_size)):
     mesh_lib.check_batch_divides(size, len(devices), processes, key=key)
-  startup.workdir_lib.check_workdir(workdir, create=True)
+  workdir_lib.check_workdir(workdir, create=True)
   mesh = mesh_lib.make_mesh(devices)
   chip = tpu_slice.chip
   probe_classes, probe_note = probe_classes_of(run)
@@ -356,8 +356,8 @@ def compile_for_slice(config, workdir: str, topology: str) -> dict:
       "device_kind": devices[0].device_kind, "chips": len(devices), "hosts": processes,
       "chip": {"hbm_bytes": chip.hbm_bytes, "peak_bf16_flops": chip.peak_flops,
                "hbm_bandwidth_bytes_per_s": chip.hbm_bandwidth},
-      "config": {"method": run.method.name, "model": run.model.record(), "image_size": run.data.image_size,
-                 "batch_size": run.train.batch_size,
+      "config": {"method": run.method.name, "model": run.model.record(),
+                 "image_size": run.data.image_size, "batch_size": run.train.batch_size,
                  "eval_batch_size": run.eval.batch_size,
                  "online_probe_classes": probe_classes,
                  "monitors": [n for n in run.eval.monitors
