@@ -9,9 +9,11 @@ pretraining run on that slice would run, for the slice's devices as
 batch (mesh, device augmentation, method, optimizer, donation, the online probe when it
 is on) and the feature extraction of the kNN monitor, --mode=knn_eval and --mode=embed
 at `eval.batch_size`. Nothing is allocated, read or run. Per step and per chip it
-reports the HBM the executable needs against the chip's (`fits`), GFLOP per pair, the
-compiler's time estimate as pairs/s, the collectives (before and after XLA combines
-them) and the compile time, as a table on stdout and as <workdir>/compile.json.
+reports the HBM the executable needs against the chip's (`fits`), GFLOP per pair, a
+step time as pairs/s (the compiler's `optimal_seconds`, or the roofline of FLOPs and
+bytes accessed where that is not positive, as libtpu 0.0.42 gives for these steps), the
+collectives (before and after XLA combines them) and the compile time, as a table on
+stdout and as <workdir>/compile.json.
 """
 from __future__ import annotations
 
