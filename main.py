@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from corinfomax_jax import errors
 from corinfomax_jax import files
+from corinfomax_jax.modes import compile as compile_mode
 from corinfomax_jax.modes import embed
 from corinfomax_jax.modes import export
 from corinfomax_jax.modes import finetune
@@ -51,16 +52,23 @@ MODES = {
     "finetune": finetune.finetune,
     "import": lambda config, workdir: import_weights.import_weights(config, workdir,
                                                                     FLAGS.weights),
+    "compile": lambda config, workdir: compile_mode.compile_for_slice(config, workdir,
+                                                                      FLAGS.topology),
 }
 flags.DEFINE_enum("mode", "pretrain", list(MODES),
                   "pretrain (resumes from the workdir); the others read the workdir's "
                   "latest pretraining checkpoint: knn_eval, linear_eval, export (backbone "
                   "for PyTorch and Flax), embed (features of a split), finetune (the whole "
                   "network on a labelled subset); import writes a new workdir from "
-                  "--weights.")
+                  "--weights; compile compiles the run's steps for --topology with the "
+                  "TPU compiler (no TPU, no data) and writes compile.json.")
 flags.DEFINE_string("weights", None,
                     "--mode=import: a torchvision ResNet state_dict, as .safetensors or "
                     "torch.save .pth/.pt (read without torch).")
+flags.DEFINE_string("topology", None,
+                    "--mode=compile: the TPU slice, as gcloud names it (v5litepod-256, "
+                    "v4-32, v5p-128, v6e-64; v5e-16 = v5litepod-16) or as jax does "
+                    "(v5e:16x16).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs JAX cannot discover.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -171,6 +179,7 @@ def main(argv):
     if FLAGS.weights and FLAGS.mode != "import":
       raise errors.ConfigError(f"--weights is read by --mode=import only, not by "
                                f"--mode={FLAGS.mode}: drop it, or use --mode=import.")
+    compile_mode.check_topology_flag(FLAGS.mode, FLAGS.topology)
     MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops)
     # Background threads (checkpointing, input) must not keep it alive.

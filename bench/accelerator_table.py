@@ -17,7 +17,8 @@ for `--devices` simulated devices at the config's global batch, from abstract sh
                buffers one device holds at once (state, its batch shard, the buffer
                assignment's temporaries; the donated state is the alias). XLA:CPU's
                buffer assignment: a GPU or TPU compile fuses differently and adds
-               convolution workspace, so read it as an estimate.
+               convolution workspace, so read it as an estimate. For a TPU slice,
+               `main.py --mode=compile --topology=...` gives the TPU compiler's own.
 
 From those, what one chip would reach at `--utilization` (default 40%) of its peak, and
 the host cores its input pipeline would need at the per-core host rates of
@@ -54,14 +55,11 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import train_step as bench_step  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax import models  # noqa: E402
-from corinfomax_jax.data import augment  # noqa: E402
-from corinfomax_jax.modes import pretrain  # noqa: E402
+from corinfomax_jax.modes import compile as compile_mode  # noqa: E402
 from corinfomax_jax.run import settings  # noqa: E402
-from corinfomax_jax.run import train_state as train_state_lib  # noqa: E402
 
 # Peak dense FLOP/s of one chip (vendor figures; NVIDIA's datasheets print the tensor
 # core rates with 2:4 sparsity, the dense rate is half):
@@ -95,31 +93,12 @@ def load_settings(name: str, dtype: str | None) -> settings.Settings:
   return settings.resolve(config)
 
 
-def abstract_step_inputs(config: settings.Settings, mesh, batch_size: int):
-  """ShapeDtypeStructs of the train state (replicated) and of a two-view batch of
-  `batch_size` (sharded), as bench/train_step.py feeds the step."""
-  model = config.model.create()
-  lr_fn = train_state_lib.create_learning_rate_fn(config.optimizer, steps_per_epoch=100)
-  tx = train_state_lib.create_optimizer(config.optimizer, lr_fn)
-  state = jax.eval_shape(lambda: train_state_lib.create_train_state(config, model, tx, mesh))
-  replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
-  size = config.data.image_size
-  batch = {"label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharded)}
-  for k in ("view1", "view2"):
-    batch[k] = jax.ShapeDtypeStruct((batch_size, size, size, 3), np.uint8, sharding=sharded)
-    batch[f"{k}_draws"] = jax.ShapeDtypeStruct((batch_size, augment.NUM_DRAWS), np.float32,
-                                               sharding=sharded)
-  step = pretrain.jit_train_step(config, model, tx, lr_fn, mesh)
-  return step, state, batch
-
-
 def compiled_step(config: settings.Settings, devices, batch_size: int):
-  """The train step compiled for `devices` at global batch `batch_size`."""
-  mesh = mesh_lib.make_mesh(devices)
-  step, state, batch = abstract_step_inputs(config, mesh, batch_size)
-  return step.lower(state, batch).compile()
+  """The train step compiled for `devices` at global batch `batch_size`, built as
+  --mode=compile builds it (modes/compile.py: pretraining's own jitted step)."""
+  lowered, _ = compile_mode.lowered_train_step(config, mesh_lib.make_mesh(devices),
+                                               batch_size)
+  return lowered.compile()
 
 
 def step_flops(compiled) -> float:
