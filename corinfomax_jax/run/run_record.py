@@ -21,7 +21,10 @@ RECORD = "config.json"
 RESULT_KEYS = frozenset((
     "method", "learning_rate",
     "base_batch_size", "batch_size", "optimizer", "momentum", "weight_decay",
-    "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size"))
+    "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size",
+    "adam_b1", "adam_b2", "grad_clip_norm"))
+# Result keys added after the first records, with the value earlier runs had in effect.
+LATER_KEYS = {"adam_b1": 0.9, "adam_b2": 0.999, "grad_clip_norm": 0.0}
 # The model and the augmentation; and the section of the run's method (config.method).
 RESULT_PREFIXES = ("model.", "aug.")
 
@@ -58,7 +61,7 @@ def _with_method_defaults(flat: dict) -> dict:
   if method not in methods.METHODS:
     return flat
   defaults = {f"{method}.{k}": v for k, v in methods.hyperparameters(method).items()}
-  return {**defaults, **flat}
+  return {**LATER_KEYS, **defaults, **flat}
 
 
 def result_values(record: dict) -> dict:
