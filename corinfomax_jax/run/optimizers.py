@@ -48,7 +48,7 @@ def clipped(tx: optax.GradientTransformation, max_norm: float
   (torch.nn.utils.clip_grad_norm_). The state is `tx`'s own, unchanged in structure, so
   a checkpoint written with clipping resumes without it and the other way round."""
   def update(grads, state, params=None):
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
     grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
     return tx.update(grads, state, params)
