@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import register_tiny_vit
 
 from corinfomax_jax import errors
 from corinfomax_jax import models
@@ -71,12 +72,7 @@ def test_big_vision_parameter_names():
 
 @pytest.fixture
 def tiny_vit(monkeypatch):
-  """A two-block ViT of width 16 registered as "vit_test", for runs that take seconds."""
-  monkeypatch.setitem(vit.VITS, "vit_test", dict(width=16, depth=2, mlp_dim=32,
-                                                 num_heads=2))
-  monkeypatch.setitem(models.BACKBONES, "vit_test", models.BackboneSpec(
-      functools.partial(vit.create_vit, "vit_test"), vit.OPTIONS, vit.check_image_size))
-  return "vit_test"
+  return register_tiny_vit(monkeypatch)
 
 
 def test_features_are_the_pooled_tokens(tiny_vit):
