@@ -1,6 +1,7 @@
 """A tiny ViT through the whole library: two steps of pretraining with AdamW and the kNN
 monitor, a resume that continues exactly, and every reader of the workdir (knn_eval,
-linear_eval, finetune, embed, load_encoder); export refuses it in one line."""
+linear_eval, finetune, embed, load_encoder); export and import of torchvision weights
+refuse it in one line."""
 import json
 import pathlib
 
@@ -17,6 +18,7 @@ from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.modes import embed as embed_lib
 from corinfomax_jax.modes import export as export_lib
 from corinfomax_jax.modes import finetune
+from corinfomax_jax.modes import import_weights
 from corinfomax_jax.modes import knn_eval
 from corinfomax_jax.modes import linear_eval
 from corinfomax_jax.modes import pretrain
@@ -83,7 +85,7 @@ def test_the_run_record_and_the_monitor(vit_workdir):
 
 
 def test_every_reader_reads_the_vit_workdir(vit_workdir, image_folder, tiny_vit,
-                                            one_thread):
+                                            one_thread, tmp_path):
   del tiny_vit, one_thread
   workdir, config = vit_workdir["workdir"], _config(image_folder)
   enc = corinfomax_jax.load_encoder(workdir)
@@ -103,4 +105,8 @@ def test_every_reader_reads_the_vit_workdir(vit_workdir, image_folder, tiny_vit,
   with pytest.raises(ConfigError, match="backbone 'vit_test' has none and is not "
                                         "exported") as refused:
     export_lib.export_backbone(config, workdir)
+  assert "\n" not in str(refused.value)
+  with pytest.raises(ConfigError, match="backbone 'vit_test' has none: a big_vision ViT "
+                                        ".npz loads with") as refused:
+    import_weights.import_weights(config, str(tmp_path / "imported"), "resnet.pth")
   assert "\n" not in str(refused.value)
