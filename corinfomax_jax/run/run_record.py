@@ -54,9 +54,9 @@ def changed_result_keys(old: dict, new: dict) -> list[str]:
 
 
 def _with_method_defaults(flat: dict) -> dict:
-  """`flat` (result values) with its method's hyperparameters that it lacks at their
-  defaults: a key a later version added to a method's section (stats_dtype, say) is
-  absent from earlier records, and its default is what those runs did."""
+  """`flat` (result values) with its method's hyperparameters and the LATER_KEYS that it
+  lacks at their defaults: a key a later version added (stats_dtype, grad_clip_norm,
+  say) is absent from earlier records, and its default is what those runs did."""
   method = flat.get("method", "corinfomax")
   if method not in methods.METHODS:
     return flat
