@@ -19,13 +19,20 @@ Gradients are clipped to global norm 1.0 (big_vision's ViT recipes,
 big_vision/configs/vit_s16_i1k.py: grad_clip_norm = 1.0); solo-learn does not clip.
 CorInfoMax's own ImageNet-100 settings stay (configs/imagenet100.py: projector
 4096-4096-128, alpha 500, the paper's views).
+
+Another method's loss on the same network, optimizer and views: the argument names it,
+its section at its defaults and CorInfoMax's alpha 500 dropped,
+  python main.py --config=configs/imagenet100_vit_s16.py:vicreg --workdir=DIR
 """
 from configs import default
 from configs import imagenet100
+from configs import recipes
 
 
-def get_config():
+def get_config(method=None):
   c = imagenet100.get_config()
+  if method is not None:
+    recipes.only_method(c, method)
   default.set_vit(c, "vit_s16", patch_size=16, posemb="learn", pool="tok")
   default.set_adamw(c, learning_rate=3e-4, base_batch_size=256, weight_decay=0.1,
                     warmup_epochs=10.0, grad_clip_norm=1.0)
