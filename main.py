@@ -2,6 +2,7 @@
 
   python main.py --config=configs/cifar10.py --workdir=DIR [--mode=pretrain]
   python main.py --config=configs/cifar10.py --workdir=DIR --config.batch_size=256
+  python main.py --config=DIR/config.json --workdir=DIR --mode=knn_eval  # as recorded
 
 On TPU pods and GPU clusters run the same command on every host; JAX discovers the
 topology. Elsewhere pass --coordinator_address, --num_processes and --process_id.
@@ -36,8 +37,10 @@ from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import command_line
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Configuration file (configs/*.py, or configs/*.py:semi1 / :semi10), "
+    "or a workdir's config.json: the configuration that pretraining recorded.",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, plots and results.")
 MODES = {
     "pretrain": pretrain.train_and_evaluate,  # resumes from the workdir
@@ -68,6 +71,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 ERROR_LOG = "error.log"  # the traceback of the error main.py printed in one line
 _MOVED_FLAGS = []  # "--config.alpha is now --config.corinfomax.alpha.", logged by main
+# Reads a workdir's config.json as a config file (--config=<workdir>/config.json).
+RECORD_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                  "run_record.py")
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -232,7 +238,8 @@ if __name__ == "__main__":
   jax.config.config_with_absl()
   # config_flags reads overrides from sys.argv itself: translate it in place.
   try:
-    sys.argv = command_line.translate_moved_flags(sys.argv, _MOVED_FLAGS)
+    sys.argv = command_line.record_config_flag(
+        command_line.translate_moved_flags(sys.argv, _MOVED_FLAGS), RECORD_CONFIG_FILE)
   except errors.ConfigError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(1)

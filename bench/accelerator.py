@@ -113,7 +113,8 @@ def base_config() -> dict:
           "batch_size": 512, "monitors": ("knn",), "random_init": False,
           "embed_split": None,
           "knn": {"every_epochs": 0.0, "k": (10, 20, 100, 200), "temperature": (0.07,),
-                  "max_train_examples": -1},
+                  "max_train_examples": -1, "monitor_max_train_examples": -1,
+                  "monitor_max_test_examples": -1},
           "online_probe": {"enabled": False, "lr": 0.1, "every_epochs": 1.0},
           "linear": {"epochs": 100, "batch_size": 256, "lr": 0.2, "min_lr": 2e-3,
                      "schedule": "cosine", "step_epochs": 20, "weight_decay": 0.0,
@@ -124,7 +125,7 @@ def base_config() -> dict:
                        "step_epochs": 5, "backbone_step_factor": 0.2,
                        "head_step_factor": 0.1, "head_init": "zeros",
                        "crop_interpolation": "bicubic", "evaluate_every_epoch": False,
-                       "max_steps": -1},
+                       "max_steps": -1, "subdir": "finetune"},
       },
   }
 

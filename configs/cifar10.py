@@ -2,5 +2,5 @@
 from configs import default
 
 
-def get_config():
-  return default.get_config()  # the defaults are this setting
+def get_config(arg=None):
+  return default.get_config(arg)  # the defaults are this setting

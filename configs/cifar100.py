@@ -2,9 +2,9 @@
 from configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.dataset = "cifar100"
   c.model.projector = (4096, 4096, 128)
   c.corinfomax.alpha = 1000.0
-  return c
+  return default.with_argument(c, arg)

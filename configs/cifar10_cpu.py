@@ -10,14 +10,15 @@ from absl import logging
 
 from configs import default
 
-# The CIFAR-10 image folder beside the checkout (<repository>/../shared/data/cifar10),
-# found from this file's place, not the working directory.
+# A local convenience: a CIFAR-10 image folder at <repository>/../shared/data/cifar10 is
+# read when present (found from this file's place, not the working directory). Without
+# it, TFDS cifar10 is downloaded and prepared on first use.
 BESIDE_CHECKOUT = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10"))
 
 
 def dataset_name() -> str:
-  """The folder beside the checkout when it is there, else TFDS cifar10 (downloads)."""
+  """The folder beside the checkout when it is there, else TFDS cifar10."""
   if os.path.isdir(BESIDE_CHECKOUT):
     logging.info("cifar10_cpu: reading the CIFAR-10 folder %s.", BESIDE_CHECKOUT)
     return f"folder:{BESIDE_CHECKOUT}"
@@ -26,7 +27,7 @@ def dataset_name() -> str:
   return "cifar10"
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.dataset = dataset_name()
   # A folder gets ImageNet's mean/std by default; these images are CIFAR-10's (the
@@ -45,4 +46,4 @@ def get_config():
   c.eval.batch_size = 500
   c.eval.knn.every_epochs = 1  # kNN monitor on a 10k-image bank after each epoch
   c.eval.knn.max_train_examples = 10000
-  return c
+  return default.with_argument(c, arg)

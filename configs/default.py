@@ -4,15 +4,24 @@ Each file in configs/ imports this and changes a few keys. Every key is read in 
 place: corinfomax_jax/run/settings.py checks them all and turns them into typed
 sections, each handed only to the part that uses it. Override any key on the command line:
   python main.py --config=configs/cifar10.py --config.batch_size=256 --workdir=DIR
+Every config file takes the argument semi1 or semi10 (`with_argument`), which sets
+--mode=finetune to the semi-supervised protocol on 1% or 10% of the labels:
+  python main.py --config=configs/imagenet100.py:semi10 --mode=finetune --workdir=DIR
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 from corinfomax_jax.data import augment
+from corinfomax_jax.errors import ConfigError
+
+# A config file's argument -> the percentage of labels its fine-tuning uses.
+SEMI_PERCENT = {"semi1": 1, "semi10": 10}
+# The data set whose images SimCLR's 1%/10% lists name (ImageNet-1K's file names).
+SIMCLR_LISTS_DATASET = "imagenet2012"
 
 
-def get_config():
+def get_config(arg=None):
   c = ml_collections.ConfigDict()
 
   # --- Data --------------------------------------------------------------------------
@@ -123,6 +132,11 @@ def get_config():
   c.eval.knn.k = (10, 20, 100, 200)
   c.eval.knn.temperature = (0.07,)  # one or several temperatures
   c.eval.knn.max_train_examples = -1  # memory bank size limit; -1: whole split
+  # The monitor during pretraining only (--mode=knn_eval keeps the two keys above): at
+  # most this many bank (train) and query (eval) images, spread evenly over each split;
+  # -1: as max_train_examples, and the whole eval split.
+  c.eval.knn.monitor_max_train_examples = -1
+  c.eval.knn.monitor_max_test_examples = -1
   # Online linear probe: a Dense on stop-gradient features of view1, trained alongside
   # pretraining with its own SGD (momentum 0.9, constant lr); train top-1 every log step.
   c.eval.online_probe = ml_collections.ConfigDict()
@@ -164,6 +178,33 @@ def get_config():
   # True: test after every epoch, and finetune.json also reports the best epoch.
   c.eval.finetune.evaluate_every_epoch = False
   c.eval.finetune.max_steps = -1  # stop after this many steps; -1: epochs
+  # The folder in the workdir of its checkpoints and events, and of <subdir>.json, its
+  # result: runs with different subdirs (semi1, semi10) of one pretraining coexist.
+  c.eval.finetune.subdir = "finetune"
+  return with_argument(c, arg)
+
+
+def with_argument(c, arg: str | None):
+  """`c` as a config file's argument sets it (--config=configs/<file>.py:<arg>).
+
+  None: `c` unchanged. "semi1" / "semi10": --mode=finetune on 1% / 10% of the labels
+  with the paper's protocol (`set_paper_finetune`), its result and checkpoints in
+  <workdir>/finetune_semi1/ (or _semi10) and finetune_semi1.json, beside a linear probe
+  and each other. SimCLR's label lists name ImageNet-1K images, so they are used for
+  config.dataset "imagenet2012" only; any other data set gets a seeded class-balanced
+  label_fraction of 0.01 / 0.1 of its train split.
+  """
+  if arg is None:
+    return c
+  if arg not in SEMI_PERCENT:
+    raise ConfigError(f"the config file argument {arg!r} is not known: accepted "
+                      f"{' or '.join(map(repr, SEMI_PERCENT))} (fine-tuning on 1% or 10% "
+                      f"of the labels), or none, e.g. --config=configs/imagenet100.py:semi1")
+  percent = SEMI_PERCENT[arg]
+  set_paper_finetune(c, percent)
+  if c.dataset != SIMCLR_LISTS_DATASET:
+    c.eval.finetune.label_file = None
+  c.eval.finetune.subdir = f"finetune_{arg}"
   return c
 
 

@@ -1,8 +1,10 @@
 """VICReg as solo-learn published it for ImageNet-100 (configs/recipes.py names each
 file): its views, global batch 256, 400 epochs, LARS with the clip, warmup-cosine to 0."""
+from configs import default
 from configs import imagenet100
 from configs import recipes
 
 
-def get_config():
-  return recipes.vicreg(imagenet100.get_config(), own="imagenet100")
+def get_config(arg=None):
+  c = recipes.vicreg(imagenet100.get_config(), own="imagenet100")
+  return default.with_argument(c, arg)

@@ -40,4 +40,4 @@ def __getattr__(name):
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'corinfomax_jax' has no attribute {name!r}")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,5 +1,6 @@
 """configs/: every file resolves (settings.resolve), and every key can be set on the
 command line."""
+import json
 import pathlib
 
 from absl import flags
@@ -7,16 +8,28 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import pytest
 
+from corinfomax_jax import errors
+from corinfomax_jax.run import command_line
+from corinfomax_jax.run import run_record
 from corinfomax_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
                       if p.name != "__init__.py")
+# The files that need an argument: a workdir's record (here one of an earlier version),
+# an image folder.
+CONFIG_ARGS = {"run_record.py": str(ROOT / "tests/e2e/data/workdir_0.1.0/config.json"),
+               "folder.py": "/data/my_images"}
 
 
 def _parse(name, *overrides):
-  """The config of configs/<name> after `--config.<key>=<value>` flags, as main.py parses."""
-  argv = ["main.py", f"--config={ROOT / 'configs' / name}", *overrides]
+  """The config of configs/<name> after `--config.<key>=<value>` flags, as main.py parses;
+  a file that needs an argument gets CONFIG_ARGS' unless `name` gives one (semi1 or
+  semi10 after it)."""
+  file, _, arg = name.partition(":")
+  if file in CONFIG_ARGS and arg in ("", "semi1", "semi10"):
+    name = ":".join([file, CONFIG_ARGS[file]] + ([arg] if arg else []))
+  argv = ["main.py", f"--config={ROOT / 'configs'}/{name}", *overrides]  # a URL keeps its //
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)
@@ -128,6 +141,90 @@ def test_imagenet1k_takes_the_papers_semi_supervised_protocol_as_an_argument(
   plain = settings.resolve(_parse("imagenet1k.py")).eval.finetune
   assert (plain.schedule, plain.head_init, plain.crop_interpolation) == (
       "cosine", "zeros", "bicubic")
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIG_FILES if n != "run_record.py"])
+@pytest.mark.parametrize("arg,percent", [("semi1", 1), ("semi10", 10)])
+def test_every_config_takes_semi1_and_semi10(name, arg, percent):
+  plain = settings.resolve(_parse(name))
+  ft = settings.resolve(_parse(f"{name}:{arg}")).eval.finetune
+  # SimCLR's lists name ImageNet-1K's images: elsewhere a class-balanced fraction.
+  lists = plain.data.dataset == "imagenet2012"
+  assert (ft.label_file, ft.label_fraction) == (
+      f"{percent}percent.txt" if lists else None, percent / 100)
+  assert (ft.subdir, plain.eval.finetune.subdir) == (f"finetune_{arg}", "finetune")
+  assert (ft.epochs, ft.schedule, ft.evaluate_every_epoch) == (20, "step", True)
+  # The argument changes the fine-tuning only.
+  changed = {k for k, v in run_record.flatten(settings.resolve(_parse(f"{name}:{arg}")).record)
+             .items() if run_record.flatten(plain.record)[k] != v}
+  assert changed and all(k.startswith("eval.finetune.") for k in changed), changed
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIG_FILES if n.startswith("imagenet")])
+def test_imagenet_configs_monitor_knn_on_a_subsampled_bank(name):
+  run = settings.resolve(_parse(name))
+  knn = run.eval.knn
+  assert "knn" in run.eval.monitors and 0 < knn.every_epochs <= 20
+  assert (knn.monitor_max_train_examples, knn.monitor_max_test_examples) == (10000, 5000)
+  assert knn.max_train_examples == -1  # --mode=knn_eval: the whole train split
+
+
+def test_a_workdirs_record_reads_back_as_the_configuration_that_wrote_it(tmp_path):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config("folder:/data/x", seed=3)
+  config.eval.knn.k = (5, 7)
+  config.aug.view2.solarize_p = 0.3
+  record = settings.resolve(config).record
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  argv = command_line.record_config_flag(
+      ["main.py", f"--config={tmp_path}/config.json", "--config.eval.batch_size=8"],
+      str(ROOT / "configs" / "run_record.py"))
+  assert argv[1] == f"--config={ROOT / 'configs' / 'run_record.py'}:{tmp_path}/config.json"
+  for given in (["--config", f"{tmp_path}/config.json.2"],
+                ["--config=configs/folder.py:/data/x.json"], ["--config=configs/x.py"]):
+    # An earlier generation, as two arguments; a config file's own argument; a file.
+    translated = command_line.record_config_flag(["main.py", *given], "R.py")
+    assert translated[1:] == (["--config", f"R.py:{tmp_path}/config.json.2"]
+                              if given[0] == "--config" else given)
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  assert settings.resolve(values.config).record == {
+      **record, "eval": {**record["eval"], "batch_size": 8}}
+  assert values.config.eval.knn.k == (5, 7)  # tuples, as config files write them
+
+
+def test_the_folder_config_takes_the_folder_as_its_argument_or_says_how_to_give_it():
+  run = settings.resolve(_parse("folder.py:/data/my_images:semi10"))
+  assert (run.data.dataset, run.data.image_size, run.model.kwargs["backbone"]) == (
+      "folder:/data/my_images", 224, "resnet18")
+  assert (run.eval.finetune.subdir, run.eval.finetune.label_fraction) == (
+      "finetune_semi10", 0.1)
+  assert run.eval.knn.every_epochs == 0  # the monitor needs classes: off
+  assert settings.resolve(_parse("folder.py:gs://bucket/images")).data.dataset == (
+      "folder:gs://bucket/images")
+  values = flags.FlagValues()
+  argv = ["main.py", f"--config={ROOT / 'configs' / 'folder.py'}"]
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  with pytest.raises(errors.ConfigError) as e:
+    settings.resolve(values.config)
+  assert str(e.value) == (
+      "config.dataset = 'folder:' names no image folder: give its path, "
+      "--config.dataset=folder:/data/my_images or, with configs/folder.py, "
+      "--config=configs/folder.py:/data/my_images (root/<split>/<class>/<image>)")
+  values.config.dataset = "folder:/data/x"  # --config.dataset=folder:/data/x
+  assert settings.resolve(values.config).data.dataset == "folder:/data/x"
+
+
+def test_an_unknown_config_argument_is_one_error_line_naming_it():
+  from configs import imagenet100  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError) as e:
+    imagenet100.get_config("semi5")
+  assert str(e.value) == (
+      "the config file argument 'semi5' is not known: accepted 'semi1' or 'semi10' "
+      "(fine-tuning on 1% or 10% of the labels), or none, e.g. "
+      "--config=configs/imagenet100.py:semi1")
 
 
 @pytest.mark.parametrize("name,crop_min,blur,solarize,epochs", [

@@ -15,8 +15,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "etils")
-TRAIN = ("tensorflow-cpu", "tensorflow-datasets", "tensorboard", "ml-collections",
-         "absl-py", "matplotlib", "pillow")
+TRAIN = ("tensorflow-cpu", "tensorflow-datasets", "importlib-resources", "tensorboard",
+         "ml-collections", "absl-py", "matplotlib", "pillow")
 
 
 def _name(requirement):
@@ -60,6 +60,15 @@ def test_core_dependencies_plain_and_tensorflow_only_under_the_train_extra(wheel
   assert train == set(TRAIN)
   assert not any(name.startswith("tensorflow") for name in core)
   assert re.search(r"^Requires-Python: >=3.11$", _metadata(wheel), re.M)
+
+
+def test_version_and_licence_agree_with_the_package_and_the_licence_file(wheel):
+  import corinfomax_jax  # pylint: disable=g-import-not-at-top
+  metadata = _metadata(wheel)
+  assert re.search(rf"^Version: {re.escape(corinfomax_jax.__version__)}$", metadata, re.M)
+  assert re.search(r"^License: Apache-2.0$", metadata, re.M)
+  assert (ROOT / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]
+  assert f"## {corinfomax_jax.__version__}" in (ROOT / "CHANGELOG.md").read_text()
 
 
 def test_requirements_txt_lists_what_pyproject_declares(wheel):

@@ -11,12 +11,15 @@ TensorFlow is imported here, in `pipeline` and in `augment` only; importing this
 module hides the GPUs and TPUs from it (`tensorflow_setup.hide_accelerators_from_tensorflow`).
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import io
 import os
 import posixpath
 import re
+import socket
 from typing import Callable, Sequence
 
 from absl import logging
@@ -25,6 +28,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from corinfomax_jax import errors
 from corinfomax_jax import files
 from corinfomax_jax import tensorflow_setup
 
@@ -85,6 +89,11 @@ class Source:
   # () -> the file name of every example in index order (e.g. "n01440764_10026.JPEG"),
   # for lists of names such as SimCLR's ImageNet subsets; None where the source has none.
   file_names: Callable[[], list[str]] | None = None
+  # () -> where each example comes from, in index order: an image folder's paths relative
+  # to its root ("train/cat/001.jpg"), a TFDS split's file_name feature
+  # ("n01440764_10026.JPEG") or else its id feature ("train_16399"); None where the
+  # source has neither, and for a streamed TFDS split (whose rows have no fixed index).
+  paths: Callable[[], list[str]] | None = None
   skipped: list[str] = dataclasses.field(default_factory=list)
   _bad: set[int] = dataclasses.field(default_factory=set)
 
@@ -236,6 +245,12 @@ def _folder_source(dataset: str, root: str, split: str,
                      f"{type(e).__name__}: {_first_line(e)}") from None
   if not found:
     raise ValueError(f"Image folder root {root!r} does not exist{_parent_holds(root)}")
+  if _is_tiny_imagenet_archive(root):
+    raise ValueError(
+        f"Image folder {root!r} is the unpacked Tiny ImageNet archive, whose val/ holds "
+        "its images without class folders (labels in val/val_annotations.txt): prepare "
+        f"it first, python tools/prepare_tiny_imagenet.py {root} data/tiny-imagenet, "
+        "and read folder:data/tiny-imagenet.")
   split_dir = os.path.join(root, split)
   splits = _folders_in(root)
   if not _is_dir(split_dir):
@@ -285,7 +300,16 @@ def _folder_source(dataset: str, root: str, split: str,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=_read_url if remote else tf.io.read_file,
                 describe=lambda i: paths[int(i)], unlabelled=unlabelled,
-                file_names=lambda: [os.path.basename(p) for p in paths])
+                file_names=lambda: [os.path.basename(p) for p in paths],
+                paths=lambda: [_relative(p, root) for p in paths])
+
+
+def _is_tiny_imagenet_archive(root: str) -> bool:
+  """Whether `root` is Tiny ImageNet as unpacked (tiny-imagenet-200/): val/images/ and
+  val/val_annotations.txt, which as a folder would read as one unlabelled val split."""
+  val = os.path.join(root, "val")
+  return (_is_dir(os.path.join(val, "images"))
+          and files.as_path(os.path.join(val, "val_annotations.txt")).is_file())
 
 
 def op_message(text: str) -> str:
@@ -438,9 +462,80 @@ def _not_prepared(dataset, builder, split, error=None) -> ValueError:
                     + (f" Splits: {splits}." if splits else ""))
 
 
+# The small public TFDS sets prepared on first use, and the host TFDS downloads each from.
+DOWNLOADED_ON_FIRST_USE = {"cifar10": "www.cs.toronto.edu",
+                           "cifar100": "www.cs.toronto.edu"}
+DOWNLOAD_PROBE_TIMEOUT_S = 10.0
+
+
+def _unreachable(host: str) -> str | None:
+  """Why `host` cannot be reached on port 443, or None when it can.
+
+  TFDS's own downloader retries a failed connection for minutes before it gives up;
+  this answers in seconds.
+  """
+  try:
+    with socket.create_connection((host, 443), timeout=DOWNLOAD_PROBE_TIMEOUT_S):
+      return None
+  except OSError as e:
+    return f"{host} unreachable: {e.strerror or e}"
+
+
+@contextlib.contextmanager
+def _download_lock(builder):
+  """One process per machine prepares a data set; the others wait, then read it."""
+  root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  if "://" in root:  # a bucket: no local lock to take (preparing into one is rare)
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{builder.name}.prepare.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
+  """Downloads and prepares a small public set (cifar10, cifar100) as ArrayRecord.
+
+  Returns the builder of the prepared set, or `builder` unchanged for any other data
+  set (its not-prepared error says how to build it). Offline, fails at once in one line
+  that says how to provide the data.
+  """
+  host = DOWNLOADED_ON_FIRST_USE.get(builder.name)
+  if host is None or builder.is_prepared():
+    return builder
+  root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  why = _unreachable(host)
+  if why is not None:
+    raise errors.ConfigError(
+        f"{builder.name} is not prepared in {root} and cannot be downloaded ({why}). "
+        f"Provide it: run `tfds build {builder.name} --data_dir=DIR "
+        f"--file_format=array_record` on a machine with internet and pass "
+        f"--config.data_dir=DIR, or give an image folder with "
+        f"--config.dataset=folder:<root> (<root>/<split>/<class>/<image>).")
+  with _download_lock(builder):
+    builder = _tfds_builder(dataset, tfds_name, data_dir)  # another process may be done
+    if not builder.is_prepared():
+      logging.info("Downloading %s from %s and preparing it as ArrayRecord in %s "
+                   "(first use only).", builder.name, host, root)
+      try:
+        builder.download_and_prepare(file_format="array_record")
+      except Exception as e:  # pylint: disable=broad-except
+        raise errors.ConfigError(f"Downloading and preparing {builder.name} into {root} failed: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         f" Run `tfds build {builder.name} --data_dir=DIR "
+                         f"--file_format=array_record` and pass --config.data_dir=DIR."
+                         ) from None
+  return _tfds_builder(dataset, tfds_name, data_dir)
+
+
 def _tfds_source(dataset, tfds_name, data_dir, split, skip_bad_images,
                  random_access, subset=None) -> Source:
-  builder = _tfds_builder(dataset, tfds_name, data_dir)
+  builder = _prepare_on_first_use(dataset, tfds_name, data_dir,
+                                  _tfds_builder(dataset, tfds_name, data_dir))
   features = builder.info.features
   image_keys = [k for k, f in features.items()
                 if isinstance(f, tfds.features.Image)]
@@ -566,20 +661,26 @@ def _random_access_tfds(dataset, split, data_source, image_key, class_names,
     base = int(base_index[i]) if base_index is not None else int(i)
     return f"record {base} of TFDS {builder.name} split {split!r}"
 
-  def file_names():
-    # One pass over the split's records (ImageNet: its 1.28M records, image bytes
-    # included, since each record is read whole).
-    logging.info("Reading the file names of %s %s once.", builder.name, split)
-    keys = base_index if base_index is not None else range(len(data_source))
-    names = _read_field(data_source, "file_name", [int(k) for k in keys])
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+  def field(key):
+    def read():
+      # One pass over the split's records (ImageNet: its 1.28M records, image bytes
+      # included, since each record is read whole).
+      logging.info("Reading the %s of every record of %s %s once.", key, builder.name,
+                   split)
+      keys = base_index if base_index is not None else range(len(data_source))
+      values = _read_field(data_source, key, [int(k) for k in keys])
+      return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    return read
 
-  has_names = "file_name" in builder.info.features.keys()
+  features = builder.info.features
+  names = [k for k in ("file_name", "id") if k in features.keys()
+           and isinstance(features[k], tfds.features.Text)]
   return Source(name=dataset, split=split, num_examples=num_examples,
                 class_names=class_names, random_access=True,
                 skip_bad_images=skip_bad_images, load_batch=load_batch,
                 load_example=lambda x: x, describe=describe,
-                file_names=file_names if has_names else None)
+                file_names=field("file_name") if "file_name" in names else None,
+                paths=field(names[0]) if names else None)
 
 
 def _streaming_tfds(dataset, split, builder, decoders, image_key, class_names,

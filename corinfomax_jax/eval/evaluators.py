@@ -61,7 +61,9 @@ def index_subset(source, index: np.ndarray):
       load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
       describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set(),
       file_names=(None if source.file_names is None else
-                  lambda: np.asarray(source.file_names(), object)[index].tolist()))
+                  lambda: np.asarray(source.file_names(), object)[index].tolist()),
+      paths=(None if source.paths is None else
+             lambda: np.asarray(source.paths(), object)[index].tolist()))
 
 
 def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,
@@ -185,7 +187,9 @@ class KnnEvaluator:
   The bank is the train split (at most `knn.max_train_examples` of it, spread evenly),
   the queries the eval split, both centre crops through the network in inference
   mode; every k of `knn.ks` and temperature of `knn.temperatures` in one pass
-  (knn.knn_accuracies). Every process returns the same numbers.
+  (knn.knn_accuracies). As a monitor (`run`, `run_on_state`) the bank and the queries
+  are at most `knn.monitor_max_train_examples` and `knn.monitor_max_test_examples`,
+  each spread evenly over its split. Every process returns the same numbers.
   """
   name = "knn"
 
@@ -199,14 +203,22 @@ class KnnEvaluator:
   def every_steps(self, steps_per_epoch: int) -> int:
     return loop.epochs_to_steps(self._settings.every_epochs, steps_per_epoch)
 
-  def accuracies(self, variables) -> tuple[dict, dict]:
-    """({(k, T): {"top1", "top5"}} in percent, the bank and query counts)."""
+  def accuracies(self, variables, *, monitor: bool = False) -> tuple[dict, dict]:
+    """({(k, T): {"top1", "top5"}} in percent, the bank and query counts); `monitor`:
+    with the monitor's bank and query sizes."""
     kwargs = dict(batch_size=self._batch_size, data=self._data)
+    knn_settings = self._settings
+    max_bank, max_queries = knn_settings.max_train_examples, -1
+    if monitor:
+      if knn_settings.monitor_max_train_examples != -1:
+        max_bank = knn_settings.monitor_max_train_examples
+      max_queries = knn_settings.monitor_max_test_examples
     bank, bank_labels = extract_features(
-        self._model, variables, self._mesh, self._train_source,
-        max_examples=self._settings.max_train_examples, **kwargs)
+        self._model, variables, self._mesh, self._train_source, max_examples=max_bank,
+        **kwargs)
     queries, query_labels = extract_features(self._model, variables, self._mesh,
-                                             self._eval_source, **kwargs)
+                                             self._eval_source, max_examples=max_queries,
+                                             **kwargs)
     table = knn.knn_accuracies(bank, bank_labels, queries, query_labels,
                                self._train_source.num_classes, ks=self.ks,
                                temperatures=self.temperatures)
@@ -214,8 +226,8 @@ class KnnEvaluator:
                    "num_query_examples": int(len(queries))}
 
   def run(self, variables) -> dict:
-    """`knn_numbers` of the accuracies, and the bank and query counts."""
-    table, counts = self.accuracies(variables)
+    """The monitor: `knn_numbers` of the accuracies, and the bank and query counts."""
+    table, counts = self.accuracies(variables, monitor=True)
     return {**knn_numbers(table, self.ks, self.temperatures), **counts}
 
   def run_on_state(self, state) -> dict:

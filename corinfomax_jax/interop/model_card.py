@@ -38,17 +38,35 @@ def data_licence(dataset: str) -> str:
           f"(https://www.tensorflow.org/datasets/catalog/{name}) for its licence.")
 
 
+# The preprocessing keys an export also writes one by one into the safetensors metadata,
+# as preprocessing.<key>.
+METADATA_KEYS = ("mean", "std", "resize", "crop")
+
+
 def preprocessing(*, mean, std, image_size: int, test_resize_ratio: float,
                   interpolation: str = "bicubic") -> dict[str, Any]:
-  """The evaluation input of the backbone: how an image becomes its input."""
+  """The evaluation input of the backbone, as the eval pipeline makes it
+  (crops.resize_center_crop): the shorter side resized to `resize`, the centre `crop` x
+  `crop` (the image size the backbone was trained at, also under "image_size"), then
+  normalised with `mean` and `std`."""
   return {"image_size": int(image_size), "resize": int(image_size * test_resize_ratio),
-          "interpolation": interpolation, "mean": [float(m) for m in mean],
-          "std": [float(s) for s in std], "layout": "RGB, pixels / 255, then (x - mean) / std"}
+          "crop": int(image_size), "interpolation": interpolation,
+          "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+          "layout": "RGB, pixels / 255, then (x - mean) / std"}
+
+
+def metadata(p: Mapping[str, Any]) -> dict[str, str]:
+  """The safetensors metadata of preprocessing `p` (values are strings there): the whole
+  as JSON under "preprocessing", and each of METADATA_KEYS as JSON under
+  "preprocessing.<key>"."""
+  return {"preprocessing": metadata_json(p),
+          **{f"preprocessing.{k}": metadata_json(p[k]) for k in METADATA_KEYS}}
 
 
 def preprocessing_text(p: Mapping[str, Any]) -> str:
   return (f"RGB; resize the shorter side to {p['resize']} px ({p['interpolation']}), "
-          f"centre crop {p['image_size']} x {p['image_size']}; divide by 255; subtract "
+          f"centre crop {p['crop']} x {p['crop']} (the size the backbone was trained "
+          f"at); divide by 255; subtract "
           f"mean {p['mean']} and divide by std {p['std']} per channel.")
 
 
@@ -82,11 +100,16 @@ def _evaluation_lines(evaluations: Mapping[str, Optional[dict]], step: int) -> l
         f"{linear['num_test_examples']} {linear['eval_split']} images): top-1 "
         f"{_number(linear['top1'])}, top-5 {_number(linear['top5'])}"
         f"{of_step(linear['pretrain_step'])}.")
-  finetune = evaluations.get("finetune")
-  if finetune:
+  # "finetune" (config.eval.finetune.subdir's default), then "finetune:<subdir>" each.
+  for key in sorted(k for k in evaluations if k.split(":")[0] == "finetune"):
+    finetune = evaluations[key]
+    if not finetune:
+      continue
     best = finetune.get("best", {})
+    where = f"{key.split(':', 1)[1]}.json; " if ":" in key else ""
     lines.append(
-        f"- Fine-tuning ({'random initialisation; ' if finetune.get('random_init') else ''}"
+        f"- Fine-tuning ({where}"
+        f"{'random initialisation; ' if finetune.get('random_init') else ''}"
         f"whole network on {finetune['num_labelled']} labelled images "
         f"({finetune['label_fraction']:g} of {finetune['dataset']} "
         f"{finetune['train_split']}), {finetune['epochs']} epochs, batch "
@@ -155,7 +178,8 @@ def model_card(*, record: Mapping[str, Any], config: Mapping[str, Any], config_s
 
   record: the checkpoint's record; config: the run's resolved configuration (from
   `config_source`, e.g. "config.json"); step: the exported checkpoint's; evaluations:
-  {"knn", "linear", "finetune"}: each mode's result JSON, or None; files: {"safetensors",
+  {"knn", "linear", "finetune", "finetune:<subdir>", ...}: each mode's result JSON, or
+  None ("finetune:<subdir>": a fine-tuning with config.eval.finetune.subdir); files: {"safetensors",
   "msgpack"}: the exported file names; sha256: name -> hex digest; prep: `preprocessing`.
   """
   model = record["model"]
@@ -199,7 +223,10 @@ def model_card(*, record: Mapping[str, Any], config: Mapping[str, Any], config_s
             "## Files", "",
             *[f"- `{name}`: sha256 `{digest}`" for name, digest in sha256.items()], "",
             "## Preprocessing", "", preprocessing_text(prep), "",
-            "The safetensors metadata holds the same as JSON under \"preprocessing\".", "",
+            "The safetensors metadata holds the same as JSON under \"preprocessing\", and "
+            "each of mean, std, resize and crop as JSON under \"preprocessing.mean\", "
+            "\"preprocessing.std\", \"preprocessing.resize\", \"preprocessing.crop\".",
+            "",
             "## Loading", "", *_snippets(model, files, prep), "",
             "BatchNorm in eval mode uses the running statistics; running_var holds Flax's "
             "(biased) running variance, so torch's eval mode gives the same features.", ""]

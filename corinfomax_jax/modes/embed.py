@@ -26,8 +26,20 @@ MAP_POINTS = 2000
 
 
 def embed_split(run: settings_lib.Settings) -> str:
-  """The split --mode=embed reads: config.eval.embed_split, else config.eval_split."""
-  return run.eval.embed_split or run.data.eval_split
+  """The split --mode=embed reads: config.eval.embed_split, else config.eval_split, else,
+  for an image folder that has no such split (a folder of one split, as for
+  pretraining on one's own images), config.train_split."""
+  if run.eval.embed_split:
+    return run.eval.embed_split
+  data = run.data
+  if data.dataset.startswith("folder:"):
+    root = files.as_path(data.dataset[len("folder:"):])
+    if not (root / data.eval_split).is_dir() and (root / data.train_split).is_dir():
+      logging.info("%s has no split %r (config.eval_split): embedding train_split %r "
+                   "(config.eval.embed_split chooses another).", root, data.eval_split,
+                   data.train_split)
+      return data.train_split
+  return data.eval_split
 
 
 def _draw_map(features, labels, class_names, path, *, title: str, seed: int) -> None:
@@ -43,11 +55,19 @@ def _draw_map(features, labels, class_names, path, *, title: str, seed: int) -> 
 
 
 def embed(config, workdir: str) -> str:
-  """--mode=embed: backbone features of a split to DIR/embeddings/<split>.npz.
+  """--mode=embed: backbone features of a split (`embed_split`) to
+  DIR/embeddings/<split>.npz.
 
   The npz holds features float32 [n, dim], labels int32 [n] and index int64 [n] (the
   example's index in the source, i.e. its position in the sorted file list of an image
-  folder or in the TFDS split; for a streamed TFDS split, its order of arrival).
+  folder or in the TFDS split; for a streamed TFDS split, its order of arrival), and
+  paths str [n], where each row's image comes from (`Source.paths`): for an image folder
+  its path relative to the folder's root ("train/cat/001.jpg"); for a TFDS split read
+  by index, its file_name feature (imagenet2012: "n01440764_10026.JPEG") or else its id
+  feature (cifar10: "train_16399"), read in one more pass over the split's records.
+  paths is left out for a TFDS data set with neither feature, and for a streamed TFDS
+  split (not prepared as ArrayRecord), whose rows arrive in an order that no index
+  names.
   Centre crops through the latest checkpoint's backbone in inference mode, in global
   batches of config.eval.batch_size sharded over all devices (evaluators.feature_batches).
   So that 1.28M x 2048 features (10.5 GB) need not fit in memory, process 0 writes each
@@ -100,10 +120,13 @@ def embed(config, workdir: str) -> str:
     count += len(labels)
   if writer:
     tmp = os.path.join(parts, f"{split}.npz")
+    rows = {name: array[:count] for name, array in arrays.items()}
+    if source.paths is not None:
+      rows["paths"] = np.asarray(source.paths(), dtype=np.str_)[rows["index"]]
     with open(tmp, "wb") as f:
       # np.savez copies each (memory-mapped) array in 16 MiB pieces; [:count] drops the
       # rows of images skipped as unreadable.
-      np.savez(f, **{name: array[:count] for name, array in arrays.items()})
+      np.savez(f, **rows)
     files.move_local_file(tmp, path)
     logging.info("Features of %d %s %s images (dim %d, checkpoint step %d) written to "
                  "%s.", count, data.dataset, split, dim, enc.step, path)

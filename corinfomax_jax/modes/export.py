@@ -35,6 +35,23 @@ def _read_json(path):
   return json.loads(path.read_text()) if path.exists() else None
 
 
+def _evaluations(root) -> dict:
+  """{name: result} of the evaluations in the workdir `root`: EVALUATIONS, and each
+  fine-tuning written to another config.eval.finetune.subdir as "finetune:<subdir>"
+  (its <subdir>.json records its subdir)."""
+  found = {name: _read_json(root / f) for name, f in EVALUATIONS.items()}
+  for path in sorted(root.glob("*.json")):
+    if path.name in EVALUATIONS.values() or path.name == run_record.RECORD:
+      continue
+    try:
+      result = json.loads(path.read_text())
+    except ValueError:
+      continue
+    if isinstance(result, dict) and result.get("subdir") == path.stem:
+      found[f"finetune:{path.stem}"] = result
+  return found
+
+
 def batches_tracked(enc: encoder_lib.Encoder) -> int | dict[str, int]:
   """The BatchNorms' num_batches_tracked: the steps trained, plus those of a backbone
   imported with --mode=import (so that an import exports as it came)."""
@@ -60,7 +77,9 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
   Writes (process 0) DIR/export/backbone.safetensors: torchvision's resnet18/resnet50
   state_dict (no fc; BatchNorm running statistics; num_batches_tracked = the step, plus
   an imported backbone's own),
-  metadata {backbone, cifar_stem, width, step, preprocessing}; and DIR/export/backbone.msgpack:
+  metadata {backbone, cifar_stem, width, step, preprocessing, preprocessing.mean,
+  preprocessing.std, preprocessing.resize, preprocessing.crop} (JSON strings; the
+  evaluation input: model_card.preprocessing); and DIR/export/backbone.msgpack:
   flax.serialization.to_bytes({"params", "batch_stats"}) of the backbone alone, which
   `flax.serialization.from_bytes` restores into `models.create_backbone(...)`'s variables.
   In PyTorch (width 64; inputs normalised as in pretraining, NCHW):
@@ -106,7 +125,7 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
     export.save_safetensors(tensors, paths["safetensors"], metadata={
         "backbone": model["backbone"], "cifar_stem": str(model["cifar_stem"]),
         "width": str(model["width"]), "step": str(enc.step),
-        "preprocessing": model_card.metadata_json(prep)})
+        **model_card.metadata(prep)})
     msgpack = flax.serialization.to_bytes(jax.device_get(backbone))
     files.write_bytes(paths["msgpack"], msgpack)
     saved = _read_json(root / run_record.RECORD)
@@ -117,7 +136,7 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
         config_source=f"the workdir's {run_record.RECORD}" if saved else
         "this export's configuration (the workdir has no config.json)",
         step=enc.step,
-        evaluations={name: _read_json(root / f) for name, f in EVALUATIONS.items()},
+        evaluations=_evaluations(root),
         files={"safetensors": SAFETENSORS_FILE, "msgpack": MSGPACK_FILE},
         sha256={SAFETENSORS_FILE: hashlib.sha256(
                     files.as_path(paths["safetensors"]).read_bytes()).hexdigest(),

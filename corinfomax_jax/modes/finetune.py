@@ -35,7 +35,8 @@ from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.errors import ConfigError
 
-FINETUNE_DIR = "finetune"  # TensorBoard events and checkpoints, in the workdir
+# The result of config.eval.finetune.subdir's default, "finetune" (`result_file`): the
+# TensorBoard events and checkpoints go to <workdir>/<subdir>/.
 FINETUNE_RESULT_FILE = "finetune.json"
 # Keys a resumed fine-tuning run must share with the run that wrote its checkpoints.
 _FINETUNE_KEYS = ("label_fraction", "label_file", "finetune_epochs", "finetune_batch_size",
@@ -273,7 +274,7 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
   mean, std = run.data.mean, run.data.std
   ft = run.eval.finetune
   manager = checkpoints.create_manager(
-      files.as_path(workdir) / FINETUNE_DIR / "checkpoints", keep=2)
+      files.as_path(workdir) / ft.subdir / "checkpoints", keep=2)
   try:
     restored, saved = checkpoints.restore_latest(manager, state,
                                                  _check_record(record, manager.directory))
@@ -356,9 +357,10 @@ def finetune(config, workdir: str) -> dict:
   in batches of batch_size (max_steps caps the steps); the keys are
   config.eval.finetune's, and configs/default.set_paper_finetune sets the paper's
   protocol. Progress, NaN guard, a checkpoint each epoch in
-  <workdir>/finetune/checkpoints (resumed by the same command), preemption: the shared
-  loop. Tested on centre crops of eval_split after the last step (evaluate_every_epoch:
-  after every epoch too); writes <workdir>/finetune.json (top1, top5, test_loss: the
+  <workdir>/<subdir>/checkpoints (config.eval.finetune.subdir, "finetune" by default;
+  resumed by the same command), preemption: the shared loop. Tested on centre crops of
+  eval_split after the last step (evaluate_every_epoch: after every epoch too); writes
+  <workdir>/<subdir>.json, e.g. finetune.json (top1, top5, test_loss: the
   last step's; last and best: {top1, top5, test_loss, epoch} of the last epoch and of
   the epoch with the highest test top-1, chosen on the test split as the paper reports
   it (best == last without evaluate_every_epoch); train_loss_last_epoch (None when
@@ -384,7 +386,7 @@ def _finetune(config, workdir: str, lock) -> dict:
       k: (run.eval.random_init if k == "random_init"
           else getattr(ft, k.removeprefix("finetune_"))) for k in _FINETUNE_KEYS},
             "finetune_protocol": {k: getattr(ft, k) for k in _PROTOCOL_BEFORE}}
-  writer = metrics_lib.MetricWriter(files.as_path(workdir) / FINETUNE_DIR)
+  writer = metrics_lib.MetricWriter(files.as_path(workdir) / ft.subdir)
 
   def test_at(state):
     step = int(state.step)
@@ -420,18 +422,23 @@ def _finetune(config, workdir: str, lock) -> dict:
               "head_lr": ft.head_lr, "weight_decay": ft.weight_decay,
               **{k: getattr(ft, k) for k in _PROTOCOL_BEFORE},
               "random_init": run.eval.random_init, "pretrain_step": pretrain_step,
-              "method": run.method.name,
+              "method": run.method.name, "subdir": ft.subdir,
               "dataset": data.dataset, "train_split": data.train_split,
               "eval_split": data.eval_split}
   finally:
     writer.close()
-  path = startup.write_result(workdir, FINETUNE_RESULT_FILE, result)
+  path = startup.write_result(workdir, result_file(ft), result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
                "images (best: %.2f at epoch %s); written to %s.", result["num_labelled"],
                result["top1"], result["top5"], result["num_test_examples"],
                data.eval_split, best["top1"], best["epoch"], path)
   result["state"] = state
   return result
+
+
+def result_file(ft: settings_lib.Finetune) -> str:
+  """The result's file name in the workdir: <subdir>.json (finetune.json by default)."""
+  return f"{ft.subdir}.json"
 
 
 def _epoch(step: int, steps_per_epoch: int) -> int | float:

@@ -1,4 +1,9 @@
-"""The command line's `--config.<key>` flags: keys of earlier versions, unknown keys.
+"""The command line's `--config` flags: a workdir's config.json, keys of earlier versions,
+unknown keys.
+
+`--config=<workdir>/config.json` is rewritten by `record_config_flag` to the config file
+that reads a record (configs/run_record.py), so that ml_collections loads it as any
+config file, `--config.<key>` overrides on top.
 
 Keys that moved (settings.MOVED_KEYS: flat model keys, top-level CorInfoMax keys, flat
 `eval.*` keys) are rewritten to their new place by `translate_moved_flags` before
@@ -14,6 +19,29 @@ import re
 from corinfomax_jax import models
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.run.settings import MOVED_KEYS
+
+
+def record_config_flag(argv: list[str], record_config_file: str) -> list[str]:
+  """`argv` with --config=<path>.json (a workdir's config.json, or an earlier generation
+  config.json.<n>) as --config=<record_config_file>:<path>; other argv unchanged.
+
+  record_config_file: the config file whose get_config(path) reads a record
+  (configs/run_record.py); ml_collections passes it what follows the first colon, so a
+  URL (gs://...) arrives whole.
+  """
+  out = list(argv)
+  for i, arg in enumerate(out[1:], start=1):
+    if arg.startswith("--config="):
+      value, at, prefix = arg[len("--config="):], i, "--config="
+    elif arg == "--config" and i + 1 < len(out):
+      value, at, prefix = out[i + 1], i + 1, ""
+    else:
+      continue
+    # A config file's own argument may end in .json too (configs/x.py:labels.json).
+    if re.search(r"\.json(\.\d+)?$", value) and ".py:" not in value:
+      out[at] = f"{prefix}{record_config_file}:{value}"
+    break
+  return out
 
 
 def translate_moved_flags(argv: list[str], notices: list[str] | None = None) -> list[str]:

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from typing import Any
 
 from absl import logging
@@ -33,6 +34,8 @@ FINETUNE_SCHEDULES = ("cosine", "step")
 FINETUNE_HEAD_INITS = ("zeros", "normal")
 CROP_INTERPOLATIONS = ("bicubic", "bilinear")
 EVALUATORS = ("knn", "online_probe")  # what config.eval.monitors may list
+# Folders of a workdir that other modes write: eval.finetune.subdir may name none of them.
+WORKDIR_NAMES = ("checkpoints", "embeddings", "export", "linear_eval")
 
 # Keys of earlier versions -> their place now (dotted paths under config).
 MOVED_KEYS = {
@@ -153,6 +156,10 @@ class Knn:
   ks: tuple[int, ...]
   temperatures: tuple[float, ...]
   max_train_examples: int  # -1: the whole split
+  # The monitor during pretraining: its bank and queries at most (-1: max_train_examples,
+  # and the whole eval split).
+  monitor_max_train_examples: int
+  monitor_max_test_examples: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +201,7 @@ class Finetune:
   crop_interpolation: str  # CROP_INTERPOLATIONS
   momentum: float
   evaluate_every_epoch: bool
+  subdir: str  # <workdir>/<subdir>/: checkpoints and events; <workdir>/<subdir>.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +276,8 @@ _KEYS = {
     "divergence": tuple(f.name for f in dataclasses.fields(Divergence)),
     "eval": ("batch_size", "monitors", "random_init", "embed_split", "knn",
              "online_probe", "linear", "finetune"),
-    "eval.knn": ("every_epochs", "k", "temperature", "max_train_examples"),
+    "eval.knn": ("every_epochs", "k", "temperature", "max_train_examples",
+                 "monitor_max_train_examples", "monitor_max_test_examples"),
     "eval.online_probe": ("enabled", "lr", "every_epochs"),
     "eval.linear": tuple(f.name for f in dataclasses.fields(Linear)),
     "eval.finetune": tuple(f.name for f in dataclasses.fields(Finetune)),
@@ -415,9 +424,11 @@ def _data(raw: dict) -> Data:
   need, is_int, _ = _checker(raw, "")
   need(isinstance(raw.get("dataset"), str) and raw["dataset"], "dataset",
        "a TFDS name, 'imagenet100', or 'folder:<root>'")
-  need(not raw["dataset"].startswith("folder:") or raw["dataset"][len("folder:"):].strip(),
-       "dataset", "'folder:<root>' with the path of the folder root/<split>/<class>/"
-       "<image> after the colon")
+  if raw["dataset"].startswith("folder:") and not raw["dataset"][len("folder:"):].strip():
+    raise ConfigError(
+        f"config.dataset = {raw['dataset']!r} names no image folder: give its path, "
+        "--config.dataset=folder:/data/my_images or, with configs/folder.py, "
+        "--config=configs/folder.py:/data/my_images (root/<split>/<class>/<image>)")
   need(is_int("image_size") and raw["image_size"] > 0, "image_size", "a positive integer")
   for key in ("train_split", "eval_split"):
     need(isinstance(raw.get(key), str) and raw[key], key, "a split name")
@@ -503,9 +514,10 @@ def _knn(section: dict) -> Knn:
   need, is_int, is_number = _checker(section, "eval.knn.")
   need(is_number("every_epochs") and section["every_epochs"] >= 0, "every_epochs",
        "a number >= 0 (0: no kNN monitor)")
-  need(is_int("max_train_examples") and (section["max_train_examples"] == -1
-                                         or section["max_train_examples"] > 0),
-       "max_train_examples", "a positive integer, or -1 for the whole split")
+  for key in ("max_train_examples", "monitor_max_train_examples",
+              "monitor_max_test_examples"):
+    need(is_int(key) and (section[key] == -1 or section[key] > 0), key,
+         "a positive integer, or -1 for the whole split")
   positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
   positive = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
                         and math.isfinite(v) and v > 0)
@@ -516,7 +528,9 @@ def _knn(section: dict) -> Knn:
        "positive numbers, one or a tuple, e.g. 0.07")
   return Knn(every_epochs=section["every_epochs"], ks=ks,
              temperatures=tuple(float(t) for t in temperatures),
-             max_train_examples=section["max_train_examples"])
+             max_train_examples=section["max_train_examples"],
+             monitor_max_train_examples=section["monitor_max_train_examples"],
+             monitor_max_test_examples=section["monitor_max_test_examples"])
 
 
 def _online_probe(section: dict, monitors) -> OnlineProbe:
@@ -578,4 +592,9 @@ def _finetune(section: dict) -> Finetune:
   label_file = section.get("label_file")
   need(label_file is None or (isinstance(label_file, str) and label_file), "label_file",
        "None or the path of a text file of image file names, one per line")
+  subdir = section.get("subdir")
+  need(isinstance(subdir, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", subdir)
+       and subdir not in (".", "..") and subdir not in WORKDIR_NAMES, "subdir",
+       "a folder name of letters, digits, '_', '-' or '.', not one the workdir holds "
+       f"already ({', '.join(WORKDIR_NAMES)}), e.g. 'finetune' or 'finetune_semi1'")
   return Finetune(**{f.name: section[f.name] for f in dataclasses.fields(Finetune)})

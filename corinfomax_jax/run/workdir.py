@@ -70,7 +70,8 @@ def _check_gcs_client(workdir: str) -> None:
   except ImportError:
     raise WorkdirError(
         f"--workdir {workdir!r} needs the google-cloud-storage package (orbax lists gs:// "
-        "checkpoints through it): pip install google-cloud-storage.") from None
+        "checkpoints through it): pip install google-cloud-storage, or pip install "
+        "\"corinfomax-jax[gcs]\".") from None
 
 
 def _probe_remote(workdir: str, create: bool) -> None:

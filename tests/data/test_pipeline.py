@@ -196,8 +196,8 @@ def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
     sources.get_source("cifar1O", None, "train")
   with pytest.raises(ValueError, match=r"data_dir .*nowhere.* does not exist"):
     sources.get_source("cifar10", str(tmp_path / "nowhere"), "train")
-  with pytest.raises(ValueError, match=r"cifar10 .*not prepared.*data sets"):
-    sources.get_source("cifar10", str(tmp_path), "train")
+  with pytest.raises(ValueError, match=r"mnist .*not prepared.*data sets"):
+    sources.get_source("mnist", str(tmp_path), "train")  # not downloaded on first use
 
 
 def test_normalization_stats_and_default_config():

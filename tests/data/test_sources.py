@@ -156,6 +156,9 @@ def test_a_folder_under_a_gs_url_lists_and_reads_as_the_local_folder(tmp_path,
     assert ([d[len(url):] for d in described]
             == [mine.describe(i)[len(str(local)):] for i in range(n)])
     assert remote.file_names() == mine.file_names()
+    # Paths relative to the root, the same under a URL.
+    assert remote.paths() == mine.paths()
+    assert mine.paths()[0] == ("train/n01/images/a.png" if n == 8 else "unlabelled/0.png")
     paths, labels = remote.load_batch(tf_indices(range(n)))
     assert labels.numpy().tolist() == mine.load_batch(tf_indices(range(n)))[1].numpy().tolist()
     # The bytes come through epath (TensorFlow has no gs:// file system here).
@@ -280,3 +283,63 @@ def test_unreadable_jpeg_bytes_raise_a_tensorflow_error():
   for data in (b"\xff\xd8\xff junk after a JPEG's magic", cmyk[:200], b"not an image"):
     with pytest.raises(tf.errors.InvalidArgumentError):
       sources.decode_image(tf.constant(data))
+
+
+def _fake_cifar10_download(root, per_file=3):
+  """The layout of cifar-10-binary.tar.gz, extracted: a label byte + 3072 image bytes per
+  record (channel-major), five train files and one test file."""
+  batches = root / "cifar-10-batches-bin"
+  batches.mkdir(parents=True)
+  names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+           "ship", "truck"]
+  (batches / "batches.meta.txt").write_text("\n".join(names) + "\n")
+  rng = np.random.default_rng(0)
+  files = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+  for k, name in enumerate(files):
+    labels = (np.arange(per_file) + k) % 10
+    records = [np.concatenate([[label], rng.integers(0, 256, 3072)]).astype(np.uint8)
+               for label in labels]
+    (batches / name).write_bytes(b"".join(r.tobytes() for r in records))
+  return root
+
+
+def test_small_public_set_is_prepared_on_first_use(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  extracted = _fake_cifar10_download(tmp_path / "download")
+  urls = []
+
+  def download_and_extract(self, url):
+    urls.append(url)
+    return str(extracted)
+
+  monkeypatch.setattr(sources, "_unreachable", lambda host: None)
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
+                      download_and_extract)
+  data_dir = tmp_path / "tfds"
+  data_dir.mkdir()
+  train = sources.get_source("cifar10", str(data_dir), "train")
+  assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+  assert train.num_examples == 15 and train.random_access  # prepared as ArrayRecord
+  assert train.class_names[:2] == ("airplane", "automobile")
+  data, labels = train.load_batch(tf.range(15, dtype=tf.int64))
+  written = [(i + k) % 10 for k in range(5) for i in range(3)]  # TFDS shuffles the order
+  assert sorted(labels.numpy().tolist()) == sorted(written)
+  assert sources.decode_image(train.load_example(data[0])).shape == (32, 32, 3)
+  assert list((data_dir / "cifar10").iterdir())[0].name == "3.0.2"
+  # Prepared once: the next open reads it without downloading again.
+  assert sources.get_source("cifar10", str(data_dir), "test").num_examples == 3
+  assert len(urls) == 1
+
+
+def test_offline_first_use_fails_at_once_in_one_line(tmp_path, monkeypatch):
+  monkeypatch.setitem(sources.DOWNLOADED_ON_FIRST_USE, "cifar10", "example.invalid")
+  monkeypatch.setattr(sources, "DOWNLOAD_PROBE_TIMEOUT_S", 2.0)
+  with pytest.raises(ValueError) as raised:
+    sources.get_source("cifar10", str(tmp_path), "train")
+  message = str(raised.value)
+  assert "\n" not in message
+  assert message.startswith(f"cifar10 is not prepared in {tmp_path} and cannot be "
+                            "downloaded (example.invalid unreachable")
+  assert "tfds build cifar10 --data_dir=DIR --file_format=array_record" in message
+  assert "--config.dataset=folder:<root>" in message
+  assert not (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").exists()

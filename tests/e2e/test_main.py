@@ -2,9 +2,11 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import make_image_folder
+from test_faults import ROOT
 from test_faults import committed_steps
 from test_faults import main_command
 
@@ -162,7 +164,9 @@ from absl import flags
 lines = []
 for argv in json.loads(sys.stdin.read()):
   err = io.StringIO()
-  sys.argv = ["main.py", *argv]  # config_flags reads the overrides from sys.argv
+  # As main.py's __main__ block: config_flags reads the overrides from sys.argv.
+  sys.argv = main.command_line.record_config_flag(["main.py", *argv],
+                                                  main.RECORD_CONFIG_FILE)
   with contextlib.redirect_stderr(err):
     try:
       main._parse_flags(sys.argv)
@@ -184,7 +188,10 @@ def test_flag_errors_are_one_line_in_the_programs_form(tmp_path):
   workdir = f"--workdir={tmp_path}"
   cases = [
       (["--config=configs/imagenet1k.py:semi5", workdir],
-       "configs/imagenet1k.py:semi5 is not known: accepted ['semi1', 'semi10']"),
+       "the config file argument 'semi5' is not known: accepted 'semi1' or 'semi10'"),
+      ([f"--config={tmp_path}/config.json", workdir],
+       f"--config={tmp_path}/config.json: no such file (pretraining writes "
+       "<workdir>/config.json when it starts)"),
       (["--config=configs/cifar10.py", workdir, "--mode=bogus"],
        "flag --mode=bogus: value should be one of <pretrain|"),
       (["--config=configs/cifar10.py"], "--workdir must have a value"),
@@ -212,3 +219,26 @@ def test_import_of_weights_that_do_not_fit_is_one_error_line(tmp_path, image_fol
   assert_one_error_line(proc, "does not fit config.model", "conv1.weight is 7x7",
                         "set config.model.cifar_stem=False")
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_every_mode_reads_the_workdirs_config_json(tmp_path, pretrained_workdir):
+  """Pretraining's overrides are recorded in config.json, and --config=<workdir>/config.json
+  gives them all to another mode, --config.<key> on top: no override repeated."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  # The pretraining of conftest.tiny_config: a dozen keys away from configs/default.py.
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  os.symlink(pretrained_workdir / "checkpoints", workdir / "checkpoints")
+  shutil.copy(pretrained_workdir / "config.json", workdir / "config.json")
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert (recorded["image_size"], recorded["model"]["width"]) == (16, 4)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), f"--config={workdir}/config.json",
+       f"--workdir={workdir}", "--mode=knn_eval", "--config.eval.knn.k=(5,)"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((workdir / "knn_eval.json").read_text())
+  assert (result["step"], result["k"], result["dataset"]) == (4, 5, recorded["dataset"])
+  # Read whole: the bank is the whole train split of the recorded folder.
+  assert result["num_bank_examples"] == 24

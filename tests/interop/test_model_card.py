@@ -70,6 +70,14 @@ def test_evaluations_give_numbers_protocol_and_their_step():
           "tested on test): top-1 51.00, top-5 90.00 after the last epoch (best 52.50 at "
           "epoch 17, chosen on the test split (test), as the paper reports it) (of the "
           "checkpoint of step 390, not of this export's step 780).") in card
+  # A second fine-tuning of the pretraining, in another subdir: listed after, named.
+  card = _card(evaluations={"knn": None, "linear": None, "finetune": finetune,
+                            "finetune:finetune_semi10": {**finetune, "num_labelled": 5000,
+                                                         "label_fraction": 0.1}})
+  first = card.index("- Fine-tuning (whole network on 500 labelled images")
+  second = card.index("- Fine-tuning (finetune_semi10.json; whole network on 5000 labelled "
+                      "images (0.1 of cifar10 train)")
+  assert first < second
 
 
 def test_an_imported_backbone_says_where_it_came_from():

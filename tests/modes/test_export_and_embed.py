@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from conftest import damaged_copy
+from conftest import make_image_folder
 from conftest import tiny_config
 
 import corinfomax_jax
@@ -18,6 +19,8 @@ from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
 from corinfomax_jax.data import augment
+from corinfomax_jax.data import crops
+from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import sources
 from corinfomax_jax.eval import embedding_map
 from corinfomax_jax.eval import evaluators
@@ -43,13 +46,25 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
   tensors = export.load_safetensors(out["safetensors"])
   assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
   metadata = export.read_safetensors_header(out["safetensors"])["__metadata__"]
+  # The evaluation input: ImageNet's statistics for a folder, int(16 * 8 / 7) = 18.
+  mean, std = (list(x) for x in augment.normalization_stats("folder:x"))
   assert json.loads(metadata.pop("preprocessing")) == {
-      "image_size": 16, "resize": 18, "interpolation": "bicubic",
-      "mean": list(augment.normalization_stats("folder:x")[0]),
-      "std": list(augment.normalization_stats("folder:x")[1]),
-      "layout": "RGB, pixels / 255, then (x - mean) / std"}
+      "image_size": 16, "resize": 18, "crop": 16, "interpolation": "bicubic",
+      "mean": mean, "std": std, "layout": "RGB, pixels / 255, then (x - mean) / std"}
+  # And key by key, each a JSON string (safetensors metadata values are strings).
+  assert {k: json.loads(metadata.pop(f"preprocessing.{k}"))
+          for k in ("mean", "std", "resize", "crop")} == {
+              "mean": mean, "std": std, "resize": 18, "crop": 16}
   assert metadata == {"backbone": "resnet18", "cifar_stem": "True", "width": "4",
                       "step": "4"}
+  # The eval pipeline's view of a test image is that resize and crop.
+  source = sources.get_source(f"folder:{image_folder}", None, "test")
+  batch = next(pipeline.eval_batches(source, global_batch_size=8, image_size=16,
+                                     aug_config=settings.resolve(tiny_config(
+                                         f"folder:{image_folder}")).data.recipe))
+  first = np.asarray(Image.open(source.describe(0)).convert("RGB"))
+  np.testing.assert_array_equal(batch["image"][0],
+                                crops.resize_center_crop_np(first, 16, 18 / 16))
   got = export.torch_layout_features(tensors, jnp.asarray(_images()), backbone="resnet18",
                                      cifar_stem=True)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
@@ -91,8 +106,10 @@ def test_export_writes_a_model_card_from_what_the_workdir_records(
           f"folder:{image_folder} train images, queries: 24 test images, centre crops): "
           f"top-1 {knn['top1']:.2f}, top-5 {knn['top5']:.2f}.") in card
   assert "Branch 1's projector covariance at step 4: dimension 8, effective rank" in card
-  assert ("RGB; resize the shorter side to 18 px (bicubic), centre crop 16 x 16; divide "
-          "by 255; subtract mean [0.485, 0.456, 0.406]") in card
+  assert ("RGB; resize the shorter side to 18 px (bicubic), centre crop 16 x 16 (the size "
+          "the backbone was trained at); divide by 255; subtract mean [0.485, 0.456, "
+          "0.406]") in card
+  assert '"preprocessing.resize", "preprocessing.crop"' in card
   # The JAX snippet, run as written, gives the encoder's features.
   snippet = card.split("### JAX (Flax)\n\n```python\n")[1].split("```")[0]
   snippet = snippet.replace('"backbone.msgpack"', repr(out["msgpack"]))
@@ -120,11 +137,17 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
     assert (np.abs(image - colour).sum(-1) < 30).sum() > 20, colour
   assert f"Map of the embedding (t-SNE, 24 of 24 points): {map_path}" in caplog.text
   assert not os.path.exists(tmp_path / embed_lib.EMBEDDINGS_DIR / "test.parts")
-  with np.load(path) as npz:
-    assert sorted(npz.files) == ["features", "index", "labels"]
-    feats, labels, index = npz["features"], npz["labels"], npz["index"]
+  with np.load(path) as npz:  # no pickled objects: plain arrays only
+    assert sorted(npz.files) == ["features", "index", "labels", "paths"]
+    feats, labels, index, paths = (npz[k] for k in ("features", "labels", "index",
+                                                     "paths"))
   assert feats.dtype == np.float32 and labels.dtype == np.int32 and index.dtype == np.int64
   np.testing.assert_array_equal(index, np.arange(24))
+  # Each row's image, relative to the folder's root, in the folder's sorted order.
+  assert paths.tolist() == [f"test/{c}/{name}" for c in ("cat", "dog")
+                            for name in sorted(f"{i}.png" for i in range(12))]
+  with Image.open(image_folder / paths[13]) as image:
+    assert image.size == (16, 16)
   np.testing.assert_array_equal(labels, np.repeat([0, 1], 12))  # folder sorted by class
   enc = corinfomax_jax.load_encoder(str(tmp_path))
   source = sources.get_source(config.dataset, None, "test")
@@ -148,6 +171,27 @@ def test_embed_without_a_layout_library_says_how_to_get_the_map(
                    "neither umap-learn nor scikit-learn is installed; pip install "
                    "\"corinfomax-jax[map]\" (scikit-learn, for t-SNE) or pip install "
                    "umap-learn."]
+
+
+def test_embed_of_a_folder_of_one_unlabelled_split_reads_that_split(
+    pretrained_workdir, tmp_path, monkeypatch):
+  """Pretraining on one's own images: root/train/<image>, no eval split, no classes."""
+  root = tmp_path / "mine"
+  make_image_folder(root, splits=("train",), classes=("x",), per_class=5)
+  for png in sorted((root / "train" / "x").iterdir()):
+    png.rename(root / "train" / png.name)
+  (root / "train" / "x").rmdir()
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  os.symlink(pretrained_workdir / "checkpoints", workdir / "checkpoints")
+  monkeypatch.setattr(embedding_map, "algorithm", lambda: None)  # no map: faster
+  config = tiny_config(f"folder:{root}")
+  config.eval.batch_size = 8
+  path = embed_lib.embed(config, str(workdir))  # eval_split "test" is not there
+  assert path == str(workdir / embed_lib.EMBEDDINGS_DIR / "train.npz")
+  with np.load(path) as npz:
+    assert npz["paths"].tolist() == [f"train/{i}.png" for i in range(5)]
+    assert npz["labels"].tolist() == [0] * 5 and npz["features"].shape[0] == 5
 
 
 @pytest.mark.parametrize("mode", [export_lib.export_backbone, embed_lib.embed])

@@ -11,10 +11,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import tiny_config
+from etils import epath
 
 from configs import default as default_config
 from corinfomax_jax import errors
 from corinfomax_jax import models
+from corinfomax_jax.modes import export as export_lib
 from corinfomax_jax.modes import finetune
 from corinfomax_jax.data import sources
 from corinfomax_jax.run import settings
@@ -81,6 +83,7 @@ def test_a_label_file_selects_tfds_records_by_their_file_name_feature(tmp_path):
   index = finetune.labelled_index(source, fraction=1.0, label_file=str(names), seed=0)
   # The record order of a prepared split is TFDS's (shuffled by key), so compare names.
   assert sorted(source.file_names()[i] for i in index) == ["img_1.JPEG", "img_4.JPEG"]
+  assert source.paths() == source.file_names()  # what --mode=embed writes as paths
   labels = source.load_batch(tf.constant(index))[1].numpy()
   assert sorted(labels.tolist()) == [0, 1]  # img_4 is class 0, img_1 class 1
 
@@ -220,3 +223,24 @@ def test_evaluated_every_epoch_reports_the_last_and_the_best(pretrained_workdir,
   resumed = finetune.finetune(config, str(tmp_path / "two"))
   assert resumed["last"] == pytest.approx(last) and resumed["best"]["epoch"] == best["epoch"]
   assert resumed["best"]["top1"] == pytest.approx(best["top1"])
+
+
+def test_two_subdirs_of_one_pretraining_write_side_by_side(pretrained_workdir, image_folder,
+                                                            tmp_path):
+  os.symlink(pretrained_workdir / "checkpoints", tmp_path / "checkpoints")
+  results = {}
+  for subdir, fraction in (("finetune", 0.5), ("finetune_semi1", 0.34)):
+    config = _config(image_folder, label_fraction=fraction, finetune_epochs=1)
+    config.eval.finetune.subdir = subdir
+    results[subdir] = finetune.finetune(config, str(tmp_path))
+  for subdir, labelled in (("finetune", 12), ("finetune_semi1", 8)):  # 6 or 4 per class
+    written = json.loads((tmp_path / f"{subdir}.json").read_text())
+    assert written == {k: v for k, v in results[subdir].items() if k != "state"}
+    assert (written["num_labelled"], written["subdir"], written["steps"]) == (
+        labelled, subdir, 1)
+    assert (tmp_path / subdir / "checkpoints").is_dir()
+  # The export's model card finds both.
+  found = export_lib._evaluations(epath.Path(tmp_path))  # pylint: disable=protected-access
+  assert found["finetune"]["subdir"] == "finetune"
+  assert found["finetune:finetune_semi1"]["num_labelled"] == 8
+  assert found["knn"] is None and found["linear"] is None

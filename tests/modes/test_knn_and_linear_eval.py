@@ -31,6 +31,7 @@ from corinfomax_jax.modes import linear_eval as linear_probe
 from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import settings
+from corinfomax_jax.run import train_state as train_state_lib
 
 _NUM_CLASSES = 3
 _PER_CLASS = 12  # in each split: 36 train and 36 test images, sorted by class
@@ -218,6 +219,32 @@ def test_max_train_examples_spreads_over_the_classes(pretrained):
                                               max_examples=6)
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
   np.testing.assert_allclose(feats, all_feats[::6], rtol=1e-5, atol=1e-6)
+
+
+def test_the_knn_monitor_alone_takes_its_own_bank_and_query_sizes(image_root):
+  config = _config(image_root)
+  config.eval.knn.update(monitor_max_train_examples=12, monitor_max_test_examples=9)
+  run, mesh = settings.resolve(config), mesh_lib.make_mesh()
+  model = run.model.create()
+  variables = train_state_lib.backbone_variables(
+      train_state_lib.initial_state(run, model, mesh))
+  train_source, test_source = (sources.get_source(config.dataset, None, split)
+                               for split in ("train", "test"))
+  evaluator = evaluators.KnnEvaluator(run.eval.knn, run.data, 16, model, mesh,
+                                      train_source, test_source)
+  monitor = evaluator.run(variables)
+  assert (monitor["num_bank_examples"], monitor["num_query_examples"]) == (12, 9)
+  # --mode=knn_eval's: the whole splits.
+  assert evaluator.accuracies(variables)[1] == {"num_bank_examples": 36,
+                                                "num_query_examples": 36}
+  # Both spread evenly over their splits (sorted by class): every class in each.
+  bank, bank_labels, queries, query_labels = (
+      x for source, n in ((train_source, 12), (test_source, 9))
+      for x in evaluators.extract_features(model, variables, mesh, source, batch_size=16,
+                                           data=run.data, max_examples=n))
+  assert set(bank_labels) == set(query_labels) == {0, 1, 2}
+  assert {k: monitor[k] for k in ("top1", "top5")} == knn.knn_accuracy(
+      bank, bank_labels, queries, query_labels, 3)
 
 
 def test_knn_eval_without_checkpoint_names_the_workdir(image_root, tmp_path):

@@ -120,6 +120,8 @@ def test_an_old_layout_workdir_is_refused_in_one_message(image_folder, tmp_path)
     ("knn.k", (), "knn.k"), ("knn.k", (10, 0), "knn.k"),
     ("knn.temperature", (0.07, -1.0), "knn.temperature"),
     ("knn_k", (10, 0), "knn.k"),  # the flat key of earlier versions, named where it went
+    ("knn.monitor_max_train_examples", 0, "knn.monitor_max_train_examples"),
+    ("knn.monitor_max_test_examples", -2, "knn.monitor_max_test_examples"),
     ("embed_split", "", "embed_split")])
 def test_eval_keys_are_checked_by_name(key, value, name):
   config = tiny_config("cifar10")
@@ -278,7 +280,10 @@ def test_each_cadence_is_checked_by_name(key, value):
 @pytest.mark.parametrize("key,value", [
     ("schedule", "linear"), ("step_epochs", 0), ("backbone_step_factor", 0.0),
     ("head_step_factor", 2.0), ("head_init", "lecun_normal"),
-    ("crop_interpolation", "nearest"), ("momentum", 1.0), ("evaluate_every_epoch", 1)])
+    ("crop_interpolation", "nearest"), ("momentum", 1.0), ("evaluate_every_epoch", 1),
+    # A folder of its own in the workdir: not a path, nor a folder other modes write.
+    ("subdir", ""), ("subdir", "a/b"), ("subdir", ".."), ("subdir", "checkpoints"),
+    ("subdir", "linear_eval")])
 def test_each_finetune_protocol_key_is_checked_by_name(key, value):
   raw = tiny_config("cifar10").to_dict()  # a plain dict takes any type
   raw["eval"]["finetune"][key] = value
@@ -319,6 +324,7 @@ def test_a_key_nothing_reads_is_refused_naming_the_closest(where, key, closest):
 
 @pytest.mark.parametrize("dataset", ["folder:", "folder: "])
 def test_a_folder_dataset_without_a_root_is_refused(dataset):
-  with pytest.raises(errors.ConfigError, match="config.dataset = .folder: ?. is invalid: "
-                                               "expected 'folder:<root>' with the path"):
+  with pytest.raises(errors.ConfigError, match="config.dataset = .folder: ?. names no "
+                                               "image folder: give its path, --config.dataset="
+                                               "folder:/data/my_images or"):
     settings.resolve(tiny_config(dataset))

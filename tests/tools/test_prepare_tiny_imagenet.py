@@ -124,6 +124,22 @@ def test_project_reads_the_prepared_folder(archive, tmp_path):
     assert (source.num_examples, source.class_names) == (n, WNIDS)
 
 
+def test_the_unpacked_archive_is_refused_in_one_line_naming_the_tool(archive):
+  from configs import tiny_imagenet  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
+  src, _ = archive
+  for split in ("train", "val"):  # its val/ would read as one unlabelled split
+    with pytest.raises(ValueError) as e:
+      sources.get_source(f"folder:{src}", None, split)
+    assert str(e.value) == (
+        f"Image folder {str(src)!r} is the unpacked Tiny ImageNet archive, whose val/ "
+        "holds its images without class folders (labels in val/val_annotations.txt): "
+        f"prepare it first, python tools/prepare_tiny_imagenet.py {src} "
+        "data/tiny-imagenet, and read folder:data/tiny-imagenet.")
+  # The config reads the folder the tool writes, as docs/data.md prepares it.
+  assert tiny_imagenet.get_config().dataset == "folder:data/tiny-imagenet"
+
+
 def test_refuses_non_empty_destination(archive, tmp_path, capsys):
   src, _ = archive
   dst = tmp_path / "out"
