@@ -17,9 +17,9 @@ recipe.
 from configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   default.set_vit(c, "vit_ti16", patch_size=4, posemb="sincos2d", pool="gap")
   default.set_adamw(c, learning_rate=5e-4, base_batch_size=512, weight_decay=0.05,
                     warmup_epochs=10.0, grad_clip_norm=1.0)
-  return c
+  return default.with_argument(c, arg)

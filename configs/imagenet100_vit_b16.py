@@ -4,7 +4,7 @@ method by the argument, as there (configs/imagenet100_vit_b16.py:vicreg)."""
 from configs import imagenet100_vit_s16
 
 
-def get_config(method=None):
-  c = imagenet100_vit_s16.get_config(method)
+def get_config(arg=None):
+  c = imagenet100_vit_s16.get_config(arg)
   c.model.backbone = "vit_b16"
   return c

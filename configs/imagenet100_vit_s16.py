@@ -21,21 +21,24 @@ CorInfoMax's own ImageNet-100 settings stay (configs/imagenet100.py: projector
 4096-4096-128, alpha 500, the paper's views).
 
 Another method's loss on the same network, optimizer and views: the argument names it,
-its section at its defaults and CorInfoMax's alpha 500 dropped,
+its section at its defaults and CorInfoMax's alpha 500 dropped (the other arguments are
+every config's, semi1 and semi10: default.with_argument),
   python main.py --config=configs/imagenet100_vit_s16.py:vicreg --workdir=DIR
 """
 from configs import default
 from configs import imagenet100
 from configs import recipes
+from corinfomax_jax import methods
 
 
-def get_config(method=None):
+def get_config(arg=None):
   c = imagenet100.get_config()
-  if method is not None:
-    recipes.only_method(c, method)
+  if arg in methods.METHODS:
+    recipes.only_method(c, arg)
+    arg = None
   default.set_vit(c, "vit_s16", patch_size=16, posemb="learn", pool="tok")
   default.set_adamw(c, learning_rate=3e-4, base_batch_size=256, weight_decay=0.1,
                     warmup_epochs=10.0, grad_clip_norm=1.0)
   c.batch_size = 512
   c.eval.batch_size = 512
-  return c
+  return default.with_argument(c, arg)
