@@ -160,7 +160,7 @@ def row(name: str, args) -> dict:
     notes.append(note)
   return {
       "config": name, "method": config.method.name, "backbone": m["backbone"],
-      "width": m.get("width"), "projector": "-".join(
+      "width": m.get("width"), "patch": m.get("patch_size"), "projector": "-".join(
           str(s) for s in models.parse_projector(m["projector"])),
       "px": config.data.image_size, "dtype": dtype, "batch": batch,
       "per_device": batch // args.devices, "gflop": flops_per_pair / 1e9,
@@ -175,7 +175,8 @@ HEADER = ("| config | method | network | px | dtype | global batch (per device) 
 
 
 def markdown(r: dict) -> str:
-  network = f"{r['backbone']} w{r['width']} {r['projector']}"
+  shape = f"w{r['width']}" if r["width"] is not None else f"/{r['patch']}"
+  network = f"{r['backbone']} {shape} {r['projector']}"
   return (f"| {r['config']} | {r['method']} | {network} | {r['px']} | {r['dtype']} | "
           f"{r['batch']} ({r['per_device']}) | {r['gflop']:.3g} | {r['mib']:,.0f} | "
           f"{r['h100']:,.0f} | {r['v5e']:,.0f} | {r['cores_h100']:.1f} | "

@@ -10,6 +10,12 @@ a pair of views through the network. The last line is `images_per_s=<number>`.
   torch) with the same network width, projector and batch, round by round with ours, and
   prints ours / reference; the last line is then `ours_vs_reference=<ratio>`.
 
+  --against=configs/cifar10_cpu.py: also times that config's step (its own network,
+  batch and views, on the same devices), round by round with --config's, and prints its
+  images/s and the ratio; the last line stays --config's rate. A ViT against the ResNet:
+    python bench/train_step.py --config=configs/cifar10_cpu_vit_ti4.py \
+        --against=configs/cifar10_cpu.py --steps 2 --warmup 1 --rounds 3
+
   --online_probe: times the step without and with the online linear probe
   (config.eval.online_probe.enabled, 1000 classes unless --num_classes) in one process and
   prints the probe's share of the step; the last line is then the rate with the probe.
@@ -75,6 +81,8 @@ def main():
                       help="classes of the online probe")
   parser.add_argument("--reference", action="store_true",
                       help="also time the PyTorch reference step (needs torch)")
+  parser.add_argument("--against", default=None,
+                      help="another config file whose step is timed alongside")
   args = parser.parse_args()
   config = config_from_flags(args)
   mesh = mesh_lib.make_mesh()
@@ -85,6 +93,9 @@ def main():
   steppers["augment"] = prepare_views(config, mesh, args)
   if args.reference:
     steppers["reference"] = prepare_reference(config, args)
+  if args.against:
+    against = settings.resolve(load_config(args.against))
+    steppers["against"] = prepare_step(against, mesh, False, args)
   # Rounds alternate between the variants and each keeps its fastest round, so a
   # shared machine's load hits both alike.
   ms = {k: f() for k, f in steppers.items()}
@@ -98,6 +109,12 @@ def main():
   if args.online_probe:
     print(f"online probe ({args.num_classes} classes): {ms[True] - ms[False]:+.2f} ms/step, "
           f"{100 * (ms[True] - ms[False]) / ms[True]:.1f}% of the step with it")
+  if args.against:
+    ours = config.train.batch_size / ms[runs[-1]] * 1e3
+    theirs = against.train.batch_size / ms["against"] * 1e3
+    print(describe(against, False, ms["against"], args) + f" [{args.against}]")
+    print(f"{args.against}: {theirs:.1f} images/s; {args.config}: {ours:.1f} images/s "
+          f"({ours / theirs:.3f} of it)")
   print(f"images_per_s={config.train.batch_size / ms[runs[-1]] * 1e3:.1f}")
   if args.reference:
     import reference_step  # pylint: disable=import-outside-toplevel

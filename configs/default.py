@@ -44,7 +44,9 @@ def get_config(arg=None):
 
   # --- Model: models.create_model(**c.model) ------------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = "resnet18"  # resnet18 | resnet50
+  # resnet18 | resnet50, or a ViT (vit_ti16 | vit_s16 | vit_b16, docs/vit.md), whose
+  # options replace cifar_stem and width: patch_size, posemb, pool (configs/*_vit_*.py).
+  c.model.backbone = "resnet18"
   c.model.cifar_stem = True  # 3x3 stride-1 first convolution, no max-pool (32 px images)
   c.model.width = 64  # channels of the first stage; 64 is torchvision's ResNet
   c.model.projector = (2048, 2048, 64)  # hidden sizes then output dimension D
@@ -81,7 +83,9 @@ def get_config(arg=None):
   c.batch_size = 512  # GLOBAL batch, over all devices and processes
   c.num_epochs = 1000
   c.max_steps = -1  # stop after this many steps; -1: num_epochs decides
-  c.optimizer = "sgd"  # sgd (SGD momentum, the paper's) | lars (solo-learn's) | lars_optax
+  # sgd (SGD momentum, the paper's) | lars (solo-learn's) | lars_optax | adamw (ViTs;
+  # decay on kernels only: not on biases, norms, position embeddings or class token)
+  c.optimizer = "sgd"
   c.momentum = 0.9
   c.weight_decay = 1e-4
   # The paper's peak learning rate for its batch size `base_batch_size`; the trainer
@@ -92,6 +96,9 @@ def get_config(arg=None):
   c.warmup_epochs = 10.0  # linear warmup from warmup_start_lr to the peak
   c.warmup_start_lr = 3e-3
   c.lars_eta = 0.02  # LARS trust coefficient (optimizer = "lars")
+  c.adam_b1 = 0.9  # AdamW's moment decays (optimizer = "adamw")
+  c.adam_b2 = 0.999
+  c.grad_clip_norm = 0.0  # > 0: gradients clipped to this global norm (any optimizer)
 
   # --- Bookkeeping -------------------------------------------------------------------
   c.seed = 0
@@ -199,6 +206,35 @@ def with_argument(c, arg: str | None):
     c.eval.finetune.label_file = None
   c.eval.finetune.subdir = f"finetune_{arg}"
   return c
+
+
+def set_vit(c, backbone: str, *, patch_size: int = 16, posemb: str = "learn",
+            pool: str = "gap") -> None:
+  """config.model for the ViT `backbone` (vit_ti16 | vit_s16 | vit_b16, docs/vit.md): the
+  ResNet keys (cifar_stem, width) replaced by the ViT's (patch_size, posemb, pool); the
+  projector, its BatchNorm and the dtype stay as they are."""
+  del c.model["cifar_stem"]
+  del c.model["width"]
+  c.model.backbone = backbone
+  c.model.patch_size = patch_size
+  c.model.posemb = posemb
+  c.model.pool = pool
+
+
+def set_adamw(c, *, learning_rate: float, base_batch_size: int, weight_decay: float,
+              warmup_epochs: float, grad_clip_norm: float, min_learning_rate: float = 1e-6,
+              b2: float = 0.999) -> None:
+  """AdamW (decay on kernels only) with linear warmup from 0 and cosine decay: the
+  optimizer of ViT recipes."""
+  c.optimizer = "adamw"
+  c.learning_rate = learning_rate
+  c.base_batch_size = base_batch_size
+  c.weight_decay = weight_decay
+  c.warmup_epochs = warmup_epochs
+  c.warmup_start_lr = 0.0
+  c.min_learning_rate = min_learning_rate
+  c.adam_b1, c.adam_b2 = 0.9, b2
+  c.grad_clip_norm = grad_clip_norm
 
 
 def set_paper_finetune(c, percent: int) -> None:

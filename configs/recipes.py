@@ -65,7 +65,7 @@ _EPOCHS = {"cifar": 1000, "imagenet100": 400}
 OWN = tuple(_EPOCHS)
 
 
-def _only_method(c, name: str) -> None:
+def only_method(c, name: str) -> None:
   """config.method = name, every other method's section back at its defaults (a base
   config may have tuned CorInfoMax's; a run reads only its own method's section)."""
   c.method = name
@@ -102,7 +102,7 @@ def _own_run(c, method: str, own: str) -> None:
 def vicreg(c, hidden: int = 2048, out: int = 2048, own: str | None = None):
   """VICReg's loss weights, projector and optimizer on config `c` (in place); with
   own="cifar" or "imagenet100", its published views, batch and schedule too."""
-  _only_method(c, "vicreg")
+  only_method(c, "vicreg")
   c.vicreg.sim_weight, c.vicreg.var_weight, c.vicreg.cov_weight = 25.0, 25.0, 1.0
   _solo_learn_lars(c, hidden, out)
   if own is not None:
@@ -122,7 +122,7 @@ def published_on_budget(c, method: str, hidden: int, out: int):
 def barlow_twins(c, hidden: int = 2048, out: int = 2048, own: str | None = None):
   """Barlow Twins' loss weights, projector and optimizer on config `c` (in place); with
   own="cifar" or "imagenet100", its published views, batch and schedule too."""
-  _only_method(c, "barlow_twins")
+  only_method(c, "barlow_twins")
   c.barlow_twins.lambd = 0.0051
   c.barlow_twins.scale = 0.1  # solo-learn's scale_loss
   _solo_learn_lars(c, hidden, out)

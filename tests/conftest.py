@@ -117,3 +117,15 @@ def damaged_copy(workdir, target, steps):
     biggest = max(paths, key=os.path.getsize)
     os.truncate(biggest, os.path.getsize(biggest) // 2)
   return target
+
+
+def register_tiny_vit(monkeypatch, name="vit_test"):
+  """Registers `name`, a ViT of two blocks of width 16 (2 heads, MLP 32), beside
+  vit_ti16/s16/b16 for the duration of a test: ViT code paths that compile in seconds."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax import models  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.models import vit  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(vit.VITS, name, dict(width=16, depth=2, mlp_dim=32, num_heads=2))
+  monkeypatch.setitem(models.BACKBONES, name, models.BackboneSpec(
+      functools.partial(vit.create_vit, name), vit.OPTIONS, vit.check_image_size))
+  return name

@@ -268,3 +268,17 @@ def test_an_unknown_published_run_is_refused():
   from configs import default, recipes  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="own='stl10'"):
     recipes.vicreg(default.get_config(), own="stl10")
+
+
+@pytest.mark.parametrize("name", ["imagenet100_vit_s16.py", "imagenet100_vit_b16.py"])
+def test_the_imagenet100_vits_take_another_method_as_an_argument(name):
+  run = settings.resolve(_parse(f"{name}:vicreg"))
+  assert run.method.name == "vicreg" and run.optimizer.name == "adamw"
+  assert run.record["corinfomax"]["alpha"] == 250.0  # back at its default, unread
+  assert settings.resolve(_parse(name)).method.alpha == 500.0
+
+
+@pytest.mark.parametrize("name", ["cifar10_vit_ti4.py", "cifar10_cpu_vit_ti4.py"])
+def test_the_cifar_vits_take_another_method_on_the_command_line(name):
+  run = settings.resolve(_parse(name, "--config.method=barlow_twins"))
+  assert run.method.name == "barlow_twins" and run.model.kwargs["patch_size"] == 4

@@ -8,12 +8,15 @@ then work unchanged.
 
     model = models.create_model(**config.model)   # backbone, cifar_stem, width, ...
     dim = models.feature_dim(model)                # 512 for resnet18 at width 64
+
+Registered: the ResNets (resnet.RESNETS) and the ViTs (vit.VITS: vit_ti16, vit_s16,
+vit_b16, big_vision's sizes and parameter names).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from corinfomax_jax.models import heads
 from corinfomax_jax.models import layers
 from corinfomax_jax.models import resnet
+from corinfomax_jax.models import vit
 from corinfomax_jax.models.heads import Projector
 from corinfomax_jax.models.heads import init_linear_head
 from corinfomax_jax.models.heads import linear_logits
@@ -31,6 +35,7 @@ from corinfomax_jax.models.layers import parse_dtype
 from corinfomax_jax.models.resnet import BasicBlock
 from corinfomax_jax.models.resnet import Bottleneck
 from corinfomax_jax.models.resnet import ResNet
+from corinfomax_jax.models.vit import ViT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +46,20 @@ class BackboneSpec:
     build: keyword arguments -> the unbound backbone module.
     options: the keyword arguments `build` accepts, each mapped to its check (raises
       ValueError saying what is accepted; returns otherwise).
+    check_image_size: (image_size, **options) -> raises ValueError when the backbone
+      cannot take square images of that side (a ViT's patch must divide it); None: any.
   """
   build: Callable[..., nn.Module]
   options: Mapping[str, Callable[[Any], Any]]
+  check_image_size: Optional[Callable[..., None]] = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    name: BackboneSpec(functools.partial(resnet.create_resnet, name), resnet.OPTIONS)
-    for name in resnet.RESNETS
+    **{name: BackboneSpec(functools.partial(resnet.create_resnet, name), resnet.OPTIONS)
+       for name in resnet.RESNETS},
+    **{name: BackboneSpec(functools.partial(vit.create_vit, name), vit.OPTIONS,
+                          vit.check_image_size)
+       for name in vit.VITS},
 }
 
 
@@ -72,6 +83,15 @@ def check_backbone_options(name: str, **kwargs) -> None:
       raise ValueError(f"backbone {name!r} has no option {key!r}; it accepts "
                        f"{sorted(spec.options)}")
     spec.options[key](value)
+
+
+def check_image_size(name: str, image_size: int, **kwargs) -> None:
+  """Raises ValueError when backbone `name` built with `kwargs` cannot take square
+  images of side `image_size` (BackboneSpec.check_image_size)."""
+  spec = backbone_spec(name)
+  if spec.check_image_size is not None:
+    spec.check_image_size(image_size, **{k: v for k, v in kwargs.items()
+                                         if k in spec.options})
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
@@ -127,7 +147,8 @@ def create_model(backbone: str = "resnet18", *, projector=(2048, 2048, 64),
     projector_bn: BatchNorm after each hidden projector layer.
     dtype: "float32" or "bfloat16", the backbone's compute dtype (parameters stay
       float32); a backbone without a dtype option accepts only float32.
-    **backbone_kwargs: the backbone's other options (ResNet: cifar_stem, width).
+    **backbone_kwargs: the backbone's other options (ResNet: cifar_stem, width; ViT:
+      patch_size, posemb, pool).
 
   Returns:
     The unbound model.
@@ -178,8 +199,8 @@ def backbone_feature_dim(name: str, width: int = 64) -> int:
 
 __all__ = [
     "BACKBONES", "BackboneSpec", "BasicBlock", "Bottleneck", "CorInfoMaxModel", "DTYPES",
-    "Projector", "ResNet", "backbone_feature_dim", "backbone_spec",
-    "check_backbone_options", "create_backbone", "create_model", "feature_dim", "heads",
-    "init_linear_head", "layers", "linear_logits", "parse_dtype", "parse_projector",
-    "resnet",
+    "Projector", "ResNet", "ViT", "backbone_feature_dim", "backbone_spec",
+    "check_backbone_options", "check_image_size", "create_backbone", "create_model",
+    "feature_dim", "heads", "init_linear_head", "layers", "linear_logits", "parse_dtype",
+    "parse_projector", "resnet", "vit",
 ]

@@ -9,11 +9,13 @@ import jax
 from absl import logging
 
 from corinfomax_jax import files
+from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.interop import model_card
 from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax.modes import finetune
 from corinfomax_jax.modes import knn_eval
 from corinfomax_jax.modes import linear_eval
+from corinfomax_jax.models import resnet
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import run_record
 from corinfomax_jax.run import settings as settings_lib
@@ -59,6 +61,16 @@ def batches_tracked(enc: encoder_lib.Encoder) -> int | dict[str, int]:
   return imported + enc.step
 
 
+def check_exportable(backbone: str) -> None:
+  """ConfigError (one line) for a backbone without a torchvision layout: a ViT is not
+  written in timm's layout; it is read with corinfomax_jax.load_encoder (docs/vit.md)."""
+  if backbone not in resnet.RESNETS:
+    raise ConfigError(
+        f"--mode=export writes torchvision's ResNet layout ({', '.join(sorted(resnet.RESNETS))}"
+        f"); backbone {backbone!r} has none and is not exported: read it with "
+        "corinfomax_jax.load_encoder(workdir) (its .variables are the Flax parameters)")
+
+
 def export_backbone(config, workdir: str) -> dict[str, str]:
   """--mode=export: the backbone of the latest checkpoint, for PyTorch and for Flax.
 
@@ -87,12 +99,16 @@ def export_backbone(config, workdir: str) -> dict[str, str]:
   safetensors metadata, as JSON under "preprocessing") and these loading snippets.
 
   Returns {"safetensors": path, "msgpack": path, "card": path, "step": ...}.
+
+  A backbone other than a ResNet (a ViT) is refused in one line (`check_exportable`).
   """
   # The checkpoint's record describes the model; the configuration is checked as in
   # every mode, and the workdir must hold the pretraining.
-  run, _ = startup.begin(config, workdir, create_workdir=False)
+  run, _ = startup.begin(config, workdir, create_workdir=False,
+                         checks=(lambda r: check_exportable(r.model.kwargs["backbone"]),))
   enc = encoder_lib.load_encoder(workdir)
   model = enc.config["model"]
+  check_exportable(model["backbone"])
   backbone = {k: enc.variables[k]["backbone"] for k in ("params", "batch_stats")}
   tensors = export.torchvision_state_dict(enc.variables, backbone=model["backbone"],
                                           cifar_stem=model.get("cifar_stem"),

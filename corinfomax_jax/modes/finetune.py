@@ -249,7 +249,8 @@ def _initial_state(run: settings_lib.Settings, workdir, mesh, num_classes,
                                    stddev=HEAD_STDDEV, rng=head_rng)
     params = {"backbone": params["backbone"], "head": head}
     return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
-                         batch_stats=batch_stats["backbone"], opt_state=tx.init(params))
+                         batch_stats=batch_stats.get("backbone", {}),
+                         opt_state=tx.init(params))
 
   state = jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(pretrained.params,
                                                                   pretrained.batch_stats)

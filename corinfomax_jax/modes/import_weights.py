@@ -21,6 +21,7 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.interop import torchvision
 from corinfomax_jax.interop import weights_files
+from corinfomax_jax.models import resnet
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import run_record
@@ -40,6 +41,16 @@ def _probe_classes(run) -> int:
   return train_state_lib.online_probe_classes(run.eval.online_probe, source.num_classes)
 
 
+def check_importable(run) -> None:
+  """ConfigError (one line) for a backbone without a torchvision layout (a ViT)."""
+  backbone = run.model.kwargs["backbone"]
+  if backbone not in resnet.RESNETS:
+    raise ConfigError(
+        f"--mode=import reads torchvision ResNet weights; backbone {backbone!r} has "
+        "none: a big_vision ViT .npz loads with corinfomax_jax.interop.big_vision."
+        "load_big_vision_npz (docs/vit.md)")
+
+
 def import_weights(config, workdir: str, weights: str | None) -> dict:
   """--mode=import: writes the step-0 checkpoint of `workdir` with the backbone of the
   file `weights` (see the module docstring) and returns what import.json holds.
@@ -53,7 +64,7 @@ def import_weights(config, workdir: str, weights: str | None) -> dict:
     raise ConfigError("--mode=import needs --weights=PATH: a .safetensors file or a "
                       "torch.save .pth/.pt file of a torchvision ResNet state_dict")
   with workdir_lock.WorkdirLock(workdir, "import") as lock:
-    run, mesh = startup.begin(config, workdir, lock=lock)
+    run, mesh = startup.begin(config, workdir, lock=lock, checks=(check_importable,))
     directory = train_state_lib.checkpoint_dir(workdir)
     if directory.is_dir():
       manager = checkpoints.open_reader(directory)

@@ -38,7 +38,9 @@ class Encoder:
 
   @property
   def feature_dim(self) -> int:
-    return models.feature_dim(self.model)
+    # At the pretraining's image size: a ViT's patch must divide it.
+    size = self.config.get("data", {}).get("image_size", 32)
+    return models.feature_dim(self.model, size)
 
   def __call__(self, images) -> np.ndarray:
     images = np.asarray(images)

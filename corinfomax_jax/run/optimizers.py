@@ -1,9 +1,11 @@
-"""The pretraining optimizers: SGD as torch.optim.SGD, and LARS as solo-learn runs it.
+"""The pretraining optimizers: SGD as torch.optim.SGD, LARS as solo-learn runs it (both
+for ResNets), and AdamW with the weight-decay mask ViT recipes use.
 
     tx = lars(schedule, weight_decay=1e-4)           # an optax GradientTransformation
+    tx = clipped(adamw(schedule, weight_decay=0.05), max_norm=1.0)
     updates, opt_state = tx.update(grads, opt_state, params)
 
-Both are optax GradientTransformations of (gradients, state, parameters).
+All are optax GradientTransformations of (gradients, state, parameters).
 """
 from __future__ import annotations
 
@@ -12,6 +14,46 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+
+def decay_mask(params):
+  """True for the parameters weight decay applies to: the kernels of Dense, attention
+  and convolution layers. False for everything else: biases, LayerNorm and BatchNorm
+  scales and biases, a ViT's position embeddings ("pos_embedding") and class token
+  ("cls"), as timm's and big_vision's ViT recipes exclude them."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def adamw(learning_rate, *, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8) -> optax.GradientTransformation:
+  """torch.optim.AdamW (decoupled decay, p <- p - lr * (adam + weight_decay * p)) with
+  the decay on the kernels only (`decay_mask`).
+
+  Args:
+    learning_rate: a float or an optax schedule of the step.
+    weight_decay: the decoupled decay coefficient (0.05 in DeiT's and MAE's recipes).
+    b1, b2, eps: Adam's moment decays and denominator term.
+
+  Returns:
+    An optax GradientTransformation; update() needs the parameters.
+  """
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                     mask=decay_mask)
+
+
+def clipped(tx: optax.GradientTransformation, max_norm: float
+            ) -> optax.GradientTransformation:
+  """`tx` applied to the gradients scaled to a global norm of at most `max_norm`
+  (torch.nn.utils.clip_grad_norm_). The state is `tx`'s own, unchanged in structure, so
+  a checkpoint written with clipping resumes without it and the other way round."""
+  def update(grads, state, params=None):
+    norm = optax.tree.norm(grads)
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+    grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    return tx.update(grads, state, params)
+
+  return optax.GradientTransformation(tx.init, update)
 
 
 def sgd(learning_rate, *, momentum: float, weight_decay: float = 0.0

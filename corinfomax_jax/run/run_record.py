@@ -21,7 +21,10 @@ RECORD = "config.json"
 RESULT_KEYS = frozenset((
     "method", "learning_rate",
     "base_batch_size", "batch_size", "optimizer", "momentum", "weight_decay",
-    "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size"))
+    "warmup_epochs", "min_learning_rate", "num_epochs", "seed", "dataset", "image_size",
+    "adam_b1", "adam_b2", "grad_clip_norm"))
+# Result keys added after the first records, with the value earlier runs had in effect.
+LATER_KEYS = {"adam_b1": 0.9, "adam_b2": 0.999, "grad_clip_norm": 0.0}
 # The model and the augmentation; and the section of the run's method (config.method).
 RESULT_PREFIXES = ("model.", "aug.")
 
@@ -51,14 +54,14 @@ def changed_result_keys(old: dict, new: dict) -> list[str]:
 
 
 def _with_method_defaults(flat: dict) -> dict:
-  """`flat` (result values) with its method's hyperparameters that it lacks at their
-  defaults: a key a later version added to a method's section (stats_dtype, say) is
-  absent from earlier records, and its default is what those runs did."""
+  """`flat` (result values) with its method's hyperparameters and the LATER_KEYS that it
+  lacks at their defaults: a key a later version added (stats_dtype, grad_clip_norm,
+  say) is absent from earlier records, and its default is what those runs did."""
   method = flat.get("method", "corinfomax")
   if method not in methods.METHODS:
     return flat
   defaults = {f"{method}.{k}": v for k, v in methods.hyperparameters(method).items()}
-  return {**defaults, **flat}
+  return {**LATER_KEYS, **defaults, **flat}
 
 
 def result_values(record: dict) -> dict:

@@ -28,7 +28,7 @@ from corinfomax_jax import models
 from corinfomax_jax.data import augment
 from corinfomax_jax.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "lars", "lars_optax")
+OPTIMIZERS = ("sgd", "lars", "lars_optax", "adamw")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
 FINETUNE_SCHEDULES = ("cosine", "step")
 FINETUNE_HEAD_INITS = ("zeros", "normal")
@@ -111,7 +111,7 @@ class Model:
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """The pretraining optimizer and its learning-rate schedule."""
-  name: str  # sgd | lars | lars_optax
+  name: str  # sgd | lars | lars_optax | adamw
   learning_rate: float  # the peak for `base_batch_size`, scaled linearly to batch_size
   base_batch_size: int
   batch_size: int  # the global batch
@@ -122,6 +122,9 @@ class Optimizer:
   momentum: float
   weight_decay: float
   lars_eta: float
+  adam_b1: float  # adamw's moment decays
+  adam_b2: float
+  grad_clip_norm: float  # > 0: gradients clipped to this global norm; 0: not clipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +269,8 @@ _KEYS = {
          "skip_bad_images", "aug", "model", "method", *methods_lib.METHODS, "batch_size",
          "num_epochs", "max_steps", "optimizer", "momentum", "weight_decay",
          "learning_rate", "base_batch_size", "min_learning_rate", "warmup_epochs",
-         "warmup_start_lr", "lars_eta", "seed", "log_every_steps",
+         "warmup_start_lr", "lars_eta", "adam_b1", "adam_b2", "grad_clip_norm", "seed",
+         "log_every_steps",
          "checkpoint_every_steps", "keep_checkpoints", "spectrum_every_steps",
          "profile_steps", "divergence", "eval"),
     "divergence": tuple(f.name for f in dataclasses.fields(Divergence)),
@@ -314,6 +318,7 @@ def resolve(config) -> Settings:
   model = _model(raw)
   method = _method(raw)
   data = _data(raw)
+  _check_image_size(model, data)
   optimizer, train = _optimization(raw)
   divergence = _divergence(raw.get("divergence", {}))
   evaluation = _eval(raw)
@@ -374,6 +379,17 @@ def _model(raw: dict) -> Model:
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None
   return Model(kwargs=section)
+
+
+def _check_image_size(model: Model, data: Data) -> None:
+  """ConfigError when the backbone cannot take config.image_size (a ViT's patch size
+  must divide it)."""
+  kwargs = {k: v for k, v in model.kwargs.items() if k != "backbone"}
+  try:
+    models.check_image_size(model.kwargs["backbone"], data.image_size, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"config.image_size = {data.image_size} is invalid: {e}; set "
+                      "config.image_size or config.model.patch_size so that it is") from None
 
 
 def _method(raw: dict):
@@ -444,6 +460,10 @@ def _optimization(raw: dict) -> tuple[Optimizer, Train]:
   for key in ("min_learning_rate", "warmup_start_lr", "weight_decay", "warmup_epochs",
               "lars_eta"):
     need(is_number(key) and raw[key] >= 0, key, "a number >= 0")
+  for key in ("adam_b1", "adam_b2"):
+    need(is_number(key) and 0 <= raw[key] < 1, key, "a number in [0, 1), e.g. 0.9")
+  need(is_number("grad_clip_norm") and raw["grad_clip_norm"] >= 0, "grad_clip_norm",
+       "a number >= 0 (0: no clipping), e.g. 1.0")
   need(is_number("momentum") and 0 <= raw["momentum"] < 1, "momentum",
        "a number in [0, 1)")
   optimizer = Optimizer(
@@ -452,7 +472,8 @@ def _optimization(raw: dict) -> tuple[Optimizer, Train]:
       num_epochs=raw["num_epochs"], min_learning_rate=raw["min_learning_rate"],
       warmup_epochs=raw["warmup_epochs"], warmup_start_lr=raw["warmup_start_lr"],
       momentum=raw["momentum"], weight_decay=raw["weight_decay"],
-      lars_eta=raw["lars_eta"])
+      lars_eta=raw["lars_eta"], adam_b1=raw["adam_b1"], adam_b2=raw["adam_b2"],
+      grad_clip_norm=raw["grad_clip_norm"])
   train = Train(**{f.name: raw[f.name] for f in dataclasses.fields(Train)})
   return optimizer, train
 

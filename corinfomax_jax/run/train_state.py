@@ -79,17 +79,23 @@ def recorded_optimizer(record: dict) -> str | None:
 def create_optimizer(opt: settings_lib.Optimizer, learning_rate_fn,
                      name: str | None = None) -> optax.GradientTransformation:
   """The pretraining optimizer `name` (default `opt.name`): "sgd" (the paper's),
-  "lars" (solo-learn's, optimizers.lars) or "lars_optax" (optax.lars, with biases and
-  normalisation parameters masked out)."""
+  "lars" (solo-learn's, optimizers.lars), "lars_optax" (optax.lars, with biases and
+  normalisation parameters masked out) or "adamw" (optimizers.adamw, for ViTs); its
+  gradients clipped to a global norm of opt.grad_clip_norm when that is > 0."""
   name = name or opt.name
   if name == "sgd":
-    return sgd(learning_rate_fn, momentum=opt.momentum, weight_decay=opt.weight_decay)
-  if name == "lars":
-    return optimizers.lars(learning_rate_fn, weight_decay=opt.weight_decay,
-                           momentum=opt.momentum, eta=opt.lars_eta, clip_lr=True)
-  return optax.lars(learning_rate_fn, weight_decay=opt.weight_decay,
+    tx = sgd(learning_rate_fn, momentum=opt.momentum, weight_decay=opt.weight_decay)
+  elif name == "lars":
+    tx = optimizers.lars(learning_rate_fn, weight_decay=opt.weight_decay,
+                         momentum=opt.momentum, eta=opt.lars_eta, clip_lr=True)
+  elif name == "adamw":
+    tx = optimizers.adamw(learning_rate_fn, weight_decay=opt.weight_decay,
+                          b1=opt.adam_b1, b2=opt.adam_b2)
+  else:
+    tx = optax.lars(learning_rate_fn, weight_decay=opt.weight_decay,
                     weight_decay_mask=_is_matrix, trust_coefficient=opt.lars_eta,
                     trust_ratio_mask=_is_matrix, momentum=opt.momentum)
+  return optimizers.clipped(tx, opt.grad_clip_norm) if opt.grad_clip_norm > 0 else tx
 
 
 def online_probe_optimizer(probe: settings_lib.OnlineProbe) -> optax.GradientTransformation:

@@ -133,3 +133,91 @@ def test_lars_needs_the_parameters():
   params = {"w": jnp.ones((2, 2))}
   with pytest.raises(ValueError, match="needs the parameters"):
     tx.update(params, tx.init(params))
+
+
+def _vit_like_params():
+  """A parameter tree with every kind of leaf a ViT and the projector have."""
+  rng = np.random.default_rng(0)
+  leaf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return {
+      "backbone": {
+          "embedding": {"kernel": leaf(4, 4, 3, 8), "bias": leaf(8)},
+          "pos_embedding": leaf(1, 4, 8), "cls": leaf(1, 1, 8),
+          "Transformer": {"encoderblock_0": {
+              "LayerNorm_0": {"scale": leaf(8), "bias": leaf(8)},
+              "MultiHeadDotProductAttention_0": {"query": {"kernel": leaf(8, 2, 4),
+                                                           "bias": leaf(2, 4)}},
+              "MlpBlock_0": {"Dense_0": {"kernel": leaf(8, 16), "bias": leaf(16)}}},
+              "encoder_norm": {"scale": leaf(8), "bias": leaf(8)}}},
+      "projector": {"linear0": {"kernel": leaf(8, 4), "bias": leaf(4)},
+                    "bn0": {"scale": leaf(4), "bias": leaf(4)},
+                    "linear1": {"kernel": leaf(4, 2)}},
+  }
+
+
+def test_weight_decay_mask_keeps_kernels_only():
+  params = _vit_like_params()
+  mask = optimizers.decay_mask(params)
+  flat = {"/".join(str(k.key) for k in path): m
+          for path, m in jax.tree_util.tree_leaves_with_path(mask)}
+  decayed = sorted(k for k, m in flat.items() if m)
+  assert decayed == [
+      "backbone/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel",
+      "backbone/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
+      "backbone/embedding/kernel", "projector/linear0/kernel", "projector/linear1/kernel"]
+  # Among those left out: 3-D position embeddings and class token, a 2-D attention bias.
+  for key in ("backbone/pos_embedding", "backbone/cls",
+              "backbone/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/bias",
+              "backbone/Transformer/encoderblock_0/LayerNorm_0/scale",
+              "projector/bn0/bias"):
+    assert flat[key] is False, key
+
+
+def test_adamw_equals_torch_adamw_arithmetic_and_decays_kernels_only():
+  """Two steps of optimizers.adamw against torch.optim.AdamW's update written in NumPy
+  (bias-corrected moments; p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)), with
+  weight decay only where decay_mask is True."""
+  params = _vit_like_params()
+  rng = np.random.default_rng(1)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                        params) for _ in range(2)]
+  lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.95, 1e-8
+  tx = optimizers.adamw(lr, weight_decay=wd, b1=b1, b2=b2, eps=eps)
+  state, ours = tx.init(params), params
+  for g in grads:
+    updates, state = tx.update(g, state, ours)
+    ours = optax.apply_updates(ours, updates)
+  mask = optimizers.decay_mask(params)
+
+  def reference(p, m_decay, g1, g2):
+    p = np.asarray(p, np.float64)
+    m = v = 0.0
+    for t, g in enumerate((g1, g2), start=1):
+      g = np.asarray(g, np.float64)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      step = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+      p = p - lr * (step + (wd * p if m_decay else 0.0))
+    return p
+
+  expected = jax.tree.map(reference, params, mask, grads[0], grads[1])
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The position embeddings moved by Adam alone; the same step with decay would differ.
+  no_decay = reference(params["backbone"]["pos_embedding"], False, grads[0]["backbone"][
+      "pos_embedding"], grads[1]["backbone"]["pos_embedding"])
+  np.testing.assert_allclose(ours["backbone"]["pos_embedding"], no_decay, rtol=1e-5)
+
+
+def test_clipped_scales_the_gradient_to_the_global_norm_and_keeps_the_state():
+  params = {"w": jnp.ones((3,)), "b": jnp.ones((4,))}
+  grads = {"w": jnp.full((3,), 3.0), "b": jnp.full((4,), 4.0)}  # global norm sqrt(91)
+  sgd = optax.sgd(1.0)
+  tx = optimizers.clipped(sgd, max_norm=1.0)
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(sgd.init(params))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-6)
+  np.testing.assert_allclose(updates["w"], -3.0 / np.sqrt(91.0), rtol=1e-6)
+  # Below the bound the gradient passes unchanged.
+  updates, _ = optimizers.clipped(sgd, max_norm=100.0).update(grads, sgd.init(params))
+  np.testing.assert_allclose(updates["b"], -4.0)

@@ -6,6 +6,7 @@ from conftest import tiny_config
 
 from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import run_record
+from corinfomax_jax.run import settings
 
 
 def test_changed_result_keys_name_old_and_new_and_skip_bookkeeping():
@@ -16,6 +17,22 @@ def test_changed_result_keys_name_old_and_new_and_skip_bookkeeping():
   assert run_record.changed_result_keys(old, new) == [
       "aug.view2.solarize_p 0.2 -> 0.3", "corinfomax.alpha 250.0 -> 500.0",
       "model.dtype (absent) -> bfloat16"]
+
+
+def test_keys_added_later_read_as_what_earlier_runs_did(tmp_path, caplog):
+  """A record from before adam_b1, adam_b2 and grad_clip_norm: their defaults are what
+  it ran with, so resuming at the defaults warns of nothing, and clipping is named."""
+  new = settings.resolve(tiny_config("cifar10")).record
+  old = {k: v for k, v in new.items() if k not in ("adam_b1", "adam_b2", "grad_clip_norm")}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with caplog.at_level(logging.WARNING):
+    run_record.write_run_config(new, str(tmp_path))
+  assert not [r for r in caplog.records if "change results" in r.getMessage()]
+  clipped = {**new, "grad_clip_norm": 1.0}
+  with caplog.at_level(logging.WARNING):
+    run_record.write_run_config(clipped, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if "change results" in r.getMessage()]
+  assert len(warnings) == 1 and "grad_clip_norm 0.0 -> 1.0" in warnings[0], warnings
 
 
 def test_a_record_of_an_earlier_version_is_compared_in_the_new_places(tmp_path, caplog):
