@@ -466,6 +466,9 @@ def _not_prepared(dataset, builder, split, error=None) -> ValueError:
 DOWNLOADED_ON_FIRST_USE = {"cifar10": "www.cs.toronto.edu",
                            "cifar100": "www.cs.toronto.edu"}
 DOWNLOAD_PROBE_TIMEOUT_S = 10.0
+# TFDS's own download_and_prepare. tfds.testing.mock_data replaces it with a no-op (and
+# mocks the reads): then there is nothing to download and no network to probe.
+_TFDS_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
 
 
 def _unreachable(host: str) -> str | None:
@@ -505,7 +508,8 @@ def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
   that says how to provide the data.
   """
   host = DOWNLOADED_ON_FIRST_USE.get(builder.name)
-  if host is None or builder.is_prepared():
+  if (host is None or builder.is_prepared()
+      or type(builder).download_and_prepare is not _TFDS_DOWNLOAD_AND_PREPARE):
     return builder
   root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
   why = _unreachable(host)
