@@ -467,7 +467,8 @@ DOWNLOADED_ON_FIRST_USE = {"cifar10": "www.cs.toronto.edu",
                            "cifar100": "www.cs.toronto.edu"}
 DOWNLOAD_PROBE_TIMEOUT_S = 10.0
 # TFDS's own download_and_prepare. tfds.testing.mock_data replaces it with a no-op (and
-# mocks the reads): then there is nothing to download and no network to probe.
+# mocks the reads): then there is nothing to download and no network to probe. (TFDS
+# wraps the method, so each lookup gives a new wrapper: compare with ==, not is.)
 _TFDS_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
 
 
@@ -509,7 +510,7 @@ def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
   """
   host = DOWNLOADED_ON_FIRST_USE.get(builder.name)
   if (host is None or builder.is_prepared()
-      or type(builder).download_and_prepare is not _TFDS_DOWNLOAD_AND_PREPARE):
+      or type(builder).download_and_prepare != _TFDS_DOWNLOAD_AND_PREPARE):
     return builder
   root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
   why = _unreachable(host)
