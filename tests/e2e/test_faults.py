@@ -303,7 +303,8 @@ def save(manager, step, state, record):
   real_save(manager, step, state, record)
 checkpoints.save = save
 sys.argv = sys.argv[1:]
-exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"))
+exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"),
+     {"__name__": "__main__", "__file__": sys.argv[0]})
 """
 
 
