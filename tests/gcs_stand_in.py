@@ -91,7 +91,15 @@ def install_stand_in(monkeypatch, fs: BucketFolders) -> None:
   monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fs)  # pylint: disable=protected-access
   monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
                       lambda path: {"driver": "file", "path": fs.local(path)})
-  monkeypatch.setitem(sys.modules, "google.cloud.storage", _storage_client_module())
+  storage = _storage_client_module()
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", storage)
+  # Where google-cloud-storage is installed and already imported, `from google.cloud
+  # import storage` reads the package's attribute before sys.modules.
+  try:
+    import google.cloud  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(google.cloud, "storage", storage, raising=False)
+  except ImportError:
+    pass
   gcs_utils.get_bucket.cache_clear()  # orbax caches buckets by name
   create_file_writer = tf.summary.create_file_writer
   monkeypatch.setattr(tf.summary, "create_file_writer", lambda logdir, *a, **k: (
