@@ -529,11 +529,12 @@ def _prepare_on_first_use(dataset, tfds_name, data_dir, builder):
       try:
         builder.download_and_prepare(file_format="array_record")
       except Exception as e:  # pylint: disable=broad-except
-        raise errors.ConfigError(f"Downloading and preparing {builder.name} into {root} failed: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                         f" Run `tfds build {builder.name} --data_dir=DIR "
-                         f"--file_format=array_record` and pass --config.data_dir=DIR."
-                         ) from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise errors.ConfigError(
+            f"Downloading and preparing {builder.name} into {root} failed: "
+            f"{type(e).__name__}: {first_line} Run `tfds build {builder.name} "
+            f"--data_dir=DIR --file_format=array_record` and pass --config.data_dir=DIR."
+        ) from None
   return _tfds_builder(dataset, tfds_name, data_dir)
 
 

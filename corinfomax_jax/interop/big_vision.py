@@ -23,29 +23,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from flax import traverse_util
 import jax
 import numpy as np
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = np.asarray(value)
-  return tree
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def _fix_layout(tree: dict) -> dict:
@@ -63,10 +43,11 @@ def _fix_layout(tree: dict) -> dict:
       if "cls" in tree:
         tree["cls"] = tree["cls"] + pe[:, :1]
   if "encoderblock" in encoder:
-    scanned = _flatten(encoder.pop("encoderblock"))
+    scanned = traverse_util.flatten_dict(encoder.pop("encoderblock"), sep="/")
     depth = next(iter(scanned.values())).shape[0]
     for i in range(depth):
-      encoder[f"encoderblock_{i}"] = _unflatten({k: v[i] for k, v in scanned.items()})
+      encoder[f"encoderblock_{i}"] = traverse_util.unflatten_dict(
+          {k: v[i] for k, v in scanned.items()}, sep="/")
   return tree
 
 
@@ -91,8 +72,9 @@ def load_big_vision_npz(path_or_arrays, like: Mapping[str, Any]
   else:
     with np.load(path_or_arrays, allow_pickle=False) as npz:
       flat = {k: npz[k] for k in npz.files}
-  source = _flatten(_fix_layout(_unflatten(flat)))
-  wanted = _flatten(like)
+  source = traverse_util.flatten_dict(
+      _fix_layout(traverse_util.unflatten_dict(flat, sep="/")), sep="/")
+  wanted = traverse_util.flatten_dict(like, sep="/")
   missing = sorted(set(wanted) - set(source))
   if missing:
     raise ValueError(f"the big_vision checkpoint has no {missing[0]!r} (and "
@@ -103,11 +85,13 @@ def load_big_vision_npz(path_or_arrays, like: Mapping[str, Any]
       raise ValueError(f"the big_vision checkpoint's {key!r} has shape "
                        f"{tuple(source[key].shape)}, the backbone's {tuple(target.shape)} "
                        "(another variant, patch size or image size?)")
-  params = _unflatten({k: source[k].astype(np.float32) for k in wanted})
+  params = traverse_util.unflatten_dict(
+      {k: np.asarray(source[k], np.float32) for k in wanted}, sep="/")
   return params, sorted(set(source) - set(wanted))
 
 
 def big_vision_arrays(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The inverse layout: {"a/b/c": array} of a ViT backbone's parameters, as big_vision
   saves them (np.savez(path, **big_vision_arrays(params)) writes its .npz)."""
-  return {k: np.asarray(jax.device_get(v)) for k, v in _flatten(params).items()}
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}

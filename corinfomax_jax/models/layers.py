@@ -38,6 +38,14 @@ def parse_dtype(dtype) -> Dtype:
   return dtype
 
 
+def check_num_classes(num_classes) -> None:
+  """A head's class count (for parameter counts): raises ValueError unless `num_classes`
+  is None or a positive int."""
+  if num_classes is not None and (not isinstance(num_classes, int)
+                                  or isinstance(num_classes, bool) or num_classes <= 0):
+    raise ValueError(f"num_classes {num_classes!r} must be None or a positive integer")
+
+
 def linear_bias_init(fan_in: int) -> Callable[..., jax.Array]:
   """torch.nn.Linear's bias initialiser for a layer with `fan_in` inputs.
 

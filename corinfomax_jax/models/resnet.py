@@ -130,20 +130,13 @@ def check_cifar_stem(cifar_stem) -> None:
     raise ValueError(f"cifar_stem {cifar_stem!r} must be True or False")
 
 
-def check_num_classes(num_classes) -> None:
-  """Raises ValueError unless `num_classes` is None or a positive int."""
-  if num_classes is not None and (not isinstance(num_classes, int)
-                                  or isinstance(num_classes, bool) or num_classes <= 0):
-    raise ValueError(f"num_classes {num_classes!r} must be None or a positive integer")
-
-
 # The keyword arguments of `create_resnet`, each with its check (ValueError if bad).
 OPTIONS = {
     "width": check_width,
     "cifar_stem": check_cifar_stem,
     "dtype": layers.parse_dtype,
     # A torchvision-style fc head, for parameter counts; not for the CorInfoMax model.
-    "num_classes": check_num_classes,
+    "num_classes": layers.check_num_classes,
 }
 
 

@@ -168,19 +168,13 @@ def check_pool(pool) -> None:
                      "mean of the tokens, tok: the class token)")
 
 
-def check_num_classes(num_classes) -> None:
-  if num_classes is not None and (not isinstance(num_classes, int)
-                                  or isinstance(num_classes, bool) or num_classes <= 0):
-    raise ValueError(f"num_classes {num_classes!r} must be None or a positive integer")
-
-
 # The keyword arguments of `create_vit`, each with its check (ValueError if bad).
 OPTIONS = {
     "patch_size": check_patch_size,
     "posemb": check_posemb,
     "pool": check_pool,
     "dtype": layers.parse_dtype,
-    "num_classes": check_num_classes,  # a head, for parameter counts only
+    "num_classes": layers.check_num_classes,  # a head, for parameter counts only
 }
 
 

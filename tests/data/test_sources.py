@@ -343,3 +343,21 @@ def test_offline_first_use_fails_at_once_in_one_line(tmp_path, monkeypatch):
   assert "tfds build cifar10 --data_dir=DIR --file_format=array_record" in message
   assert "--config.dataset=folder:<root>" in message
   assert not (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").exists()
+
+
+def test_a_failed_download_is_one_line_naming_the_set_and_the_cause(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def download_and_extract(self, url):
+    raise OSError(f"connection reset while reading {url}\nsecond line")
+
+  monkeypatch.setattr(sources, "_unreachable", lambda host: None)
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
+                      download_and_extract)
+  with pytest.raises(ValueError) as raised:
+    sources.get_source("cifar10", str(tmp_path), "train")
+  message = str(raised.value)
+  assert "\n" not in message
+  assert message.startswith(f"Downloading and preparing cifar10 into {tmp_path} failed: "
+                            "OSError: connection reset while reading https://")
+  assert message.endswith("--file_format=array_record` and pass --config.data_dir=DIR.")
