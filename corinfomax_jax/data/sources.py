@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from corinfomax_jax import errors
 from corinfomax_jax import files
 from corinfomax_jax import tensorflow_setup
+from corinfomax_jax.data import labels as labels_lib
 
 
 tensorflow_setup.hide_accelerators_from_tensorflow()
@@ -593,35 +594,6 @@ def _base_split(split: str) -> str:
   return re.split(r"[\[+]", split)[0].strip()
 
 
-def _subset_cache_path(builder, split: str) -> str | None:
-  data_dir = str(builder.data_dir)
-  if not builder.is_prepared() or not tf.io.gfile.isdir(data_dir):
-    return None
-  tag = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
-  return os.path.join(data_dir, f"corinfomax_labels_{tag}.npy")
-
-
-def _all_labels(builder, split, compute: Callable[[], np.ndarray],
-                expected: int | None = None):
-  """Labels of every example of the split, cached next to the TFDS data."""
-  path = _subset_cache_path(builder, split)
-  if path and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, "rb") as f:
-      labels = np.load(f)
-    if expected is None or len(labels) == expected:
-      return labels
-  logging.info("Reading all labels of %s %s once to select ImageNet-100.",
-               builder.name, split)
-  labels = compute()
-  if path:
-    try:
-      with tf.io.gfile.GFile(path, "wb") as f:
-        np.save(f, labels)
-    except (tf.errors.OpError, OSError) as e:
-      logging.info("Could not cache labels at %s: %s", path, e)
-  return labels
-
-
 def _read_field(data_source, key: str, keys: Sequence[int]) -> list:
   """Field `key` of the records `keys` of a TFDS data source, in 1024-record chunks."""
   def chunk(start):
@@ -638,9 +610,8 @@ def _read_field(data_source, key: str, keys: Sequence[int]) -> list:
 def _random_access_tfds(dataset, split, data_source, image_key, class_names,
                         label_map, is_subset, skip_bad_images, builder):
   if is_subset:
-    def read_labels():
-      return np.array(_read_field(data_source, "label", range(len(data_source))), np.int64)
-    all_labels = _all_labels(builder, split, read_labels, len(data_source))
+    all_labels = labels_lib.all_labels(
+        builder, split, lambda: labels_lib.scan_labels(data_source), len(data_source))
     base_index = np.flatnonzero(label_map[all_labels] >= 0).astype(np.int64)
   else:
     base_index = None
@@ -714,7 +685,7 @@ def _streaming_tfds(dataset, split, builder, decoders, image_key, class_names,
     def read_labels():
       ds = read(split, 0, False, keep_all=True).map(as_written(lambda ex: ex["label"]))
       return np.concatenate(list(ds.batch(8192).as_numpy_iterator()))
-    all_labels = _all_labels(builder, split, read_labels)
+    all_labels = labels_lib.all_labels(builder, split, read_labels)
     num_examples = int(np.sum(label_map[all_labels] >= 0))
   else:
     num_examples = int(probe.cardinality())

@@ -8,7 +8,8 @@
 `begin` checks the whole configuration (settings.resolve), enables JAX's x64 mode if
 the method's statistics are float64, then checks that each global batch divides over the
 devices and processes, then the workdir, then takes the workdir's lock (writing modes),
-and only then builds the mesh.
+and only then builds the mesh. The workdir also keeps the label index of a class subset
+(`data.labels`), so a start reads a split's labels only when the workdir has none.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from absl import logging
 from corinfomax_jax import files
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax.data import labels as labels_lib
 from corinfomax_jax.run import settings as settings_lib
 from corinfomax_jax.run import train_state as train_state_lib
 from corinfomax_jax.run import workdir as workdir_lib
@@ -47,6 +49,7 @@ def begin(config, workdir: str, *, batch_sizes: dict[str, int] | None = None,
   for key, size in (batch_sizes or {}).items():
     mesh_lib.check_batch_divides(size, jax.device_count(), jax.process_count(), key=key)
   workdir_lib.check_workdir(workdir, create=create_workdir)
+  labels_lib.use_workdir(workdir)  # a class subset's labels are read once per workdir
   if lock is not None:
     lock.acquire()
   return run, mesh_lib.make_mesh()
