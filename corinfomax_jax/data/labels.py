@@ -145,7 +145,8 @@ def read_index(builder, split: str, expected: int | None) -> np.ndarray | None:
   try:
     meta = json.loads(sidecar.read_text())
     labels = np.load(io.BytesIO(npy.read_bytes()), allow_pickle=False)
-  except (OSError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError, ValueError, or a store's own kind (TensorFlow's gfile raises OpErrors).
     logging.warning("Label index %s unreadable (%s); reading the labels again.", path, e)
     return None
   want = _index_meta(builder, split, len(labels) if expected is None else expected)
@@ -173,7 +174,7 @@ def write_index(builder, split: str, labels: np.ndarray) -> bool:
   try:
     files.write_bytes(path, buffer.getvalue())
     files.write_text(path[:-len(".npy")] + ".json", json.dumps(meta, indent=1) + "\n")
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except
     logging.warning("Could not write the label index %s: %s", path, e)
     return False
   logging.info("Labels of %s %s written to %s.", builder.name, split, path)
@@ -192,7 +193,11 @@ def _read_beside_data(builder, split, expected) -> np.ndarray | None:
   path = beside_data_path(builder, split)
   if path is None or not files.as_path(path).exists():
     return None
-  labels = np.load(io.BytesIO(files.as_path(path).read_bytes()), allow_pickle=False)
+  try:
+    labels = np.load(io.BytesIO(files.as_path(path).read_bytes()), allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Cached labels %s unreadable (%s); not used.", path, e)
+    return None
   return labels if expected is None or len(labels) == expected else None
 
 
@@ -204,7 +209,8 @@ def _write_beside_data(builder, split, labels) -> None:
   np.save(buffer, labels)
   try:
     files.as_path(path).write_bytes(buffer.getvalue())
-  except OSError as e:  # a read-only bucket or folder, the usual case
+  except Exception as e:  # pylint: disable=broad-except
+    # A read-only folder (OSError) or bucket (gfile's PermissionDeniedError).
     logging.info("Could not cache labels at %s: %s", path, e)
 
 

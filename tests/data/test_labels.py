@@ -9,10 +9,12 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from corinfomax_jax import files
 from corinfomax_jax.data import labels
 from corinfomax_jax.data import sources
 
 NUM_RECORDS = 40
+WRITE_BESIDE_DATA = labels._write_beside_data  # pylint: disable=protected-access
 
 
 class CorinfomaxLabelImages(tfds.core.GeneratorBasedBuilder):
@@ -94,6 +96,32 @@ def test_the_index_is_written_once_and_read_without_a_scan(builder, tmp_path, ex
   labels.use_workdir(None)
   labels.all_labels(builder, "train", scans, NUM_RECORDS)
   assert len(scans.calls) == 2
+
+
+def test_a_writable_data_folder_keeps_the_labels_and_a_read_only_one_is_no_error(
+    builder, tmp_path, monkeypatch, expected):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(labels, "_write_beside_data", WRITE_BESIDE_DATA)
+  beside = labels.beside_data_path(builder, "train")
+  path_type = type(files.as_path(beside))
+  write_bytes = path_type.write_bytes
+
+  def read_only_data(path, data):
+    if os.fspath(path) == beside:  # as TensorFlow's gfile refuses a read-only bucket
+      raise tf.errors.PermissionDeniedError(None, None, "read-only bucket")
+    return write_bytes(path, data)
+  monkeypatch.setattr(path_type, "write_bytes", read_only_data)
+  labels.use_workdir(str(tmp_path))
+  scans = Scans(builder)
+  assert labels.all_labels(builder, "train", scans, NUM_RECORDS).tolist() == expected
+  assert not os.path.exists(beside) and len(scans.calls) == 1
+  monkeypatch.setattr(path_type, "write_bytes", write_bytes)  # now writable
+  labels.use_workdir(str(tmp_path / "another"))
+  labels.all_labels(builder, "train", scans, NUM_RECORDS)
+  labels.use_workdir(None)
+  assert labels.all_labels(builder, "train", scans, NUM_RECORDS).tolist() == expected
+  assert os.path.exists(beside) and len(scans.calls) == 2  # read from beside the data
+  os.remove(beside)
 
 
 @pytest.mark.parametrize("key,value", [("version", "0.9.0"), ("num_examples", 39),
