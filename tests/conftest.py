@@ -31,6 +31,15 @@ def compilation_cache():
     yield
 
 
+@pytest.fixture(autouse=True)
+def no_label_index_workdir():
+  """A start keeps class-subset label indexes in its workdir (data.labels.use_workdir)
+  for the rest of the process: each test starts with none, so no test reads another's."""
+  yield
+  from corinfomax_jax.data import labels  # pylint: disable=g-import-not-at-top
+  labels.use_workdir(None)
+
+
 @pytest.fixture
 def one_thread():
   """t-SNE's OpenMP threads spin on an oversubscribed CPU (20 s instead of 1 s for 180
