@@ -8,11 +8,11 @@ the model `Settings.model`, the method its own object (`Settings.method`), the i
 section of `Settings.eval`.
 
 A section is a frozen dataclass, as a method is (methods/): its fields are its config
-keys, each declared with its check (`_key`), and it checks itself in `__post_init__`.
-A new key is its default in configs/default.py and one field here; a new monitor is
-one `Monitor` class and one field of `Eval` (`EVAL_SECTIONS` follows). The keys nothing
-reads are refused by the one unknown-key message, `unknown_key`, which the command line
-uses too.
+keys, each declared with its check (run/sections.py), and it checks itself when made.
+A new key is its default in configs/default.py and one field here; a new monitor is one
+`Monitor` class and one field of `Eval` (`EVAL_SECTIONS` follows). The known keys come
+from the fields; a key nothing reads gets the one unknown-key message, `unknown_key`,
+which the command line gives too.
 
 Keys of earlier versions (flat model keys, top-level CorInfoMax keys, flat `eval.*`
 keys) keep working: `MOVED_KEYS` is the one table of their moves, applied to config
@@ -24,13 +24,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
 import inspect
 import json
-import math
 import re
 import typing
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Iterable
 
 from absl import logging
 
@@ -38,6 +36,11 @@ from corinfomax_jax import methods as methods_lib
 from corinfomax_jax import models
 from corinfomax_jax.data import augment
 from corinfomax_jax.errors import ConfigError
+from corinfomax_jax.run.sections import (BETA, BOOL, MOMENTUM, NON_NEGATIVE, POSITIVE,
+                                         POSITIVE_INT, SPLIT, SPLIT_LIMIT, STEP_FACTOR,
+                                         STEP_LIMIT, Check, Section, all_positive,
+                                         as_tuple, checked, fields, is_int, is_name,
+                                         is_number, one_of, subsection, walk)
 
 OPTIMIZERS = ("sgd", "lars", "lars_optax", "adamw")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
@@ -69,131 +72,21 @@ MOVED_KEYS = {
 }
 
 
-# --------------------------------------------------------------------------- checks
-
-
-class Check(NamedTuple):
-  """What a key's value must satisfy, and what would be accepted (said in the error)."""
-  ok: Callable[[Any], bool]
-  accepted: str
-
-
-def _key(check: Check | None = None, *, name: str | None = None):
-  """A section field: the config key `name` (default: the field's name), checked by
-  `check` when the section is made."""
-  return dataclasses.field(metadata={"check": check, "key": name})
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_name(v) -> bool:
-  return isinstance(v, str) and bool(v)
-
-
-def _one_of(choices) -> Check:
-  return Check(lambda v: v in choices, f"one of {list(choices)}")
-
-
-def _as_tuple(value) -> tuple:
-  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _all_positive(value, is_a) -> bool:
-  """Whether `value` is one positive `is_a` value or a non-empty tuple of them."""
-  values = _as_tuple(value)
-  return bool(values) and all(is_a(v) and v > 0 for v in values)
-
-
-POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer")
-STEP_LIMIT = Check(lambda v: _is_int(v) and (v == -1 or v > 0),
-                   "a positive integer, or -1 for no limit")
-SPLIT_LIMIT = Check(STEP_LIMIT.ok, "a positive integer, or -1 for the whole split")
-POSITIVE = Check(lambda v: _is_number(v) and v > 0, "a positive number")
-NON_NEGATIVE = Check(lambda v: _is_number(v) and v >= 0, "a number >= 0")
-MOMENTUM = Check(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-BETA = Check(MOMENTUM.ok, "a number in [0, 1), e.g. 0.9")
-STEP_FACTOR = Check(lambda v: _is_number(v) and 0 < v <= 1,
-                    "a number in (0, 1], e.g. 0.1")
-BOOL = Check(lambda v: isinstance(v, bool), "True or False")
-SPLIT = Check(_is_name, "a split name")
-
-
 # --------------------------------------------------------------------------- sections
-
-
-class Section:
-  """A config section: a frozen dataclass whose `_key` fields are checked when it is
-  made, and read from the config at `PATH` by `from_config`."""
-  PATH = ""  # where its keys are: "" the top level, "eval.knn", ...
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      check = f.metadata.get("check")
-      if check is not None and not check.ok(getattr(self, f.name)):
-        self._refuse(f.name, check.accepted)
-
-  def _refuse(self, field_name: str, accepted: str):
-    key = self.config_key(field_name)
-    raise ConfigError(f"config.{self.PATH + '.' if self.PATH else ''}{key} = "
-                      f"{getattr(self, field_name)!r} is invalid: expected {accepted}")
-
-  @classmethod
-  def config_key(cls, field_name: str) -> str:
-    return _fields(cls)[field_name].metadata.get("key") or field_name
-
-  @classmethod
-  def config_keys(cls) -> tuple[str, ...] | None:
-    """The keys of this section in the config (None: any, checked by another registry)."""
-    return tuple(cls.config_key(name) for name in _fields(cls))
-
-  @classmethod
-  def from_config(cls, raw: dict):
-    """This section of the config dict `raw`, with its subsections, checked."""
-    section = _walk(raw, cls.PATH.split(".") if cls.PATH else []) or {}
-    values = {}
-    for name in _fields(cls):
-      sub = _subsection(cls, name)
-      values[name] = sub.from_config(raw) if sub else section.get(cls.config_key(name))
-    return cls(**values)
-
-
-@functools.cache
-def _fields(cls) -> dict[str, dataclasses.Field]:
-  return {f.name: f for f in dataclasses.fields(cls)}
-
-
-@functools.cache
-def _subsection(cls, field_name: str):
-  """The Section class of `cls`'s field `field_name`, or None for a plain value."""
-  hint = typing.get_type_hints(cls).get(field_name)
-  return hint if isinstance(hint, type) and issubclass(hint, Section) else None
-
-
-class Monitor(Section):
-  """An evaluator's section that pretraining runs every `every_epochs` when
-  config.eval.monitors lists it."""
-
-  def check_listed(self) -> None:
-    """ConfigError when config.eval.monitors lists this monitor but it cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Data(Section):
   """What the input reads and how its views are made."""
-  dataset: str = _key(Check(_is_name, "a TFDS name, 'imagenet100', or 'folder:<root>'"))
-  data_dir: str | None = _key()
-  train_split: str = _key(SPLIT)
-  eval_split: str = _key(SPLIT)
-  image_size: int = _key(POSITIVE_INT)
-  skip_bad_images: bool = _key(BOOL)
-  # augment.resolve(dataset, config.aug): the whole two-view recipe
-  recipe: dict = _key(name="aug")
+  dataset: str = checked(Check(is_name,
+                               "a TFDS name, 'imagenet100', or 'folder:<root>'"))
+  data_dir: str | None
+  train_split: str = checked(SPLIT)
+  eval_split: str = checked(SPLIT)
+  image_size: int = checked(POSITIVE_INT)
+  skip_bad_images: bool = checked(BOOL)
+  # augment.resolve(dataset, config.aug): the whole two-view recipe (from_config)
+  recipe: dict = checked(key="aug")
 
   def __post_init__(self):
     super().__post_init__()
@@ -206,7 +99,7 @@ class Data(Section):
   @classmethod
   def from_config(cls, raw: dict) -> Data:
     """The data keys, checked; then config.aug resolved for the data set, once."""
-    data = super().from_config(raw)
+    data = super().from_config(raw)  # its recipe config.aug as given, until resolved
     overrides = {k: v for k, v in (data.recipe or {}).items() if v is not None}
     try:
       recipe = augment.resolve(data.dataset, overrides or None)
@@ -299,37 +192,37 @@ class Model(Section):
 @dataclasses.dataclass(frozen=True)
 class Optimizer(Section):
   """The pretraining optimizer and its learning-rate schedule."""
-  name: str = _key(_one_of(OPTIMIZERS), name="optimizer")
-  learning_rate: float = _key(POSITIVE)  # for base_batch_size; scaled to batch_size
-  base_batch_size: int = _key(POSITIVE_INT)
-  batch_size: int = _key(POSITIVE_INT)  # the global batch
-  num_epochs: int = _key(POSITIVE_INT)
-  min_learning_rate: float = _key(NON_NEGATIVE)
-  warmup_epochs: float = _key(NON_NEGATIVE)
-  warmup_start_lr: float = _key(NON_NEGATIVE)
-  momentum: float = _key(MOMENTUM)
-  weight_decay: float = _key(NON_NEGATIVE)
-  lars_eta: float = _key(NON_NEGATIVE)
-  adam_b1: float = _key(BETA)  # adamw's moment decays
-  adam_b2: float = _key(BETA)
+  name: str = checked(one_of(OPTIMIZERS), key="optimizer")
+  learning_rate: float = checked(POSITIVE)  # for base_batch_size; scaled to batch_size
+  base_batch_size: int = checked(POSITIVE_INT)
+  batch_size: int = checked(POSITIVE_INT)  # the global batch
+  num_epochs: int = checked(POSITIVE_INT)
+  min_learning_rate: float = checked(NON_NEGATIVE)
+  warmup_epochs: float = checked(NON_NEGATIVE)
+  warmup_start_lr: float = checked(NON_NEGATIVE)
+  momentum: float = checked(MOMENTUM)
+  weight_decay: float = checked(NON_NEGATIVE)
+  lars_eta: float = checked(NON_NEGATIVE)
+  adam_b1: float = checked(BETA)  # adamw's moment decays
+  adam_b2: float = checked(BETA)
   # > 0: gradients clipped to this global norm; 0: not clipped
-  grad_clip_norm: float = _key(Check(NON_NEGATIVE.ok,
-                                     "a number >= 0 (0: no clipping), e.g. 1.0"))
+  grad_clip_norm: float = checked(Check(NON_NEGATIVE.ok,
+                                        "a number >= 0 (0: no clipping), e.g. 1.0"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Train(Section):
   """The pretraining loop: how long, and what it writes when."""
-  batch_size: int = _key(POSITIVE_INT)
-  num_epochs: int = _key(POSITIVE_INT)
-  max_steps: int = _key(STEP_LIMIT)
-  seed: int = _key(Check(_is_int, "an integer"))
-  log_every_steps: int = _key(POSITIVE_INT)
-  checkpoint_every_steps: int = _key(POSITIVE_INT)
-  keep_checkpoints: int = _key(POSITIVE_INT)
-  spectrum_every_steps: int = _key(POSITIVE_INT)
-  profile_steps: int = _key(Check(lambda v: _is_int(v) and v >= 0,
-                                  "an integer >= 0 (0: no profile)"))
+  batch_size: int = checked(POSITIVE_INT)
+  num_epochs: int = checked(POSITIVE_INT)
+  max_steps: int = checked(STEP_LIMIT)
+  seed: int = checked(Check(is_int, "an integer"))
+  log_every_steps: int = checked(POSITIVE_INT)
+  checkpoint_every_steps: int = checked(POSITIVE_INT)
+  keep_checkpoints: int = checked(POSITIVE_INT)
+  spectrum_every_steps: int = checked(POSITIVE_INT)
+  profile_steps: int = checked(Check(lambda v: is_int(v) and v >= 0,
+                                     "an integer >= 0 (0: no profile)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,48 +230,57 @@ class Divergence(Section):
   """The check of the updated state before every pretraining checkpoint (run/health.py):
   non-finite values always stop the run; with `enabled`, so do these thresholds."""
   PATH = "divergence"
-  enabled: bool = _key(BOOL)
+  enabled: bool = checked(BOOL)
   # the parameters' global norm over the seeded initialisation's
-  max_norm_ratio: float = _key(Check(lambda v: _is_number(v) and v > 1,
-                                     "a number > 1, e.g. 1e3"))
+  max_norm_ratio: float = checked(Check(lambda v: is_number(v) and v > 1,
+                                        "a number > 1, e.g. 1e3"))
   # CorInfoMax: every covariance eigenvalue below this times eps
-  floor_factor: float = _key(Check(NON_NEGATIVE.ok,
-                                   "a number >= 0, e.g. 10 (0: no collapse check)"))
+  floor_factor: float = checked(Check(NON_NEGATIVE.ok,
+                                      "a number >= 0, e.g. 10 (0: no collapse check)"))
+
+
+class Monitor(Section):
+  """An evaluator's section that pretraining runs every `every_epochs` when
+  config.eval.monitors lists it."""
+
+  def check_listed(self) -> None:
+    """ConfigError when config.eval.monitors lists this monitor but it cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Knn(Monitor):
   """kNN on the frozen backbone's features: the monitor and --mode=knn_eval."""
   PATH = "eval.knn"
-  every_epochs: float = _key(Check(NON_NEGATIVE.ok, "a number >= 0 (0: no kNN monitor)"))
-  ks: tuple[int, ...] = _key(Check(
-      lambda v: _all_positive(v, _is_int),
-      "positive integers, one or a tuple, e.g. (10, 20, 100, 200)"), name="k")
-  temperatures: tuple[float, ...] = _key(Check(
-      lambda v: _all_positive(v, _is_number),
-      "positive numbers, one or a tuple, e.g. 0.07"), name="temperature")
-  max_train_examples: int = _key(SPLIT_LIMIT)  # -1: the whole split
+  every_epochs: float = checked(Check(NON_NEGATIVE.ok,
+                                      "a number >= 0 (0: no kNN monitor)"))
+  ks: tuple[int, ...] = checked(Check(
+      lambda v: all_positive(v, is_int),
+      "positive integers, one or a tuple, e.g. (10, 20, 100, 200)"), key="k")
+  temperatures: tuple[float, ...] = checked(Check(
+      lambda v: all_positive(v, is_number),
+      "positive numbers, one or a tuple, e.g. 0.07"), key="temperature")
+  max_train_examples: int = checked(SPLIT_LIMIT)  # -1: the whole split
   # The monitor during pretraining: its bank and queries at most (-1: max_train_examples,
   # and the whole eval split).
-  monitor_max_train_examples: int = _key(SPLIT_LIMIT)
-  monitor_max_test_examples: int = _key(SPLIT_LIMIT)
+  monitor_max_train_examples: int = checked(SPLIT_LIMIT)
+  monitor_max_test_examples: int = checked(SPLIT_LIMIT)
 
   def __post_init__(self):
     super().__post_init__()
-    object.__setattr__(self, "ks", _as_tuple(self.ks))
+    object.__setattr__(self, "ks", as_tuple(self.ks))
     object.__setattr__(self, "temperatures",
-                       tuple(float(t) for t in _as_tuple(self.temperatures)))
+                       tuple(float(t) for t in as_tuple(self.temperatures)))
 
 
 @dataclasses.dataclass(frozen=True)
 class OnlineProbe(Monitor):
   """A linear probe trained alongside pretraining, and its test as a monitor."""
   PATH = "eval.online_probe"
-  enabled: bool = _key(BOOL)
-  lr: float = _key(POSITIVE)
+  enabled: bool = checked(BOOL)
+  lr: float = checked(POSITIVE)
   # test top-1 cadence when listed in eval.monitors; 0: off
-  every_epochs: float = _key(Check(NON_NEGATIVE.ok, "a number >= 0 (0: no test of the "
-                                   "online probe during pretraining)"))
+  every_epochs: float = checked(Check(NON_NEGATIVE.ok, "a number >= 0 (0: no test of "
+                                      "the online probe during pretraining)"))
 
   def check_listed(self) -> None:
     if not self.enabled:
@@ -392,16 +294,16 @@ class OnlineProbe(Monitor):
 class Linear(Section):
   """--mode=linear_eval: a linear probe on the frozen backbone."""
   PATH = "eval.linear"
-  epochs: int = _key(POSITIVE_INT)
-  batch_size: int = _key(POSITIVE_INT)
-  lr: float = _key(POSITIVE)
-  min_lr: float = _key(NON_NEGATIVE)
-  schedule: str = _key(_one_of(LINEAR_SCHEDULES))
-  step_epochs: int = _key(POSITIVE_INT)
-  weight_decay: float = _key(NON_NEGATIVE)
-  momentum: float = _key(MOMENTUM)
-  precomputed: bool = _key(BOOL)
-  max_steps: int = _key(STEP_LIMIT)
+  epochs: int = checked(POSITIVE_INT)
+  batch_size: int = checked(POSITIVE_INT)
+  lr: float = checked(POSITIVE)
+  min_lr: float = checked(NON_NEGATIVE)
+  schedule: str = checked(one_of(LINEAR_SCHEDULES))
+  step_epochs: int = checked(POSITIVE_INT)
+  weight_decay: float = checked(NON_NEGATIVE)
+  momentum: float = checked(MOMENTUM)
+  precomputed: bool = checked(BOOL)
+  max_steps: int = checked(STEP_LIMIT)
 
 
 def _is_subdir(v) -> bool:
@@ -413,27 +315,27 @@ def _is_subdir(v) -> bool:
 class Finetune(Section):
   """--mode=finetune: the whole network on a labelled subset."""
   PATH = "eval.finetune"
-  label_fraction: float = _key(Check(lambda v: _is_number(v) and 0 < v <= 1,
-                                     "a number in (0, 1], e.g. 0.01 or 0.1"))
-  label_file: str | None = _key(Check(
-      lambda v: v is None or _is_name(v),
+  label_fraction: float = checked(Check(lambda v: is_number(v) and 0 < v <= 1,
+                                        "a number in (0, 1], e.g. 0.01 or 0.1"))
+  label_file: str | None = checked(Check(
+      lambda v: v is None or is_name(v),
       "None or the path of a text file of image file names, one per line"))
-  epochs: int = _key(POSITIVE_INT)
-  batch_size: int = _key(POSITIVE_INT)
-  backbone_lr: float = _key(POSITIVE)
-  head_lr: float = _key(POSITIVE)
-  weight_decay: float = _key(NON_NEGATIVE)
-  max_steps: int = _key(STEP_LIMIT)
-  schedule: str = _key(_one_of(FINETUNE_SCHEDULES))
-  step_epochs: int = _key(POSITIVE_INT)
-  backbone_step_factor: float = _key(STEP_FACTOR)
-  head_step_factor: float = _key(STEP_FACTOR)
-  head_init: str = _key(_one_of(FINETUNE_HEAD_INITS))
-  crop_interpolation: str = _key(_one_of(CROP_INTERPOLATIONS))
-  momentum: float = _key(MOMENTUM)
-  evaluate_every_epoch: bool = _key(BOOL)
+  epochs: int = checked(POSITIVE_INT)
+  batch_size: int = checked(POSITIVE_INT)
+  backbone_lr: float = checked(POSITIVE)
+  head_lr: float = checked(POSITIVE)
+  weight_decay: float = checked(NON_NEGATIVE)
+  max_steps: int = checked(STEP_LIMIT)
+  schedule: str = checked(one_of(FINETUNE_SCHEDULES))
+  step_epochs: int = checked(POSITIVE_INT)
+  backbone_step_factor: float = checked(STEP_FACTOR)
+  head_step_factor: float = checked(STEP_FACTOR)
+  head_init: str = checked(one_of(FINETUNE_HEAD_INITS))
+  crop_interpolation: str = checked(one_of(CROP_INTERPOLATIONS))
+  momentum: float = checked(MOMENTUM)
+  evaluate_every_epoch: bool = checked(BOOL)
   # <workdir>/<subdir>/: checkpoints and events; <workdir>/<subdir>.json
-  subdir: str = _key(Check(
+  subdir: str = checked(Check(
       _is_subdir, "a folder name of letters, digits, '_', '-' or '.', not one the "
       f"workdir holds already ({', '.join(WORKDIR_NAMES)}), e.g. 'finetune' or "
       "'finetune_semi1'"))
@@ -444,11 +346,11 @@ class Eval(Section):
   """config.eval: the keys evaluators share, then one section per evaluator: a field
   typed `Monitor` is a monitor's (EVAL_SECTIONS)."""
   PATH = "eval"
-  batch_size: int = _key(POSITIVE_INT)
-  monitors: tuple[str, ...] = _key()  # names from EVAL_SECTIONS, checked below
-  random_init: bool = _key(BOOL)
-  embed_split: str | None = _key(Check(lambda v: v is None or _is_name(v),
-                                       "None (config.eval_split) or a split name"))
+  batch_size: int = checked(POSITIVE_INT)
+  monitors: tuple[str, ...]  # names from EVAL_SECTIONS, checked below
+  random_init: bool = checked(BOOL)
+  embed_split: str | None = checked(Check(lambda v: v is None or is_name(v),
+                                          "None (config.eval_split) or a split name"))
   knn: Knn
   online_probe: OnlineProbe
   linear: Linear
@@ -458,7 +360,7 @@ class Eval(Section):
     super().__post_init__()
     if not (isinstance(self.monitors, (tuple, list))
             and set(self.monitors) <= set(EVAL_SECTIONS)):
-      self._refuse("monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")
+      self.refuse("monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")
     object.__setattr__(self, "monitors", tuple(self.monitors))
     for name in self.monitors:
       getattr(self, name).check_listed()
@@ -513,7 +415,7 @@ def moved_keys_applied(raw: dict) -> dict:
   raw = copy.deepcopy(raw)
   for old, new in MOVED_KEYS.items():
     *old_parents, old_leaf = old.split(".")
-    parent = _walk(raw, old_parents)
+    parent = walk(raw, old_parents)
     if parent is None or old_leaf not in parent or isinstance(parent[old_leaf], dict):
       continue
     value = parent.pop(old_leaf)
@@ -524,12 +426,6 @@ def moved_keys_applied(raw: dict) -> dict:
     target[new_leaf] = value
     logging.info("config.%s is now config.%s.", old, new)
   return raw
-
-
-def _walk(tree: dict, keys: list[str]):
-  for key in keys:
-    tree = tree.get(key) if isinstance(tree, dict) else None
-  return tree if isinstance(tree, dict) else None
 
 
 def known_keys() -> dict[str, set[str]]:
@@ -549,8 +445,8 @@ def known_keys() -> dict[str, set[str]]:
 
 def _sections(cls):
   """Every Section class under the dataclass `cls`, depth first."""
-  for name in _fields(cls):
-    sub = _subsection(cls, name)
+  for name in fields(cls):
+    sub = subsection(cls, name)
     if sub:
       yield sub
       yield from _sections(sub)
@@ -562,22 +458,28 @@ def unknown_key(path: str, known: Iterable[str], given: str | None = None) -> st
   by their place now) and the flag that `given` it, if any."""
   names = {**MOVED_KEYS, **{k: k for k in known}}  # as matched -> as named
   names = {k: v for k, v in names.items() if not path.startswith(k + ".")}
-  section = path.rpartition(".")[0]
-  siblings = {k.rpartition(".")[2]: k for k in names if k.rpartition(".")[0] == section}
-  close = [siblings[k] for k in difflib.get_close_matches(
-      path.rpartition(".")[2], siblings, n=3, cutoff=0.5)]
-  close = close or difflib.get_close_matches(path, names, n=3, cutoff=0.6)
-  if not close:  # a typo in the section's name: compare the last part alone
-    last = {}
-    for k in names:
-      last.setdefault(k.rpartition(".")[2], k)
-    close = [last[k] for k in difflib.get_close_matches(path.rpartition(".")[2], last,
-                                                         n=3, cutoff=0.6)]
-  close = close or difflib.get_close_matches(path, siblings.values() or names, n=3,
-                                             cutoff=0.0)
-  shown = dict.fromkeys("config." + names[k] for k in close)
+  shown = dict.fromkeys("config." + names[k] for k in _closest(path, list(names)))
   return (f"unknown config key config.{path}{f' ({given})' if given else ''}: no part "
           f"of the library reads it; closest existing keys: {', '.join(shown)}.")
+
+
+def _closest(path: str, names: list[str]) -> list[str]:
+  """Up to 3 of the dotted `names` closest to `path`: the keys of its section by their
+  last part; else any key whole; else any by its last part (a typo in a section's
+  name); else the nearest of its section's keys, or of all."""
+  def last(k):
+    return k.rpartition(".")[2]
+
+  section = path.rpartition(".")[0]
+  siblings = {last(k): k for k in names if k.rpartition(".")[0] == section}
+  lasts = {}
+  for k in names:
+    lasts.setdefault(last(k), k)
+  match = difflib.get_close_matches
+  close = [siblings[k] for k in match(last(path), siblings, 3, 0.5)]
+  close = close or match(path, names, 3, 0.6)
+  close = close or [lasts[k] for k in match(last(path), lasts, 3, 0.6)]
+  return close or match(path, list(siblings.values()) or names, 3, 0.0)
 
 
 def _check_known_keys(raw: dict) -> None:
@@ -586,7 +488,7 @@ def _check_known_keys(raw: dict) -> None:
   known = known_keys()
   paths = [f"{s}.{k}" if s else k for s, keys in known.items() for k in keys]
   for section, keys in known.items():
-    tree = _walk(raw, section.split(".") if section else [])
+    tree = walk(raw, section.split(".") if section else [])
     for key in sorted(set(tree or {}) - keys):
       raise ConfigError(unknown_key(f"{section}.{key}" if section else key, paths))
 
