@@ -357,6 +357,15 @@ def test_the_known_keys_are_the_defaults_keys():
   assert settings.known_keys() == _section_keys(default.get_config())
 
 
+def test_every_moved_key_lands_on_a_key_that_is_read():
+  known = settings.known_keys()
+  for old, new in settings.MOVED_KEYS.items():
+    section, _, leaf = new.rpartition(".")
+    # config.model's keys are the backbone registry's (width, cifar_stem: a ResNet's).
+    assert section == "model" or leaf in known[section], (old, new)
+    assert settings.moved_key(old) == new and settings.moved_key(new) == new
+
+
 def test_the_monitors_are_the_eval_fields_typed_monitor():
   assert settings.EVAL_SECTIONS == {"knn": settings.Knn,
                                     "online_probe": settings.OnlineProbe}
