@@ -6,19 +6,20 @@ that reads a record (configs/run_record.py), so that ml_collections loads it as 
 config file, `--config.<key>` overrides on top.
 
 Keys that moved (settings.MOVED_KEYS: flat model keys, top-level CorInfoMax keys, flat
-`eval.*` keys) are rewritten to their new place by `translate_moved_flags` before
-ml_collections reads the flags; an unknown key is named with the closest existing ones
-by `unknown_override`. The values themselves are checked by `settings.resolve`.
+`eval.*` keys) are rewritten to their new place (settings.moved_key) by
+`translate_moved_flags` before ml_collections reads the flags; an unknown key is named
+with the closest existing ones by `unknown_override`, in the message settings gives
+any key nothing reads (settings.unknown_key). The values themselves are checked by
+`settings.resolve`.
 """
 from __future__ import annotations
 
 import ast
-import difflib
 import re
 
 from corinfomax_jax import models
 from corinfomax_jax.errors import ConfigError
-from corinfomax_jax.run.settings import MOVED_KEYS
+from corinfomax_jax.run import settings
 
 
 def record_config_flag(argv: list[str], record_config_file: str) -> list[str]:
@@ -45,7 +46,7 @@ def record_config_flag(argv: list[str], record_config_file: str) -> list[str]:
 
 
 def translate_moved_flags(argv: list[str], notices: list[str] | None = None) -> list[str]:
-  """Rewrites `--config.<old key>` flags to their new place (settings.MOVED_KEYS).
+  """Rewrites `--config.<old key>` flags to their new place (settings.moved_key).
 
   `--config.projector=2048-2048-64` becomes `--config.model.projector=(2048,2048,64)`;
   a projector string given to the new key is converted the same way. Each move is
@@ -67,9 +68,9 @@ def translate_moved_flags(argv: list[str], notices: list[str] | None = None) -> 
       value, i = "=" + argv[i + 1], i + 1
     i += 1
     given_as = f"--config.{key}{value or ''}"
-    old = key in MOVED_KEYS
+    new = settings.moved_key(key)
+    old = new != key
     if old:
-      new = MOVED_KEYS[key]
       if notices is not None:
         notices.append(f"--config.{key} is now --config.{new}.")
       key = new
@@ -131,20 +132,11 @@ def dotted_keys(config, prefix: str = "") -> list[str]:
 def unknown_override(config, argv: list[str]) -> str | None:
   """A one-line error for the first `--config.<key>` in argv that config lacks, or None.
 
-  It names the key and the closest existing key paths.
+  It names the key and the closest existing key paths (settings.unknown_key).
   """
   known = dotted_keys(config)
   for arg in argv[1:]:
     match = re.fullmatch(r"--config\.([^=\[]+)(\[.*)?(=.*)?", arg)
-    if not match or match.group(1) in known:
-      continue
-    key = match.group(1)
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if not close:  # a typo in the section name: compare the last part alone
-      last = {k.rsplit(".", 1)[-1]: k for k in known}
-      close = [last[k] for k in difflib.get_close_matches(key.rsplit(".", 1)[-1], last,
-                                                           n=3, cutoff=0.6)]
-    close = close or difflib.get_close_matches(key, known, n=3, cutoff=0.0)
-    return (f"unknown config key config.{key} ({arg}); closest existing keys: "
-            f"{', '.join('config.' + k for k in close)}.")
+    if match and match.group(1) not in known:
+      return settings.unknown_key(match.group(1), known, given=arg)
   return None

@@ -7,19 +7,28 @@ the model `Settings.model`, the method its own object (`Settings.method`), the i
 `Settings.data` (with the augmentation recipe resolved once), each evaluator its own
 section of `Settings.eval`.
 
+A section is a frozen dataclass, as a method is (methods/): its fields are its config
+keys, each declared with its check (run/sections.py), and it checks itself when made.
+A new key is its default in configs/default.py and one field here; a new monitor is one
+`Monitor` class and one field of `Eval` (`EVAL_SECTIONS` follows). The known keys come
+from the fields; a key nothing reads gets the one unknown-key message, `unknown_key`,
+which the command line gives too.
+
 Keys of earlier versions (flat model keys, top-level CorInfoMax keys, flat `eval.*`
-keys) are moved to their sections by `MOVED_KEYS`, on the command line
-(`command_line.translate_moved_flags`) and in config files alike.
+keys) keep working: `MOVED_KEYS` is the one table of their moves, applied to config
+dicts and records by `moved_keys_applied` and to flags by `moved_key`
+(`command_line.translate_moved_flags`), each move noted once in the log.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
+import inspect
 import json
-import math
 import re
-from typing import Any
+import typing
+from typing import Any, Iterable
 
 from absl import logging
 
@@ -27,13 +36,17 @@ from corinfomax_jax import methods as methods_lib
 from corinfomax_jax import models
 from corinfomax_jax.data import augment
 from corinfomax_jax.errors import ConfigError
+from corinfomax_jax.run.sections import (BETA, BOOL, MOMENTUM, NON_NEGATIVE, POSITIVE,
+                                         POSITIVE_INT, SPLIT, SPLIT_LIMIT, STEP_FACTOR,
+                                         STEP_LIMIT, Check, Section, all_positive,
+                                         as_tuple, checked, fields, is_int, is_name,
+                                         is_number, one_of, subsection, walk)
 
 OPTIMIZERS = ("sgd", "lars", "lars_optax", "adamw")
 LINEAR_SCHEDULES = ("cosine", "step", "constant")
 FINETUNE_SCHEDULES = ("cosine", "step")
 FINETUNE_HEAD_INITS = ("zeros", "normal")
 CROP_INTERPOLATIONS = ("bicubic", "bilinear")
-EVALUATORS = ("knn", "online_probe")  # what config.eval.monitors may list
 # Folders of a workdir that other modes write: eval.finetune.subdir may name none of them.
 WORKDIR_NAMES = ("checkpoints", "embeddings", "export", "linear_eval")
 
@@ -63,15 +76,36 @@ MOVED_KEYS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Data:
+class Data(Section):
   """What the input reads and how its views are made."""
-  dataset: str  # a TFDS name, "imagenet100", or "folder:<root>"
+  dataset: str = checked(Check(is_name,
+                               "a TFDS name, 'imagenet100', or 'folder:<root>'"))
   data_dir: str | None
-  train_split: str
-  eval_split: str
-  image_size: int
-  skip_bad_images: bool
-  recipe: dict  # augment.resolve(dataset, config.aug): the whole two-view recipe
+  train_split: str = checked(SPLIT)
+  eval_split: str = checked(SPLIT)
+  image_size: int = checked(POSITIVE_INT)
+  skip_bad_images: bool = checked(BOOL)
+  # augment.resolve(dataset, config.aug): the whole two-view recipe (from_config)
+  recipe: dict = checked(key="aug")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):].strip():
+      raise ConfigError(
+          f"config.dataset = {self.dataset!r} names no image folder: give its path, "
+          "--config.dataset=folder:/data/my_images or, with configs/folder.py, "
+          "--config=configs/folder.py:/data/my_images (root/<split>/<class>/<image>)")
+
+  @classmethod
+  def from_config(cls, raw: dict) -> Data:
+    """The data keys, checked; then config.aug resolved for the data set, once."""
+    data = super().from_config(raw)  # its recipe config.aug as given, until resolved
+    overrides = {k: v for k, v in (data.recipe or {}).items() if v is not None}
+    try:
+      recipe = augment.resolve(data.dataset, overrides or None)
+    except ValueError as e:
+      raise ConfigError(f"config.aug: {e}") from None
+    return dataclasses.replace(data, recipe=recipe)
 
   @property
   def mean(self) -> tuple[float, ...]:
@@ -82,10 +116,57 @@ class Data:
     return tuple(self.recipe["std"])
 
 
+# The keys of config.model that create_model reads itself; the others are the backbone's.
+_MODEL_KEYS = tuple(name for name, p in inspect.signature(
+    models.create_model).parameters.items() if p.kind != p.VAR_KEYWORD)
+
+
 @dataclasses.dataclass(frozen=True)
-class Model:
-  """`models.create_model(**kwargs)`: config.model as checked keyword arguments."""
+class Model(Section):
+  """`models.create_model(**kwargs)`: config.model as checked keyword arguments; the
+  backbone's own keys (a ResNet's width and cifar_stem) are checked by its entry in
+  models.BACKBONES, which also refuses a key that backbone does not accept."""
+  PATH = "model"
   kwargs: dict
+
+  def __post_init__(self):
+    kwargs = dict(self.kwargs)
+    name = kwargs.get("backbone")
+
+    def need(ok, key, accepted):
+      if not ok:
+        raise ConfigError(f"config.model.{key} = {kwargs.get(key)!r} is invalid: "
+                          f"expected {accepted}")
+
+    need(name in models.BACKBONES, "backbone", f"one of {sorted(models.BACKBONES)}")
+    for key, value in kwargs.items():
+      if key not in _MODEL_KEYS:
+        try:
+          models.check_backbone_options(name, **{key: value})
+        except ValueError as e:
+          raise ConfigError(f"config.model.{key} = {value!r} is invalid: {e}") from None
+    try:
+      kwargs["projector"] = models.parse_projector(kwargs.get("projector"))
+    except ValueError:
+      need(False, "projector", "positive integers, hidden sizes then the output dim D, "
+           "e.g. (2048, 2048, 64)")
+    need(kwargs.get("dtype") in models.DTYPES, "dtype", f"one of {sorted(models.DTYPES)}")
+    need(kwargs["dtype"] == "float32" or "dtype" in models.BACKBONES[name].options,
+         "dtype", f"'float32': backbone {name!r} has no dtype option")
+    need(isinstance(kwargs.get("projector_bn"), bool), "projector_bn", "True or False")
+    try:  # anything create_model refuses beyond the keys checked above
+      models.create_model(**kwargs)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.model: {e}") from None
+    object.__setattr__(self, "kwargs", kwargs)
+
+  @classmethod
+  def from_config(cls, raw: dict) -> Model:
+    return cls(kwargs=dict(raw.get("model") or {}))
+
+  @classmethod
+  def config_keys(cls) -> None:
+    return None  # the backbone's registry entry checks them
 
   def create(self):
     return models.create_model(**self.kwargs)
@@ -109,111 +190,186 @@ class Model:
 
 
 @dataclasses.dataclass(frozen=True)
-class Optimizer:
+class Optimizer(Section):
   """The pretraining optimizer and its learning-rate schedule."""
-  name: str  # sgd | lars | lars_optax | adamw
-  learning_rate: float  # the peak for `base_batch_size`, scaled linearly to batch_size
-  base_batch_size: int
-  batch_size: int  # the global batch
-  num_epochs: int
-  min_learning_rate: float
-  warmup_epochs: float
-  warmup_start_lr: float
-  momentum: float
-  weight_decay: float
-  lars_eta: float
-  adam_b1: float  # adamw's moment decays
-  adam_b2: float
-  grad_clip_norm: float  # > 0: gradients clipped to this global norm; 0: not clipped
+  name: str = checked(one_of(OPTIMIZERS), key="optimizer")
+  learning_rate: float = checked(POSITIVE)  # for base_batch_size; scaled to batch_size
+  base_batch_size: int = checked(POSITIVE_INT)
+  batch_size: int = checked(POSITIVE_INT)  # the global batch
+  num_epochs: int = checked(POSITIVE_INT)
+  min_learning_rate: float = checked(NON_NEGATIVE)
+  warmup_epochs: float = checked(NON_NEGATIVE)
+  warmup_start_lr: float = checked(NON_NEGATIVE)
+  momentum: float = checked(MOMENTUM)
+  weight_decay: float = checked(NON_NEGATIVE)
+  lars_eta: float = checked(NON_NEGATIVE)
+  adam_b1: float = checked(BETA)  # adamw's moment decays
+  adam_b2: float = checked(BETA)
+  # > 0: gradients clipped to this global norm; 0: not clipped
+  grad_clip_norm: float = checked(Check(NON_NEGATIVE.ok,
+                                        "a number >= 0 (0: no clipping), e.g. 1.0"))
 
 
 @dataclasses.dataclass(frozen=True)
-class Train:
+class Train(Section):
   """The pretraining loop: how long, and what it writes when."""
-  batch_size: int
-  num_epochs: int
-  max_steps: int
-  seed: int
-  log_every_steps: int
-  checkpoint_every_steps: int
-  keep_checkpoints: int
-  spectrum_every_steps: int
-  profile_steps: int
+  batch_size: int = checked(POSITIVE_INT)
+  num_epochs: int = checked(POSITIVE_INT)
+  max_steps: int = checked(STEP_LIMIT)
+  seed: int = checked(Check(is_int, "an integer"))
+  log_every_steps: int = checked(POSITIVE_INT)
+  checkpoint_every_steps: int = checked(POSITIVE_INT)
+  keep_checkpoints: int = checked(POSITIVE_INT)
+  spectrum_every_steps: int = checked(POSITIVE_INT)
+  profile_steps: int = checked(Check(lambda v: is_int(v) and v >= 0,
+                                     "an integer >= 0 (0: no profile)"))
 
 
 @dataclasses.dataclass(frozen=True)
-class Divergence:
+class Divergence(Section):
   """The check of the updated state before every pretraining checkpoint (run/health.py):
   non-finite values always stop the run; with `enabled`, so do these thresholds."""
-  enabled: bool
-  max_norm_ratio: float  # the parameters' global norm over the seeded initialisation's
-  floor_factor: float  # CorInfoMax: every covariance eigenvalue below this times eps
+  PATH = "divergence"
+  enabled: bool = checked(BOOL)
+  # the parameters' global norm over the seeded initialisation's
+  max_norm_ratio: float = checked(Check(lambda v: is_number(v) and v > 1,
+                                        "a number > 1, e.g. 1e3"))
+  # CorInfoMax: every covariance eigenvalue below this times eps
+  floor_factor: float = checked(Check(NON_NEGATIVE.ok,
+                                      "a number >= 0, e.g. 10 (0: no collapse check)"))
+
+
+class Monitor(Section):
+  """An evaluator's section that pretraining runs every `every_epochs` when
+  config.eval.monitors lists it."""
+
+  def check_listed(self) -> None:
+    """ConfigError when config.eval.monitors lists this monitor but it cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Knn:
-  every_epochs: float  # monitor cadence during pretraining; 0: off
-  ks: tuple[int, ...]
-  temperatures: tuple[float, ...]
-  max_train_examples: int  # -1: the whole split
+class Knn(Monitor):
+  """kNN on the frozen backbone's features: the monitor and --mode=knn_eval."""
+  PATH = "eval.knn"
+  every_epochs: float = checked(Check(NON_NEGATIVE.ok,
+                                      "a number >= 0 (0: no kNN monitor)"))
+  ks: tuple[int, ...] = checked(Check(
+      lambda v: all_positive(v, is_int),
+      "positive integers, one or a tuple, e.g. (10, 20, 100, 200)"), key="k")
+  temperatures: tuple[float, ...] = checked(Check(
+      lambda v: all_positive(v, is_number),
+      "positive numbers, one or a tuple, e.g. 0.07"), key="temperature")
+  max_train_examples: int = checked(SPLIT_LIMIT)  # -1: the whole split
   # The monitor during pretraining: its bank and queries at most (-1: max_train_examples,
   # and the whole eval split).
-  monitor_max_train_examples: int
-  monitor_max_test_examples: int
+  monitor_max_train_examples: int = checked(SPLIT_LIMIT)
+  monitor_max_test_examples: int = checked(SPLIT_LIMIT)
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "ks", as_tuple(self.ks))
+    object.__setattr__(self, "temperatures",
+                       tuple(float(t) for t in as_tuple(self.temperatures)))
 
 
 @dataclasses.dataclass(frozen=True)
-class OnlineProbe:
-  enabled: bool
-  lr: float
-  every_epochs: float  # test top-1 cadence when listed in eval.monitors; 0: off
+class OnlineProbe(Monitor):
+  """A linear probe trained alongside pretraining, and its test as a monitor."""
+  PATH = "eval.online_probe"
+  enabled: bool = checked(BOOL)
+  lr: float = checked(POSITIVE)
+  # test top-1 cadence when listed in eval.monitors; 0: off
+  every_epochs: float = checked(Check(NON_NEGATIVE.ok, "a number >= 0 (0: no test of "
+                                      "the online probe during pretraining)"))
+
+  def check_listed(self) -> None:
+    if not self.enabled:
+      raise ConfigError("config.eval.monitors lists 'online_probe', but "
+                        "config.eval.online_probe.enabled is False: the monitor tests "
+                        "the probe that pretraining trains; enable it or drop the "
+                        "monitor")
 
 
 @dataclasses.dataclass(frozen=True)
-class Linear:
-  epochs: int
-  batch_size: int
-  lr: float
-  min_lr: float
-  schedule: str
-  step_epochs: int
-  weight_decay: float
-  momentum: float
-  precomputed: bool
-  max_steps: int
+class Linear(Section):
+  """--mode=linear_eval: a linear probe on the frozen backbone."""
+  PATH = "eval.linear"
+  epochs: int = checked(POSITIVE_INT)
+  batch_size: int = checked(POSITIVE_INT)
+  lr: float = checked(POSITIVE)
+  min_lr: float = checked(NON_NEGATIVE)
+  schedule: str = checked(one_of(LINEAR_SCHEDULES))
+  step_epochs: int = checked(POSITIVE_INT)
+  weight_decay: float = checked(NON_NEGATIVE)
+  momentum: float = checked(MOMENTUM)
+  precomputed: bool = checked(BOOL)
+  max_steps: int = checked(STEP_LIMIT)
+
+
+def _is_subdir(v) -> bool:
+  return (isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", v) is not None
+          and v not in (".", "..") and v not in WORKDIR_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
-class Finetune:
-  label_fraction: float
-  label_file: str | None
-  epochs: int
-  batch_size: int
-  backbone_lr: float
-  head_lr: float
-  weight_decay: float
-  max_steps: int
-  schedule: str  # FINETUNE_SCHEDULES
-  step_epochs: int
-  backbone_step_factor: float
-  head_step_factor: float
-  head_init: str  # FINETUNE_HEAD_INITS
-  crop_interpolation: str  # CROP_INTERPOLATIONS
-  momentum: float
-  evaluate_every_epoch: bool
-  subdir: str  # <workdir>/<subdir>/: checkpoints and events; <workdir>/<subdir>.json
+class Finetune(Section):
+  """--mode=finetune: the whole network on a labelled subset."""
+  PATH = "eval.finetune"
+  label_fraction: float = checked(Check(lambda v: is_number(v) and 0 < v <= 1,
+                                        "a number in (0, 1], e.g. 0.01 or 0.1"))
+  label_file: str | None = checked(Check(
+      lambda v: v is None or is_name(v),
+      "None or the path of a text file of image file names, one per line"))
+  epochs: int = checked(POSITIVE_INT)
+  batch_size: int = checked(POSITIVE_INT)
+  backbone_lr: float = checked(POSITIVE)
+  head_lr: float = checked(POSITIVE)
+  weight_decay: float = checked(NON_NEGATIVE)
+  max_steps: int = checked(STEP_LIMIT)
+  schedule: str = checked(one_of(FINETUNE_SCHEDULES))
+  step_epochs: int = checked(POSITIVE_INT)
+  backbone_step_factor: float = checked(STEP_FACTOR)
+  head_step_factor: float = checked(STEP_FACTOR)
+  head_init: str = checked(one_of(FINETUNE_HEAD_INITS))
+  crop_interpolation: str = checked(one_of(CROP_INTERPOLATIONS))
+  momentum: float = checked(MOMENTUM)
+  evaluate_every_epoch: bool = checked(BOOL)
+  # <workdir>/<subdir>/: checkpoints and events; <workdir>/<subdir>.json
+  subdir: str = checked(Check(
+      _is_subdir, "a folder name of letters, digits, '_', '-' or '.', not one the "
+      f"workdir holds already ({', '.join(WORKDIR_NAMES)}), e.g. 'finetune' or "
+      "'finetune_semi1'"))
 
 
 @dataclasses.dataclass(frozen=True)
-class Eval:
-  batch_size: int
-  monitors: tuple[str, ...]
-  random_init: bool
-  embed_split: str | None
+class Eval(Section):
+  """config.eval: the keys evaluators share, then one section per evaluator: a field
+  typed `Monitor` is a monitor's (EVAL_SECTIONS)."""
+  PATH = "eval"
+  batch_size: int = checked(POSITIVE_INT)
+  monitors: tuple[str, ...]  # names from EVAL_SECTIONS, checked below
+  random_init: bool = checked(BOOL)
+  embed_split: str | None = checked(Check(lambda v: v is None or is_name(v),
+                                          "None (config.eval_split) or a split name"))
   knn: Knn
   online_probe: OnlineProbe
   linear: Linear
   finetune: Finetune
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not (isinstance(self.monitors, (tuple, list))
+            and set(self.monitors) <= set(EVAL_SECTIONS)):
+      self.refuse("monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")
+    object.__setattr__(self, "monitors", tuple(self.monitors))
+    for name in self.monitors:
+      getattr(self, name).check_listed()
+
+
+# The monitors' sections by name, as config.eval.monitors names them.
+EVAL_SECTIONS = {name: cls for name, cls in typing.get_type_hints(Eval).items()
+                 if isinstance(cls, type) and issubclass(cls, Monitor)}
+EVALUATORS = tuple(EVAL_SECTIONS)  # what config.eval.monitors may list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +385,25 @@ class Settings:
   seed: int
   record: dict  # the resolved configuration as JSON values (config.json)
 
+  def __post_init__(self):
+    """What no one section can check: the backbone takes config.image_size (a ViT's
+    patch size must divide it)."""
+    kwargs = dict(self.model.kwargs)
+    size = self.data.image_size
+    try:
+      models.check_image_size(kwargs.pop("backbone"), size, **kwargs)
+    except ValueError as e:
+      raise ConfigError(f"config.image_size = {size} is invalid: {e}; set "
+                        "config.image_size or config.model.patch_size so that it is"
+                        ) from None
 
-# --------------------------------------------------------------------------- resolve
+
+# --------------------------------------------------------------------------- keys
+
+
+def moved_key(path: str) -> str:
+  """Where the config key `path` (dotted) is now: MOVED_KEYS' entry, or `path`."""
+  return MOVED_KEYS.get(path, path)
 
 
 def moved_keys_applied(raw: dict) -> dict:
@@ -242,7 +415,7 @@ def moved_keys_applied(raw: dict) -> dict:
   raw = copy.deepcopy(raw)
   for old, new in MOVED_KEYS.items():
     *old_parents, old_leaf = old.split(".")
-    parent = _walk(raw, old_parents)
+    parent = walk(raw, old_parents)
     if parent is None or old_leaf not in parent or isinstance(parent[old_leaf], dict):
       continue
     value = parent.pop(old_leaf)
@@ -255,56 +428,72 @@ def moved_keys_applied(raw: dict) -> dict:
   return raw
 
 
-def _walk(tree: dict, keys: list[str]):
-  for key in keys:
-    tree = tree.get(key) if isinstance(tree, dict) else None
-  return tree if isinstance(tree, dict) else None
+def known_keys() -> dict[str, set[str]]:
+  """Every key resolve reads, by section ("" the top level): the sections' fields and
+  the methods' sections; config.model's keys are the backbone registry's to check,
+  config.aug's the recipe's."""
+  known = {"": {"method", *methods_lib.METHODS}}
+  for cls in _sections(Settings):
+    parent, _, name = cls.PATH.rpartition(".")
+    known.setdefault(parent, set()).update([name] if name else [])
+    if cls.config_keys() is not None:
+      known.setdefault(cls.PATH, set()).update(cls.config_keys())
+  known.update({name: set(methods_lib.hyperparameters(name))
+                for name in methods_lib.METHODS})
+  return known
 
 
-# Every key resolve reads, by section ("" the top level); config.aug and config.model
-# are checked by the augmentation recipe and the backbone registry, the methods'
-# sections by the methods.
-_KEYS = {
-    "": ("dataset", "data_dir", "train_split", "eval_split", "image_size",
-         "skip_bad_images", "aug", "model", "method", *methods_lib.METHODS, "batch_size",
-         "num_epochs", "max_steps", "optimizer", "momentum", "weight_decay",
-         "learning_rate", "base_batch_size", "min_learning_rate", "warmup_epochs",
-         "warmup_start_lr", "lars_eta", "adam_b1", "adam_b2", "grad_clip_norm", "seed",
-         "log_every_steps",
-         "checkpoint_every_steps", "keep_checkpoints", "spectrum_every_steps",
-         "profile_steps", "divergence", "eval"),
-    "divergence": tuple(f.name for f in dataclasses.fields(Divergence)),
-    "eval": ("batch_size", "monitors", "random_init", "embed_split", "knn",
-             "online_probe", "linear", "finetune"),
-    "eval.knn": ("every_epochs", "k", "temperature", "max_train_examples",
-                 "monitor_max_train_examples", "monitor_max_test_examples"),
-    "eval.online_probe": ("enabled", "lr", "every_epochs"),
-    "eval.linear": tuple(f.name for f in dataclasses.fields(Linear)),
-    "eval.finetune": tuple(f.name for f in dataclasses.fields(Finetune)),
-}
+def _sections(cls):
+  """Every Section class under the dataclass `cls`, depth first."""
+  for name in fields(cls):
+    sub = subsection(cls, name)
+    if sub:
+      yield sub
+      yield from _sections(sub)
+
+
+def unknown_key(path: str, known: Iterable[str], given: str | None = None) -> str:
+  """The one message for a config key `path` ("eval.knn.kk") that no part of the
+  library reads, naming the closest of the `known` dotted keys (keys of earlier versions
+  by their place now) and the flag that `given` it, if any."""
+  names = {**MOVED_KEYS, **{k: k for k in known}}  # as matched -> as named
+  names = {k: v for k, v in names.items() if not path.startswith(k + ".")}
+  shown = dict.fromkeys("config." + names[k] for k in _closest(path, list(names)))
+  return (f"unknown config key config.{path}{f' ({given})' if given else ''}: no part "
+          f"of the library reads it; closest existing keys: {', '.join(shown)}.")
+
+
+def _closest(path: str, names: list[str]) -> list[str]:
+  """Up to 3 of the dotted `names` closest to `path`: the keys of its section by their
+  last part; else any key whole; else any by its last part (a typo in a section's
+  name); else the nearest of its section's keys, or of all."""
+  def last(k):
+    return k.rpartition(".")[2]
+
+  section = path.rpartition(".")[0]
+  siblings = {last(k): k for k in names if k.rpartition(".")[0] == section}
+  lasts = {}
+  for k in names:
+    lasts.setdefault(last(k), k)
+  match = difflib.get_close_matches
+  close = [siblings[k] for k in match(last(path), siblings, 3, 0.5)]
+  close = close or match(path, names, 3, 0.6)
+  close = close or [lasts[k] for k in match(last(path), lasts, 3, 0.6)]
+  return close or match(path, list(siblings.values()) or names, 3, 0.0)
 
 
 def _check_known_keys(raw: dict) -> None:
   """ConfigError naming a key that no part of the library reads (a typo, or a key set
   in a config file that nothing would have used), with the closest known keys."""
-  for section, known in _KEYS.items():
-    tree = raw if not section else _walk(raw, section.split("."))
-    for key in sorted(tree or {}):
-      if key not in known:
-        path = f"{section}.{key}" if section else key
-        # Candidates: this section's keys, and keys of earlier versions (by new name).
-        prefix = f"{section}." if section else ""
-        candidates = {k: prefix + k for k in known}
-        candidates.update({old[len(prefix):]: new for old, new in MOVED_KEYS.items()
-                           if old.startswith(prefix) and "." not in old[len(prefix):]})
-        close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.5)
-        raise ConfigError(
-            f"config.{path} is not a configuration key: no part of the library reads "
-            f"it. Closest keys: {', '.join('config.' + candidates[k] for k in close)}."
-            if close else
-            f"config.{path} is not a configuration key: no part of the library reads "
-            f"it. config{'.' + section if section else ''} has "
-            f"{', '.join(sorted(known))}.")
+  known = known_keys()
+  paths = [f"{s}.{k}" if s else k for s, keys in known.items() for k in keys]
+  for section, keys in known.items():
+    tree = walk(raw, section.split(".") if section else [])
+    for key in sorted(set(tree or {}) - keys):
+      raise ConfigError(unknown_key(f"{section}.{key}" if section else key, paths))
+
+
+# --------------------------------------------------------------------------- resolve
 
 
 def resolve(config) -> Settings:
@@ -315,84 +504,24 @@ def resolve(config) -> Settings:
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   raw = moved_keys_applied(raw)
   _check_known_keys(raw)
-  model = _model(raw)
+  model = Model.from_config(raw)
   method = _method(raw)
-  data = _data(raw)
-  _check_image_size(model, data)
-  optimizer, train = _optimization(raw)
-  divergence = _divergence(raw.get("divergence", {}))
-  evaluation = _eval(raw)
+  data = Data.from_config(raw)
+  train = Train.from_config(raw)
   record = json.loads(json.dumps(raw, default=_json_value))
-  return Settings(data=data, model=model, method=method, optimizer=optimizer,
-                  train=train, divergence=divergence, eval=evaluation, seed=train.seed, record=record)
+  return Settings(data=data, model=model, method=method,
+                  optimizer=Optimizer.from_config(raw), train=train,
+                  divergence=Divergence.from_config(raw), eval=Eval.from_config(raw),
+                  seed=train.seed, record=record)
 
 
 def _json_value(value):
   return list(value) if isinstance(value, tuple) else str(value)
 
 
-def _checker(section: dict, prefix: str):
-  def need(ok, key, accepted):
-    if not ok:
-      raise ConfigError(
-          f"config.{prefix}{key} = {section.get(key)!r} is invalid: expected {accepted}")
-
-  def is_int(key):
-    v = section.get(key)
-    return isinstance(v, int) and not isinstance(v, bool)
-
-  def is_number(key):
-    v = section.get(key)
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-  return need, is_int, is_number
-
-
-# The keys of config.model that create_model reads itself; the others are the backbone's.
-_MODEL_KEYS = ("backbone", "projector", "projector_bn", "dtype")
-
-
-def _model(raw: dict) -> Model:
-  """config.model, checked: the backbone's own keys (a ResNet's width and cifar_stem) by
-  its entry in models.BACKBONES, which also refuses a key that backbone does not accept."""
-  section = dict(raw.get("model", {}))
-  need, _, _ = _checker(section, "model.")
-  name = section.get("backbone")
-  need(name in models.BACKBONES, "backbone", f"one of {sorted(models.BACKBONES)}")
-  for key, value in section.items():
-    if key not in _MODEL_KEYS:
-      try:
-        models.check_backbone_options(name, **{key: value})
-      except ValueError as e:
-        raise ConfigError(f"config.model.{key} = {value!r} is invalid: {e}") from None
-  try:
-    section["projector"] = models.parse_projector(section.get("projector"))
-  except ValueError:
-    need(False, "projector", "positive integers, hidden sizes then the output dim D, "
-         "e.g. (2048, 2048, 64)")
-  need(section.get("dtype") in models.DTYPES, "dtype", f"one of {sorted(models.DTYPES)}")
-  need(section["dtype"] == "float32" or "dtype" in models.BACKBONES[name].options,
-       "dtype", f"'float32': backbone {name!r} has no dtype option")
-  need(isinstance(section.get("projector_bn"), bool), "projector_bn", "True or False")
-  try:  # anything create_model refuses beyond the keys checked above
-    models.create_model(**section)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.model: {e}") from None
-  return Model(kwargs=section)
-
-
-def _check_image_size(model: Model, data: Data) -> None:
-  """ConfigError when the backbone cannot take config.image_size (a ViT's patch size
-  must divide it)."""
-  kwargs = {k: v for k, v in model.kwargs.items() if k != "backbone"}
-  try:
-    models.check_image_size(model.kwargs["backbone"], data.image_size, **kwargs)
-  except ValueError as e:
-    raise ConfigError(f"config.image_size = {data.image_size} is invalid: {e}; set "
-                      "config.image_size or config.model.patch_size so that it is") from None
-
-
 def _method(raw: dict):
+  """config.method's object, from its section; another method's section must keep its
+  defaults (a run never silently ignores a key)."""
   name = raw.get("method", "corinfomax")
   if name not in methods_lib.METHODS:
     raise ConfigError(f"config.method = {name!r} is invalid: expected one of "
@@ -401,200 +530,15 @@ def _method(raw: dict):
     if other == name or other not in raw:
       continue
     defaults = methods_lib.hyperparameters(other)
-    changed = sorted(k for k, v in raw[other].items() if defaults.get(k, v) != v
-                     or k not in defaults)
+    changed = sorted(k for k, v in raw[other].items() if defaults.get(k, v) != v)
     if changed:
       raise ConfigError(
           f"config.{other}.{changed[0]} is set, but config.method = {name!r}: a method "
           f"reads only its own section (config.{name}: "
           f"{', '.join(sorted(methods_lib.hyperparameters(name)))}). Set "
           f"config.method={other!r}, or drop the {other} keys.")
-  section = raw.get(name, {})
-  unknown = sorted(set(section) - set(methods_lib.hyperparameters(name)))
-  if unknown:
-    raise ConfigError(f"config.{name}.{unknown[0]} is not a key of method {name!r}; its "
-                      f"keys are {', '.join(sorted(methods_lib.hyperparameters(name)))}")
   try:
-    return methods_lib.create_method(name, **section)
+    return methods_lib.create_method(name, **raw.get(name, {}))
   except ValueError as e:
-    raise ConfigError(f"config.{e}".replace(f"config.{name}: ", f"config.{name}.")) from None
-
-
-def _data(raw: dict) -> Data:
-  need, is_int, _ = _checker(raw, "")
-  need(isinstance(raw.get("dataset"), str) and raw["dataset"], "dataset",
-       "a TFDS name, 'imagenet100', or 'folder:<root>'")
-  if raw["dataset"].startswith("folder:") and not raw["dataset"][len("folder:"):].strip():
     raise ConfigError(
-        f"config.dataset = {raw['dataset']!r} names no image folder: give its path, "
-        "--config.dataset=folder:/data/my_images or, with configs/folder.py, "
-        "--config=configs/folder.py:/data/my_images (root/<split>/<class>/<image>)")
-  need(is_int("image_size") and raw["image_size"] > 0, "image_size", "a positive integer")
-  for key in ("train_split", "eval_split"):
-    need(isinstance(raw.get(key), str) and raw[key], key, "a split name")
-  need(isinstance(raw.get("skip_bad_images"), bool), "skip_bad_images", "True or False")
-  overrides = {k: v for k, v in raw.get("aug", {}).items() if v is not None} or None
-  try:
-    recipe = augment.resolve(raw["dataset"], overrides)
-  except ValueError as e:
-    raise ConfigError(f"config.aug: {e}") from None
-  return Data(dataset=raw["dataset"], data_dir=raw.get("data_dir"),
-              train_split=raw["train_split"], eval_split=raw["eval_split"],
-              image_size=raw["image_size"], skip_bad_images=raw["skip_bad_images"],
-              recipe=recipe)
-
-
-def _optimization(raw: dict) -> tuple[Optimizer, Train]:
-  need, is_int, is_number = _checker(raw, "")
-  need(raw.get("optimizer") in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
-  for key in ("batch_size", "base_batch_size", "num_epochs", "checkpoint_every_steps",
-              "keep_checkpoints", "log_every_steps", "spectrum_every_steps"):
-    need(is_int(key) and raw[key] > 0, key, "a positive integer")
-  need(is_int("max_steps") and (raw["max_steps"] == -1 or raw["max_steps"] > 0),
-       "max_steps", "a positive integer, or -1 for no limit")
-  need(is_int("profile_steps") and raw["profile_steps"] >= 0, "profile_steps",
-       "an integer >= 0 (0: no profile)")
-  need(is_int("seed"), "seed", "an integer")
-  need(is_number("learning_rate") and raw["learning_rate"] > 0, "learning_rate",
-       "a positive number")
-  for key in ("min_learning_rate", "warmup_start_lr", "weight_decay", "warmup_epochs",
-              "lars_eta"):
-    need(is_number(key) and raw[key] >= 0, key, "a number >= 0")
-  for key in ("adam_b1", "adam_b2"):
-    need(is_number(key) and 0 <= raw[key] < 1, key, "a number in [0, 1), e.g. 0.9")
-  need(is_number("grad_clip_norm") and raw["grad_clip_norm"] >= 0, "grad_clip_norm",
-       "a number >= 0 (0: no clipping), e.g. 1.0")
-  need(is_number("momentum") and 0 <= raw["momentum"] < 1, "momentum",
-       "a number in [0, 1)")
-  optimizer = Optimizer(
-      name=raw["optimizer"], learning_rate=raw["learning_rate"],
-      base_batch_size=raw["base_batch_size"], batch_size=raw["batch_size"],
-      num_epochs=raw["num_epochs"], min_learning_rate=raw["min_learning_rate"],
-      warmup_epochs=raw["warmup_epochs"], warmup_start_lr=raw["warmup_start_lr"],
-      momentum=raw["momentum"], weight_decay=raw["weight_decay"],
-      lars_eta=raw["lars_eta"], adam_b1=raw["adam_b1"], adam_b2=raw["adam_b2"],
-      grad_clip_norm=raw["grad_clip_norm"])
-  train = Train(**{f.name: raw[f.name] for f in dataclasses.fields(Train)})
-  return optimizer, train
-
-
-def _divergence(section: dict) -> Divergence:
-  need, _, is_number = _checker(section, "divergence.")
-  need(isinstance(section.get("enabled"), bool), "enabled", "True or False")
-  need(is_number("max_norm_ratio") and section["max_norm_ratio"] > 1, "max_norm_ratio",
-       "a number > 1, e.g. 1e3")
-  need(is_number("floor_factor") and section["floor_factor"] >= 0, "floor_factor",
-       "a number >= 0, e.g. 10 (0: no collapse check)")
-  return Divergence(**{f.name: section[f.name] for f in dataclasses.fields(Divergence)})
-
-
-def _as_tuple(value):
-  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _eval(raw: dict) -> Eval:
-  ev = raw.get("eval", {})
-  need, is_int, is_number = _checker(ev, "eval.")
-  need(is_int("batch_size") and ev["batch_size"] > 0, "batch_size", "a positive integer")
-  need(isinstance(ev.get("monitors"), (tuple, list)) and set(ev["monitors"]) <= set(EVALUATORS),
-       "monitors", f"a tuple of evaluator names from {list(EVALUATORS)}")
-  need(isinstance(ev.get("random_init"), bool), "random_init", "True or False")
-  embed_split = ev.get("embed_split")
-  need(embed_split is None or (isinstance(embed_split, str) and embed_split),
-       "embed_split", "None (config.eval_split) or a split name")
-  return Eval(batch_size=ev["batch_size"], monitors=tuple(ev["monitors"]),
-              random_init=ev["random_init"], embed_split=embed_split,
-              knn=_knn(ev.get("knn", {})), online_probe=_online_probe(
-                  ev.get("online_probe", {}), ev["monitors"]),
-              linear=_linear(ev.get("linear", {})),
-              finetune=_finetune(ev.get("finetune", {})))
-
-
-def _knn(section: dict) -> Knn:
-  need, is_int, is_number = _checker(section, "eval.knn.")
-  need(is_number("every_epochs") and section["every_epochs"] >= 0, "every_epochs",
-       "a number >= 0 (0: no kNN monitor)")
-  for key in ("max_train_examples", "monitor_max_train_examples",
-              "monitor_max_test_examples"):
-    need(is_int(key) and (section[key] == -1 or section[key] > 0), key,
-         "a positive integer, or -1 for the whole split")
-  positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
-  positive = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and math.isfinite(v) and v > 0)
-  ks, temperatures = _as_tuple(section.get("k")), _as_tuple(section.get("temperature"))
-  need(ks and all(positive_int(v) for v in ks), "k",
-       "positive integers, one or a tuple, e.g. (10, 20, 100, 200)")
-  need(temperatures and all(positive(v) for v in temperatures), "temperature",
-       "positive numbers, one or a tuple, e.g. 0.07")
-  return Knn(every_epochs=section["every_epochs"], ks=ks,
-             temperatures=tuple(float(t) for t in temperatures),
-             max_train_examples=section["max_train_examples"],
-             monitor_max_train_examples=section["monitor_max_train_examples"],
-             monitor_max_test_examples=section["monitor_max_test_examples"])
-
-
-def _online_probe(section: dict, monitors) -> OnlineProbe:
-  need, _, is_number = _checker(section, "eval.online_probe.")
-  need(isinstance(section.get("enabled"), bool), "enabled", "True or False")
-  need(is_number("lr") and section["lr"] > 0, "lr", "a positive number")
-  need(is_number("every_epochs") and section["every_epochs"] >= 0, "every_epochs",
-       "a number >= 0 (0: no test of the online probe during pretraining)")
-  if "online_probe" in monitors and not section["enabled"]:
-    raise ConfigError("config.eval.monitors lists 'online_probe', but "
-                      "config.eval.online_probe.enabled is False: the monitor tests the "
-                      "probe that pretraining trains; enable it or drop the monitor")
-  return OnlineProbe(**{f.name: section[f.name] for f in dataclasses.fields(OnlineProbe)})
-
-
-def _linear(section: dict) -> Linear:
-  need, is_int, is_number = _checker(section, "eval.linear.")
-  for key in ("epochs", "batch_size", "step_epochs"):
-    need(is_int(key) and section[key] > 0, key, "a positive integer")
-  need(is_int("max_steps") and (section["max_steps"] == -1 or section["max_steps"] > 0),
-       "max_steps", "a positive integer, or -1 for no limit")
-  need(is_number("lr") and section["lr"] > 0, "lr", "a positive number")
-  for key in ("min_lr", "weight_decay"):
-    need(is_number(key) and section[key] >= 0, key, "a number >= 0")
-  need(is_number("momentum") and 0 <= section["momentum"] < 1, "momentum",
-       "a number in [0, 1)")
-  need(section.get("schedule") in LINEAR_SCHEDULES, "schedule",
-       f"one of {list(LINEAR_SCHEDULES)}")
-  need(isinstance(section.get("precomputed"), bool), "precomputed", "True or False")
-  return Linear(**{f.name: section[f.name] for f in dataclasses.fields(Linear)})
-
-
-def _finetune(section: dict) -> Finetune:
-  need, is_int, is_number = _checker(section, "eval.finetune.")
-  for key in ("epochs", "batch_size"):
-    need(is_int(key) and section[key] > 0, key, "a positive integer")
-  need(is_int("max_steps") and (section["max_steps"] == -1 or section["max_steps"] > 0),
-       "max_steps", "a positive integer, or -1 for no limit")
-  for key in ("backbone_lr", "head_lr"):
-    need(is_number(key) and section[key] > 0, key, "a positive number")
-  need(is_number("weight_decay") and section["weight_decay"] >= 0, "weight_decay",
-       "a number >= 0")
-  need(section.get("schedule") in FINETUNE_SCHEDULES, "schedule",
-       f"one of {list(FINETUNE_SCHEDULES)}")
-  need(is_int("step_epochs") and section["step_epochs"] > 0, "step_epochs",
-       "a positive integer")
-  for key in ("backbone_step_factor", "head_step_factor"):
-    need(is_number(key) and 0 < section[key] <= 1, key, "a number in (0, 1], e.g. 0.1")
-  need(section.get("head_init") in FINETUNE_HEAD_INITS, "head_init",
-       f"one of {list(FINETUNE_HEAD_INITS)}")
-  need(section.get("crop_interpolation") in CROP_INTERPOLATIONS, "crop_interpolation",
-       f"one of {list(CROP_INTERPOLATIONS)}")
-  need(is_number("momentum") and 0 <= section["momentum"] < 1, "momentum",
-       "a number in [0, 1)")
-  need(isinstance(section.get("evaluate_every_epoch"), bool), "evaluate_every_epoch",
-       "True or False")
-  need(is_number("label_fraction") and 0 < section["label_fraction"] <= 1,
-       "label_fraction", "a number in (0, 1], e.g. 0.01 or 0.1")
-  label_file = section.get("label_file")
-  need(label_file is None or (isinstance(label_file, str) and label_file), "label_file",
-       "None or the path of a text file of image file names, one per line")
-  subdir = section.get("subdir")
-  need(isinstance(subdir, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", subdir)
-       and subdir not in (".", "..") and subdir not in WORKDIR_NAMES, "subdir",
-       "a folder name of letters, digits, '_', '-' or '.', not one the workdir holds "
-       f"already ({', '.join(WORKDIR_NAMES)}), e.g. 'finetune' or 'finetune_semi1'")
-  return Finetune(**{f.name: section[f.name] for f in dataclasses.fields(Finetune)})
+        f"config.{e}".replace(f"config.{name}: ", f"config.{name}.")) from None

@@ -73,8 +73,14 @@ def test_unknown_override_names_the_closest_new_keys():
   config = default.get_config()
   assert "eval.knn.every_epochs" in command_line.dotted_keys(config)
   message = command_line.unknown_override(config, ["main.py", "--config.eval.knn.kk=5"])
-  assert message.startswith("unknown config key config.eval.knn.kk ")
-  assert "config.eval.knn.k" in message
+  assert message == ("unknown config key config.eval.knn.kk (--config.eval.knn.kk=5): no "
+                     "part of the library reads it; closest existing keys: "
+                     "config.eval.knn.k.")
+  # The one reporter: a config file's key that nothing reads gets the same line.
+  config.eval.knn.kk = 5
+  with pytest.raises(errors.ConfigError) as e:
+    settings.resolve(config)
+  assert str(e.value) == message.replace(" (--config.eval.knn.kk=5)", "")
   assert command_line.unknown_override(config, ["main.py", "--config.eval.knn.k=5"]) is None
 
 
@@ -317,7 +323,8 @@ def test_a_key_nothing_reads_is_refused_naming_the_closest(where, key, closest):
   section[key] = 1  # a config file may add keys: nothing would read this one
   path = f"{where}.{key}" if where else key
   with pytest.raises(errors.ConfigError,
-                     match=rf"config\.{re.escape(path)} is not a configuration key.*"
+                     match=rf"unknown config key config\.{re.escape(path)}: no part of the "
+                           rf"library reads it; closest existing keys: .*"
                            rf"{re.escape(closest)}"):
     settings.resolve(config)
 
@@ -328,3 +335,66 @@ def test_a_folder_dataset_without_a_root_is_refused(dataset):
                                                "image folder: give its path, --config.dataset="
                                                "folder:/data/my_images or"):
     settings.resolve(tiny_config(dataset))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _section_keys(config, prefix=""):
+  """The dotted keys of a ConfigDict's sections and leaves, as resolve's known_keys
+  lists them (by section), leaving out the keys other registries check."""
+  out = {}
+  for key, value in config.items():
+    out.setdefault(prefix.rstrip("."), set()).add(key)
+    if hasattr(value, "items") and key not in ("model", "aug"):
+      out.update(_section_keys(value, f"{prefix}{key}."))
+  return out
+
+
+def test_the_known_keys_are_the_defaults_keys():
+  """The keys resolve reads come from the sections' fields (and the methods'): they are
+  exactly configs/default.py's, so a key is its default plus one field."""
+  assert settings.known_keys() == _section_keys(default.get_config())
+
+
+def test_every_moved_key_lands_on_a_key_that_is_read():
+  known = settings.known_keys()
+  for old, new in settings.MOVED_KEYS.items():
+    section, _, leaf = new.rpartition(".")
+    # config.model's keys are the backbone registry's (width, cifar_stem: a ResNet's).
+    assert section == "model" or leaf in known[section], (old, new)
+    assert settings.moved_key(old) == new and settings.moved_key(new) == new
+
+
+def test_the_monitors_are_the_eval_fields_typed_monitor():
+  assert settings.EVAL_SECTIONS == {"knn": settings.Knn,
+                                    "online_probe": settings.OnlineProbe}
+  assert settings.EVALUATORS == ("knn", "online_probe")
+  config = tiny_config("cifar10")
+  config.eval.monitors = ("knn", "linear")
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "config.eval.monitors = ('knn', 'linear') is invalid: expected a tuple of "
+      "evaluator names from ['knn', 'online_probe']")):
+    settings.resolve(config)
+
+
+def test_a_section_checks_itself_however_it_is_made():
+  run = settings.resolve(tiny_config("cifar10"))
+  with pytest.raises(errors.ConfigError,
+                     match=re.escape("config.eval.linear.lr = 0.0 is invalid")):
+    dataclasses.replace(run.eval.linear, lr=0.0)
+  with pytest.raises(errors.ConfigError, match=re.escape("config.eval.knn.k = 0 is")):
+    settings.Knn(**{**dataclasses.asdict(run.eval.knn), "ks": 0})
+  # The field whose key has another name: one k is a tuple of one, as from a config.
+  assert dataclasses.replace(run.eval.knn, ks=20).ks == (20,)
+  with pytest.raises(errors.ConfigError, match=re.escape("config.optimizer = 'adam'")):
+    dataclasses.replace(run.optimizer, name="adam")
+
+
+def test_a_key_a_method_lacks_is_named_with_the_closest():
+  config = tiny_config("cifar10")
+  config.corinfomax.alphaa = 1.0
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "unknown config key config.corinfomax.alphaa: no part of the library reads it; "
+      "closest existing keys: config.corinfomax.alpha.")):
+    settings.resolve(config)
