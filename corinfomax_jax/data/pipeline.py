@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from corinfomax_jax.data import augment
 from corinfomax_jax.data import crops
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.data.sources import Source
@@ -131,7 +132,7 @@ class View:
   key: str  # output key
   view_id: int | None  # folded into the augmentation seed; None: no draws
   crop: RandomCrop | CenterCrop
-  recipe: augment.ViewSettings | None = None  # the two-view recipe after the crop
+  recipe: recipe_lib.ViewSettings | None = None  # the two-view recipe after the crop
   flip_p: float = 0.0  # a flip only (the probe's view); ignored when `recipe` is set
 
 
@@ -355,10 +356,10 @@ def _batches(source: Source, views: list[View], *, global_batch_size,
 
 
 def _checked_config(source, aug_config):
-  return augment.resolve(source.name, aug_config)
+  return recipe_lib.resolve(source.name, aug_config)
 
 
-def _random_crop(view: augment.ViewSettings, image_size: int) -> RandomCrop:
+def _random_crop(view: recipe_lib.ViewSettings, image_size: int) -> RandomCrop:
   return RandomCrop(view.crop_scale, view.crop_ratio, image_size)
 
 
@@ -383,7 +384,7 @@ def pretrain_batches(source: Source, *, global_batch_size: int,
   config = _checked_config(source, aug_config)
   views = []
   for key in ("view1", "view2"):
-    view = augment.view_config(config, key)
+    view = recipe_lib.view_config(config, key)
     views.append(View(key, _VIEW_IDS[key], _random_crop(view, image_size), recipe=view))
   return _batches(
       source, views, global_batch_size=global_batch_size,
@@ -395,7 +396,7 @@ def pretrain_batches(source: Source, *, global_batch_size: int,
 
 
 def _probe_view(config, image_size, interpolation="bicubic"):
-  probe = augment.view_config(config, "probe")
+  probe = recipe_lib.view_config(config, "probe")
   crop = dataclasses.replace(_random_crop(probe, image_size), interpolation=interpolation)
   return View("image", _VIEW_IDS["probe"], crop, flip_p=probe.flip_p)
 

@@ -25,7 +25,7 @@ from absl import logging
 
 from corinfomax_jax import methods as methods_lib
 from corinfomax_jax import models
-from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars", "lars_optax", "adamw")
@@ -71,7 +71,7 @@ class Data:
   eval_split: str
   image_size: int
   skip_bad_images: bool
-  recipe: dict  # augment.resolve(dataset, config.aug): the whole two-view recipe
+  recipe: dict  # recipe.resolve(dataset, config.aug): the whole two-view recipe
 
   @property
   def mean(self) -> tuple[float, ...]:
@@ -435,7 +435,7 @@ def _data(raw: dict) -> Data:
   need(isinstance(raw.get("skip_bad_images"), bool), "skip_bad_images", "True or False")
   overrides = {k: v for k, v in raw.get("aug", {}).items() if v is not None} or None
   try:
-    recipe = augment.resolve(raw["dataset"], overrides)
+    recipe = recipe_lib.resolve(raw["dataset"], overrides)
   except ValueError as e:
     raise ConfigError(f"config.aug: {e}") from None
   return Data(dataset=raw["dataset"], data_dir=raw.get("data_dir"),

@@ -15,6 +15,7 @@ from corinfomax_jax.data import augment
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import errors
 from corinfomax_jax.data import pipeline
+from corinfomax_jax.data import recipe
 from corinfomax_jax.data import sources
 
 NUM_UNIQUE = 10  # examples of the `unique` folder
@@ -200,17 +201,6 @@ def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
     sources.get_source("mnist", str(tmp_path), "train")  # not downloaded on first use
 
 
-def test_normalization_stats_and_default_config():
-  assert augment.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
-                                               (0.247, 0.243, 0.261))
-  assert augment.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
-                                                (0.2673, 0.2564, 0.2762))
-  imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-  for name in ("imagenet2012", "imagenet100", "folder:/x/cifar10"):
-    assert augment.normalization_stats(name) == imagenet
-  assert augment.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
-
-
 def test_imagenet100_class_list():
   with open(sources.IMAGENET100_CLASSES_FILE) as f:
     lines = [line.strip() for line in f if line.strip()]
@@ -271,11 +261,11 @@ def test_aug_config_overrides_the_paper_defaults(unique):
   batch = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
                                    seed=0, process_index=0, process_count=1,
                                    aug_config=config))
-  recipe = augment.resolve(unique.name, config)
-  mean, std = recipe["mean"], recipe["std"]
+  resolved = recipe.resolve(unique.name, config)
+  mean, std = resolved["mean"], resolved["std"]
   for view in ("view1", "view2"):  # grayscale p=1 on the device: the channels agree
     out = augment.view(batch[view], batch[f"{view}_draws"],
-                       augment.view_config(recipe, view), mean=mean, std=std)
+                       recipe.view_config(resolved, view), mean=mean, std=std)
     rgb = np.asarray(out) * np.array(std) + np.array(mean)
     np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)
   with pytest.raises(ValueError, match="Unknown augmentation key 'grey_p'"):

@@ -18,7 +18,7 @@ import corinfomax_jax
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
-from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe
 from corinfomax_jax.data import crops
 from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import sources
@@ -47,7 +47,7 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
   assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
   metadata = export.read_safetensors_header(out["safetensors"])["__metadata__"]
   # The evaluation input: ImageNet's statistics for a folder, int(16 * 8 / 7) = 18.
-  mean, std = (list(x) for x in augment.normalization_stats("folder:x"))
+  mean, std = (list(x) for x in recipe.normalization_stats("folder:x"))
   assert json.loads(metadata.pop("preprocessing")) == {
       "image_size": 16, "resize": 18, "crop": 16, "interpolation": "bicubic",
       "mean": mean, "std": std, "layout": "RGB, pixels / 255, then (x - mean) / std"}
