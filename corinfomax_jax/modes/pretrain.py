@@ -269,9 +269,9 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
     step_fn = jit_train_step(run, model, tx, learning_rate_fn, mesh)
     batches = pipeline.global_batches(
         pipeline.pretrain_batches(
-            source, global_batch_size=batch_size, image_size=data.image_size,
-            seed=train.seed, start_step=start_step, process_index=jax.process_index(),
-            process_count=jax.process_count(), aug_config=data.recipe),
+            source, pipeline.BatchSpec(batch_size, data.image_size, train.seed,
+                                       jax.process_index(), jax.process_count()),
+            recipe_lib.views(data.recipe), start_step=start_step),
         mesh_lib.batch_sharded(mesh))
     spectrum = SpectrumLog(writer, spectra, run.method)
     report = loop.ReportProgress(

@@ -59,9 +59,8 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
                       "step": "4"}
   # The eval pipeline's view of a test image is that resize and crop.
   source = sources.get_source(f"folder:{image_folder}", None, "test")
-  batch = next(pipeline.eval_batches(source, global_batch_size=8, image_size=16,
-                                     aug_config=settings.resolve(tiny_config(
-                                         f"folder:{image_folder}")).data.recipe))
+  batch = next(pipeline.eval_batches(source, pipeline.BatchSpec(8, 16), recipe.views(
+      settings.resolve(tiny_config(f"folder:{image_folder}")).data.recipe)))
   first = np.asarray(Image.open(source.describe(0)).convert("RGB"))
   np.testing.assert_array_equal(batch["image"][0],
                                 crops.resize_center_crop_np(first, 16, 18 / 16))
