@@ -12,6 +12,9 @@ and resuming is starting at a global step.
 Random access needs an indexable source (`sources`). A TFDS data set in another
 format is streamed instead (`tfds.even_splits` per process, seeded shuffle, skip
 to resume); that order depends on the process count.
+
+Each pipeline takes a `BatchSpec` (sizes, seed, this process's share) and the views of
+the run's resolved recipe (`recipe.views`); it resolves nothing itself.
 """
 import atexit
 import collections

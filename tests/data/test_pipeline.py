@@ -329,6 +329,8 @@ def test_tfds_sources_with_mock_data():
 
     streamed = sources.get_source("cifar10", None, "train", random_access=False)
     assert not streamed.random_access and streamed.num_examples == 12
+    with pytest.raises(ValueError, match="is streamed: its examples have no fixed index"):
+      streamed.subset(np.arange(2))
     batch = next(pipeline.pretrain_batches(streamed, _spec(4, 16, 0, 0, 2)))
     assert batch["view2"].shape == (2, 16, 16, 3)
     evals = list(pipeline.eval_batches(streamed, _spec(8, 16, 0, 0, 2)))
