@@ -43,7 +43,7 @@ import jax  # noqa: E402
 import train_step as bench_step  # noqa: E402
 from corinfomax_jax import mesh as mesh_lib  # noqa: E402
 from corinfomax_jax import models  # noqa: E402
-from corinfomax_jax.data import augment  # noqa: E402
+from corinfomax_jax.data import recipe  # noqa: E402
 from corinfomax_jax.modes import pretrain  # noqa: E402
 from corinfomax_jax.run import settings  # noqa: E402
 from corinfomax_jax.run import train_state as train_state_lib  # noqa: E402
@@ -87,7 +87,7 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 def base_config() -> dict:
   """configs/default.py's ConfigDict as a plain dict (its `to_dict()`): every key
   `settings.resolve` reads, with unset placeholders as None."""
-  aug = augment.paper_config(mean=(), std=())
+  aug = recipe.paper_config(mean=(), std=())
   aug.update(mean=None, std=None)
   return {
       "dataset": "cifar10", "data_dir": None, "train_split": "train",

@@ -67,8 +67,9 @@ def child(args) -> dict:
   from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = sources.get_source("folder:" + args.data_dir, None, "train")
   batches = pipeline.pretrain_batches(
-      source, global_batch_size=args.batch_size, image_size=args.image_size, seed=0,
-      process_index=0, process_count=1, num_threads=args.threads)
+      source, pipeline.BatchSpec(args.batch_size, args.image_size, seed=0,
+                                 process_index=0, process_count=1,
+                                 num_threads=args.threads))
   for _ in range(args.warmup_batches):
     next(batches)
   c0, r0, t0 = callbacks.seconds, resizes.seconds, round_trips.seconds

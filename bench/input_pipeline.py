@@ -53,9 +53,9 @@ def main():
   dataset = "folder:" + args.data_dir
   source = sources.get_source(dataset, None, args.split)
   batches = pipeline.pretrain_batches(
-      source, global_batch_size=args.batch_size, image_size=args.image_size,
-      seed=0, process_index=0, process_count=1,
-      num_threads=args.threads or None)
+      source, pipeline.BatchSpec(args.batch_size, args.image_size, seed=0,
+                                 process_index=0, process_count=1,
+                                 num_threads=args.threads or None))
   for _ in range(args.warmup_batches):
     next(batches)
   start = time.perf_counter()

@@ -12,7 +12,7 @@ Every config file takes the argument semi1 or semi10 (`with_argument`), which se
 import ml_collections
 from ml_collections import config_dict
 
-from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe
 from corinfomax_jax.errors import ConfigError
 
 # A config file's argument -> the percentage of labels its fine-tuning uses.
@@ -35,11 +35,11 @@ def get_config(arg=None):
   c.eval_split = "test"
   c.image_size = 32
   c.skip_bad_images = False  # True: log and count unreadable images instead of failing
-  # The paper's augmentation recipe, every number a key (augment.paper_config): shared
+  # The paper's augmentation recipe, every number a key (recipe.paper_config): shared
   # keys apply to both views, view1/view2/probe hold what differs from them. mean/std
-  # unset: the data set's own (augment.normalization_stats decides).
+  # unset: the data set's own (recipe.normalization_stats decides).
   c.aug = ml_collections.ConfigDict({
-      **augment.paper_config(mean=(), std=()),
+      **recipe.paper_config(mean=(), std=()),
       "mean": config_dict.placeholder(tuple), "std": config_dict.placeholder(tuple)})
 
   # --- Model: models.create_model(**c.model) ------------------------------------------

@@ -2,8 +2,8 @@
 
 The package root exports the objectives only, so `import corinfomax_jax` needs nothing but
 jax. Models, the input pipeline (TensorFlow), training and evaluation are submodules;
-`load_encoder` (the trained backbone as a function, no TensorFlow) is imported on first
-use.
+`load_encoder` (the trained backbone as a function, no TensorFlow) and `augment` (the
+augmentation recipe and its device ops, no TensorFlow) are imported on first use.
 """
 
 from corinfomax_jax.methods.corinfomax import CorInfoMaxState
@@ -28,9 +28,11 @@ __all__ = [
     "barlow_twins_loss",
     "load_encoder",
     "Encoder",
+    "augment",
 ]
 
 _LAZY = {"load_encoder": "corinfomax_jax.run.encoder", "Encoder": "corinfomax_jax.run.encoder"}
+_LAZY_MODULES = {"augment": "corinfomax_jax.augment"}
 
 
 def __getattr__(name):
@@ -38,6 +40,8 @@ def __getattr__(name):
   import importlib  # pylint: disable=g-import-not-at-top
   if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
+  if name in _LAZY_MODULES:
+    return importlib.import_module(_LAZY_MODULES[name])
   raise AttributeError(f"module 'corinfomax_jax' has no attribute {name!r}")
 
 __version__ = "0.2.0"

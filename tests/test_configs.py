@@ -100,13 +100,13 @@ def test_data_dir_and_augmentation_numbers_override(name):
 
 
 def test_aug_leaves_the_data_set_statistics_unless_set():
-  from corinfomax_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import recipe  # pylint: disable=g-import-not-at-top
   cifar100 = settings.resolve(_parse("cifar100.py")).data
   # The paper's recipe with CIFAR-100's statistics.
-  assert cifar100.recipe == augment.default_aug_config("cifar100")
-  assert cifar100.mean == tuple(augment.normalization_stats("cifar100")[0])
+  assert cifar100.recipe == recipe.default_aug_config("cifar100")
+  assert cifar100.mean == tuple(recipe.normalization_stats("cifar100")[0])
   cpu = settings.resolve(_parse("cifar10_cpu.py", "--config.dataset=folder:/anywhere")).data
-  assert cpu.mean == tuple(augment.normalization_stats("cifar10")[0])  # a folder of CIFAR
+  assert cpu.mean == tuple(recipe.normalization_stats("cifar10")[0])  # a folder of CIFAR
 
 
 def test_cifar10_cpu_reads_the_folder_beside_the_checkout_when_there(tmp_path, monkeypatch,

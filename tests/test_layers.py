@@ -8,7 +8,8 @@ The layers are the subpackages, bottom to top (README, Layout):
   eval       eval/
   modes      modes/
 A module may import modules of its own layer or below, and the import graph is acyclic.
-The package root (`__init__`, and the `augment` alias of data/augment) only re-exports.
+The package root (`__init__`, and `augment`, the public name of data/recipe and
+data/augment) only re-exports.
 """
 import ast
 import pathlib
@@ -124,11 +125,15 @@ def test_the_check_itself_sees_an_upward_import(tmp_path):
   assert _layer_of(_unit("corinfomax_jax.modes.pretrain")) > _layer_of("run")
 
 
-def test_the_public_augment_name_is_the_data_module():
-  import corinfomax_jax.augment  # pylint: disable=g-import-not-at-top
+def test_the_public_augment_names_the_recipe_and_the_device_ops():
+  import corinfomax_jax  # pylint: disable=g-import-not-at-top
   from corinfomax_jax import augment  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax.data import augment as data_augment  # pylint: disable=g-import-not-at-top
-  assert augment is data_augment and corinfomax_jax.augment is data_augment
+  from corinfomax_jax.data import augment as device_ops  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import recipe  # pylint: disable=g-import-not-at-top
+  assert corinfomax_jax.augment is augment and "augment" in corinfomax_jax.__all__
+  assert augment.view is device_ops.view and augment.NUM_DRAWS == device_ops.NUM_DRAWS
+  assert augment.resolve is recipe.resolve and augment.view_config is recipe.view_config
+  assert augment.VIEW_KEYS == recipe.DEVICE_KEYS  # the keys `view` reads, as before
 
 
 def test_loss_models_and_step_import_without_tensorflow():

@@ -24,16 +24,13 @@ gives the (start, stop) columns of each op:
 `random_view` draws them with `jax.random.uniform`; pass your own to `view`
 to control them (e.g. the same draws on every device, or from a host seed).
 
-The paper's recipe (Ozsoy et al., 2022, after BYOL), per view: colour jitter
-with p=0.8 and strengths (brightness 0.4, contrast 0.4, saturation 0.2, hue
-0.1), grayscale p=0.2, Gaussian blur sigma in (0.1, 2.0) with p=1.0 in view 1
-and p=0.1 in view 2, solarisation (threshold 0.5) with p=0 in view 1 and
-p=0.2 in view 2; `augment.view_config(config, "view1")` returns these numbers
-in the dict that `view` reads (keys `VIEW_KEYS`; others are ignored).
+The numbers come from the recipe (`recipe.ViewSettings`, one per view, or a mapping
+with the keys `VIEW_KEYS`; others are ignored).
 
 Composing a loop by hand:
-  x1 = view(crops1, draws1, augment.view_config(cfg, "view1"), mean=m, std=s)
-  x2 = view(crops2, draws2, augment.view_config(cfg, "view2"), mean=m, std=s)
+  settings = recipe.views(recipe.resolve("cifar10", None))
+  x1 = view(crops1, draws1, settings.view1, mean=m, std=s)
+  x2 = view(crops2, draws2, settings.view2, mean=m, std=s)
 """
 import dataclasses
 import math
@@ -42,6 +39,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from corinfomax_jax.data import recipe
 
 _DRAW_WIDTHS = (
     ("jitter", 9),  # apply, brightness, contrast, saturation, hue, order x4
@@ -57,169 +56,10 @@ for _name, _width in _DRAW_WIDTHS:
 NUM_DRAWS = _start
 del _start, _name, _width
 
-# The keys `view` reads, as `augment.view_config` names them.
-VIEW_KEYS = ("jitter_p", "brightness", "contrast", "saturation", "hue",
-             "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
-             "solarize_threshold")
+# The keys `view` reads: the device part of a view's settings.
+VIEW_KEYS = recipe.DEVICE_KEYS
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision.
-
-
-# ------------------------------------------------------------ the recipe
-
-
-_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
-_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-
-def normalization_stats(dataset: str) -> tuple[tuple[float, ...],
-                                               tuple[float, ...]]:
-  """(mean, std) per RGB channel for `dataset` (a `get_source` data set name).
-
-  CIFAR-10 and CIFAR-100 have their own; everything else (ImageNet, ImageNet-100,
-  image folders) gets ImageNet's. Override `mean`/`std` in the aug config for a
-  folder of another distribution.
-  """
-  name = "" if dataset.startswith("folder:") else dataset.split(":")[0]
-  return {"cifar10": _CIFAR10_STATS,
-          "cifar100": _CIFAR100_STATS}.get(name, _IMAGENET_STATS)
-
-
-def default_aug_config(dataset: str) -> dict[str, Any]:
-  """The paper's augmentation numbers with `dataset`'s normalisation."""
-  return paper_config(*normalization_stats(dataset))
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewSettings:
-  """The numbers one view uses (hashable: compiled functions are cached by it)."""
-  crop_scale: tuple[float, float]
-  crop_ratio: tuple[float, float]
-  flip_p: float
-  jitter_p: float
-  brightness: float
-  contrast: float
-  saturation: float
-  hue: float
-  grayscale_p: float
-  blur_p: float
-  blur_sigma: tuple[float, float]
-  solarize_p: float
-  solarize_threshold: float
-
-
-# Keys every view reads; `view1` / `view2` sub-dicts may override any of them.
-_VIEW_KEYS = tuple(f.name for f in dataclasses.fields(ViewSettings))
-
-
-def paper_config(mean, std) -> dict[str, Any]:
-  """The paper's two-view recipe (CorInfoMax reference code), every number a key.
-
-  Shared keys apply to both views; `view1` and `view2` hold what differs and may
-  override any shared key. `probe` is the linear-probe training view (crop and
-  flip only; it too may override any shared key) and `test_resize_ratio` the
-  resize-then-centre-crop ratio of the test view.
-  """
-  return dict(
-      mean=tuple(mean),
-      std=tuple(std),
-      crop_scale=(0.08, 1.0),
-      crop_ratio=(3 / 4, 4 / 3),
-      flip_p=0.5,
-      jitter_p=0.8,
-      brightness=0.4,
-      contrast=0.4,
-      saturation=0.2,
-      hue=0.1,
-      grayscale_p=0.2,
-      blur_p=0.0,  # set per view below
-      blur_sigma=(0.1, 2.0),  # PIL GaussianBlur(radius=sigma), sigma uniform in range
-      solarize_p=0.0,  # set per view below
-      solarize_threshold=0.5,
-      view1=dict(blur_p=1.0, solarize_p=0.0),
-      view2=dict(blur_p=0.1, solarize_p=0.2),
-      probe=dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-                 flip_p=0.5),
-      test_resize_ratio=8 / 7,
-  )
-
-
-def _as_dict(config) -> dict[str, Any]:
-  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-def view_config(config: Mapping[str, Any], view: str) -> ViewSettings:
-  """The numbers one view uses: shared keys updated by `config[view]`."""
-  config = _as_dict(config)
-  if view not in config:
-    raise ValueError(f"Augmentation config has no {view!r} entry; it has "
-                     f"{sorted(config)}.")
-  overrides = _as_dict(config[view])
-  unknown = sorted(set(overrides) - set(_VIEW_KEYS))
-  if unknown:
-    raise ValueError(f"Augmentation config {view!r} has unknown keys {unknown};"
-                     f" a view may set {list(_VIEW_KEYS)}.")
-  merged = {k: config[k] for k in _VIEW_KEYS}
-  merged.update(overrides)
-  return ViewSettings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                         for k, v in merged.items()})
-
-
-def with_overrides(config: Mapping[str, Any],
-                   overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-  """`config` with the keys of `overrides` replaced (view1/view2/probe merged).
-
-  Raises ValueError for a key `config` does not have.
-  """
-  out = _as_dict(config)
-  for key, value in _as_dict(overrides or {}).items():
-    if key not in out:
-      raise ValueError(f"Unknown augmentation key {key!r}; the keys are "
-                       f"{sorted(out)}.")
-    if key in ("view1", "view2", "probe"):
-      out[key] = {**_as_dict(out[key]), **_as_dict(value)}
-    else:
-      out[key] = value
-  return out
-
-
-def resolve(dataset: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The paper's recipe for `dataset` with `overrides` (config.aug), checked."""
-  config = with_overrides(default_aug_config(dataset), overrides)
-  check_config(config)
-  return config
-
-
-def check_config(config: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first out-of-range number of `config`."""
-  config = _as_dict(config)
-  for key in ("mean", "std"):
-    if len(config[key]) != 3:
-      raise ValueError(f"aug config {key}={config[key]!r}: need 3 numbers.")
-  if min(config["std"]) <= 0:
-    raise ValueError(f"aug config std={config['std']!r}: must be > 0.")
-  if config["test_resize_ratio"] < 1:
-    raise ValueError(f"aug config test_resize_ratio="
-                     f"{config['test_resize_ratio']}: must be >= 1.")
-  views = {name: view_config(config, name)
-           for name in ("view1", "view2", "probe")}
-  for name, view in views.items():
-    for key, value in dataclasses.asdict(view).items():
-      where = f"aug config {name}.{key}={value!r}"
-      if key.endswith("_p") and not 0 <= value <= 1:
-        raise ValueError(f"{where}: a probability must lie in [0, 1].")
-      if key in ("crop_scale", "crop_ratio", "blur_sigma"):
-        if len(value) != 2 or not 0 < value[0] <= value[1]:
-          raise ValueError(f"{where}: need (low, high) with 0 < low <= high.")
-      if key in ("brightness", "contrast", "saturation") and not 0 <= value:
-        raise ValueError(f"{where}: must be >= 0.")
-    if not 0 <= view.hue <= 0.5:
-      raise ValueError(f"aug config {name}.hue={view.hue}: need [0, 0.5].")
-    if view.crop_scale[1] > 1:
-      raise ValueError(f"aug config {name}.crop_scale={view.crop_scale}: "
-                       "the area fraction cannot exceed 1.")
 
 
 def _columns(draws, name):

@@ -12,6 +12,9 @@ and resuming is starting at a global step.
 Random access needs an indexable source (`sources`). A TFDS data set in another
 format is streamed instead (`tfds.even_splits` per process, seeded shuffle, skip
 to resume); that order depends on the process count.
+
+Each pipeline takes a `BatchSpec` (sizes, seed, this process's share) and the views of
+the run's resolved recipe (`recipe.views`); it resolves nothing itself.
 """
 import atexit
 import collections
@@ -25,6 +28,7 @@ import tensorflow as tf
 
 from corinfomax_jax.data import augment
 from corinfomax_jax.data import crops
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.data.sources import Source
@@ -109,6 +113,26 @@ def batch_indices(num_examples: int, global_batch_size: int, seed: int,
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """What every pipeline's batches are: sizes, seed and this process's share.
+
+  Attributes:
+    global_batch_size: rows of a global batch, over all processes.
+    image_size: S, the side of each square crop.
+    seed: the data order's and the augmentation's seed.
+    process_index, process_count: this process's slice of each global batch
+      (None: jax's).
+    num_threads: caps tf.data's threads (None: tf.data's default).
+  """
+  global_batch_size: int
+  image_size: int
+  seed: int = 0
+  process_index: int | None = None
+  process_count: int | None = None
+  num_threads: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RandomCrop:
   """torchvision's RandomResizedCrop to size x size."""
   scale: tuple[float, float]
@@ -131,7 +155,7 @@ class View:
   key: str  # output key
   view_id: int | None  # folded into the augmentation seed; None: no draws
   crop: RandomCrop | CenterCrop
-  recipe: augment.ViewSettings | None = None  # the two-view recipe after the crop
+  recipe: recipe_lib.ViewSettings | None = None  # the two-view recipe after the crop
   flip_p: float = 0.0  # a flip only (the probe's view); ignored when `recipe` is set
 
 
@@ -163,7 +187,9 @@ def view_draws(seed: tf.Tensor, rows: tf.Tensor, global_batch_size: int) -> tf.T
   return tf.gather(u, rows)
 
 
-def _process_slice(global_batch_size, process_index, process_count):
+def _process_slice(spec: BatchSpec) -> tuple[int, int, int]:
+  """(process index, process count, rows per process) of `spec`."""
+  process_index, process_count = spec.process_index, spec.process_count
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = (jax.process_index() if process_index is None
@@ -173,8 +199,8 @@ def _process_slice(global_batch_size, process_index, process_count):
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in "
                      f"[0, {process_count}).")
-  mesh_lib.check_batch_divides(global_batch_size, 1, process_count)
-  return process_index, process_count, global_batch_size // process_count
+  mesh_lib.check_batch_divides(spec.global_batch_size, 1, process_count)
+  return process_index, process_count, spec.global_batch_size // process_count
 
 
 def _options(num_threads: int | None) -> tf.data.Options:
@@ -301,164 +327,160 @@ class _Batches:
       source.mark_bad(i, reason)
 
 
-def _batches(source: Source, views: list[View], *, global_batch_size,
-             process_index, process_count, seed, start_step, order,
-             num_threads, keys, first_step=0, stop_step=None):
-  """Shared body of the pipelines: global steps [first_step, stop_step).
+def _batches(source: Source, spec: BatchSpec, views: list[View], keys, *, order,
+             start_step: int, first_step: int = 0, stop_step: int | None = None):
+  """Global steps [first_step, stop_step) of `source` (stop_step None: endless; a finite
+  range is one padded pass, for evaluation), read by index or streamed."""
+  if source.random_access:
+    return _random_access_batches(source, spec, views, keys, order, start_step, stop_step)
+  return _streamed_batches(source, spec, views, keys, start_step, first_step, stop_step)
 
-  stop_step None: endless. A finite range is one padded pass (eval).
-  """
-  p, num_p, b = _process_slice(global_batch_size, process_index,
-                               process_count)
+
+def _random_access_batches(source, spec: BatchSpec, views, keys, order, start_step,
+                           stop_step):
+  """Step s reads the examples `order(s, rows)` of this process's rows."""
+  p, _, b = _process_slice(spec)
   rows = tf.range(p * b, (p + 1) * b, dtype=tf.int64)
 
-  if source.random_access:
-    def step_element(step):
-      indices, mask = order(step, rows)
-      indices, mask = source.substitute(indices, mask)
-      data, label = source.load_batch(indices)
-      element = dict(step=step, data=data, label=label, mask=mask)
-      return _add_draws(element, views, seed, global_batch_size, rows)
+  def step_element(step):
+    indices, mask = order(step, rows)
+    indices, mask = source.substitute(indices, mask)
+    data, label = source.load_batch(indices)
+    element = dict(step=step, data=data, label=label, mask=mask)
+    return _add_draws(element, views, spec.seed, spec.global_batch_size, rows)
 
-    def build(start):
-      end = np.iinfo(np.int64).max if stop_step is None else stop_step
-      ds = tf.data.Dataset.range(start, end)
-      ds = ds.map(as_written(step_element), num_parallel_calls=tf.data.AUTOTUNE)
-      ds = ds.map(as_written(_without_step))
-      ds = _examples_to_batches(ds, source, views, b)
-      return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
+  def build(start):
+    end = np.iinfo(np.int64).max if stop_step is None else stop_step
+    ds = tf.data.Dataset.range(start, end)
+    ds = ds.map(as_written(step_element), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(as_written(_without_step))
+    return _to_batches(ds, source, views, b, spec.num_threads)
 
-    def indices_for_step(step):
-      indices, mask = order(tf.constant(step, tf.int64), rows)
-      return source.substitute(indices, mask)[0].numpy()
-  else:
-    def build(start):
-      if stop_step is not None:  # one pass, padded to the same step count
-        local = source.stream(p, num_p, 0, False).map(as_written(
-            lambda ex: dict(ex, mask=tf.constant(1.0))))
-        pad = local.take(1).map(as_written(lambda ex: dict(ex, mask=tf.constant(0.0))))
-        ds = local.concatenate(pad.repeat()).take((stop_step - first_step) * b)
-      else:
-        ds = source.stream(p, num_p, seed, True).repeat()
-        ds = ds.shuffle(min(_SHUFFLE_BUFFER, source.num_examples), seed=seed)
-        ds = ds.map(as_written(lambda ex: dict(ex, mask=tf.constant(1.0))))
-      ds = ds.batch(b, drop_remainder=True).skip(start - first_step)
-      ds = ds.enumerate(start).map(as_written(
-          lambda step, e: _add_draws(dict(e, step=step), views, seed,
-                                     global_batch_size, rows)))
-      ds = ds.map(as_written(_without_step))
-      ds = _examples_to_batches(ds, source, views, b)
-      return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
-    indices_for_step = None
+  def indices_for_step(step):
+    indices, mask = order(tf.constant(step, tf.int64), rows)
+    return source.substitute(indices, mask)[0].numpy()
 
   return _Batches(build, source, start_step, indices_for_step, keys)
 
 
-def _checked_config(source, aug_config):
-  return augment.resolve(source.name, aug_config)
+def _streamed_batches(source, spec: BatchSpec, views, keys, start_step, first_step,
+                      stop_step):
+  """This process's part of the stream: shuffled and endless, or one padded pass."""
+  p, num_p, b = _process_slice(spec)
+  rows = tf.range(p * b, (p + 1) * b, dtype=tf.int64)
+  seed = spec.seed
+
+  def build(start):
+    if stop_step is not None:  # one pass, padded to the same step count
+      local = source.stream(p, num_p, 0, False).map(as_written(
+          lambda ex: dict(ex, mask=tf.constant(1.0))))
+      pad = local.take(1).map(as_written(lambda ex: dict(ex, mask=tf.constant(0.0))))
+      ds = local.concatenate(pad.repeat()).take((stop_step - first_step) * b)
+    else:
+      ds = source.stream(p, num_p, seed, True).repeat()
+      ds = ds.shuffle(min(_SHUFFLE_BUFFER, source.num_examples), seed=seed)
+      ds = ds.map(as_written(lambda ex: dict(ex, mask=tf.constant(1.0))))
+    ds = ds.batch(b, drop_remainder=True).skip(start - first_step)
+    ds = ds.enumerate(start).map(as_written(
+        lambda step, e: _add_draws(dict(e, step=step), views, seed,
+                                   spec.global_batch_size, rows)))
+    ds = ds.map(as_written(_without_step))
+    return _to_batches(ds, source, views, b, num_threads=spec.num_threads)
+
+  return _Batches(build, source, start_step, None, keys)
 
 
-def _random_crop(view: augment.ViewSettings, image_size: int) -> RandomCrop:
-  return RandomCrop(view.crop_scale, view.crop_ratio, image_size)
+def _to_batches(ds, source, views, local_batch, num_threads):
+  ds = _examples_to_batches(ds, source, views, local_batch)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
 
 
-def pretrain_batches(source: Source, *, global_batch_size: int,
-                     image_size: int, seed: int, start_step: int = 0,
-                     process_index: int | None = None,
-                     process_count: int | None = None,
-                     aug_config: Mapping[str, Any] | None = None,
-                     num_threads: int | None = None
+def _views_or_paper(source: Source, views: recipe_lib.Views | None) -> recipe_lib.Views:
+  """`views`, or the paper's recipe for `source`'s data set where None."""
+  if views is None:
+    views = recipe_lib.views(recipe_lib.default_aug_config(source.name))
+  return views
+
+
+def _random_crop(view: recipe_lib.ViewSettings, image_size: int,
+                 interpolation: str = "bicubic") -> RandomCrop:
+  return RandomCrop(view.crop_scale, view.crop_ratio, image_size, interpolation)
+
+
+def pretrain_batches(source: Source, spec: BatchSpec,
+                     views: recipe_lib.Views | None = None, *, start_step: int = 0
                      ) -> Iterator[dict[str, np.ndarray]]:
   """Endless two-view batches of this process, from global step `start_step`.
 
   Yields dict(view1=uint8 [b, S, S, 3], view1_draws=float32 [b, augment.NUM_DRAWS],
   view2=..., view2_draws=..., label=int32 [b]) with b = global_batch_size /
-  process_count: each view cropped and flipped on the host, with the draws of the
-  device ops that make the rest of it (`augment.view`). `aug_config`: keys of
-  `augment.paper_config` overriding the paper's numbers with this data set's
-  mean/std (`augment.default_aug_config`); None: none.
-  `num_threads` caps tf.data's threads. The iterator's `.step` is the global
-  step of the next batch.
+  process_count: each view cropped and flipped on the host as `views.view1` /
+  `views.view2` say (`recipe.views` of the run's resolved recipe; None: the paper's for
+  this data set), with the draws of the device ops that make the rest of it
+  (`augment.view`). The iterator's `.step` is the global step of the next batch.
   """
-  config = _checked_config(source, aug_config)
-  views = []
-  for key in ("view1", "view2"):
-    view = augment.view_config(config, key)
-    views.append(View(key, _VIEW_IDS[key], _random_crop(view, image_size), recipe=view))
+  views = _views_or_paper(source, views)
+  crops_ = [View(key, _VIEW_IDS[key], _random_crop(view, spec.image_size), recipe=view)
+            for key, view in (("view1", views.view1), ("view2", views.view2))]
   return _batches(
-      source, views, global_batch_size=global_batch_size,
-      process_index=process_index, process_count=process_count, seed=seed,
-      start_step=start_step,
-      order=_train_order(source.num_examples, global_batch_size, seed),
-      num_threads=num_threads,
-      keys=("view1", draws_key("view1"), "view2", draws_key("view2"), "label"))
+      source, spec, crops_,
+      ("view1", draws_key("view1"), "view2", draws_key("view2"), "label"),
+      order=_train_order(source.num_examples, spec.global_batch_size, spec.seed),
+      start_step=start_step)
 
 
-def _probe_view(config, image_size, interpolation="bicubic"):
-  probe = augment.view_config(config, "probe")
-  crop = dataclasses.replace(_random_crop(probe, image_size), interpolation=interpolation)
-  return View("image", _VIEW_IDS["probe"], crop, flip_p=probe.flip_p)
+def _probe_view(views: recipe_lib.Views, image_size, interpolation="bicubic"):
+  crop = _random_crop(views.probe, image_size, interpolation)
+  return View("image", _VIEW_IDS["probe"], crop, flip_p=views.probe.flip_p)
 
 
-def probe_train_batches(source: Source, *, global_batch_size: int,
-                        image_size: int, seed: int, start_step: int = 0,
-                        process_index: int | None = None,
-                        process_count: int | None = None,
-                        aug_config: Mapping[str, Any] | None = None,
-                        num_threads: int | None = None,
+def probe_train_batches(source: Source, spec: BatchSpec,
+                        views: recipe_lib.Views | None = None, *, start_step: int = 0,
                         interpolation: str = "bicubic"
                         ) -> Iterator[dict[str, np.ndarray]]:
-  """Endless linear-probe training batches (random resized crop + flip).
+  """Endless linear-probe training batches (random resized crop + flip, `views.probe`).
 
   Same order and resumption as `pretrain_batches`. Yields dict(image=uint8
   [b, S, S, 3], label=int32 [b]), to be normalised on the device
   (`augment.normalize_uint8`). interpolation: the crop's resize, a key of
   crops.INTERPOLATIONS.
   """
-  config = _checked_config(source, aug_config)
+  views = _views_or_paper(source, views)
   return _batches(
-      source, [_probe_view(config, image_size, interpolation)],
-      global_batch_size=global_batch_size, process_index=process_index,
-      process_count=process_count, seed=seed, start_step=start_step,
-      order=_train_order(source.num_examples, global_batch_size, seed),
-      num_threads=num_threads, keys=("image", "label"))
+      source, spec, [_probe_view(views, spec.image_size, interpolation)],
+      ("image", "label"),
+      order=_train_order(source.num_examples, spec.global_batch_size, spec.seed),
+      start_step=start_step)
 
 
-def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
-                 process_index: int | None = None,
-                 process_count: int | None = None, train_augment: bool = False,
-                 seed: int = 0, epoch: int = 0,
-                 aug_config: Mapping[str, Any] | None = None,
-                 num_threads: int | None = None,
-                 interpolation: str = "bicubic"
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(source: Source, spec: BatchSpec, views: recipe_lib.Views | None = None,
+                 *, train_augment: bool = False, epoch: int = 0,
+                 interpolation: str = "bicubic") -> Iterator[dict[str, np.ndarray]]:
   """One pass over the whole split: `eval_steps(...)` batches.
 
   Yields dict(image=uint8 [b, S, S, 3], label=int32 [b], mask=float32 [b]);
   the last global batch is padded and mask is 1 on real rows, 0 on padding
   (and on images skipped as unreadable), so each example counts exactly once.
-  train_augment=False: index order, resize to int(S * test_resize_ratio)
+  train_augment=False: index order, resize to int(S * views.test_resize_ratio)
   (`interpolation`: bicubic, or bilinear as torchvision's default Resize) and centre
-  crop. True: the probe training view (random resized
-  crop + flip) in an order shuffled by (seed, epoch), augmented by (seed, step).
+  crop. True: the probe training view (random resized crop + flip) in an order
+  shuffled by (spec.seed, epoch), augmented by (spec.seed, step).
   """
-  config = _checked_config(source, aug_config)
+  views = _views_or_paper(source, views)
   if train_augment:
-    view = _probe_view(config, image_size)
+    view = _probe_view(views, spec.image_size)
   else:
-    view = View("image", None, CenterCrop(config["test_resize_ratio"], image_size,
+    view = View("image", None, CenterCrop(views.test_resize_ratio, spec.image_size,
                                           interpolation))
-  num_steps = eval_steps(source.num_examples, global_batch_size)
+  num_steps = eval_steps(source.num_examples, spec.global_batch_size)
   epoch = epoch if train_augment else 0
-  order = _eval_order(source.num_examples, global_batch_size,
-                      seed if train_augment else None, epoch)
+  order = _eval_order(source.num_examples, spec.global_batch_size,
+                      spec.seed if train_augment else None, epoch)
   # Epoch e is steps [e * num_steps, (e + 1) * num_steps) of its own stream,
   # so the augmentation differs between epochs.
-  return _batches(
-      source, [view], global_batch_size=global_batch_size,
-      process_index=process_index, process_count=process_count, seed=seed,
-      start_step=epoch * num_steps, first_step=epoch * num_steps,
-      stop_step=(epoch + 1) * num_steps, order=order, num_threads=num_threads, keys=("image", "label", "mask"))
+  return _batches(source, spec, [view], ("image", "label", "mask"), order=order,
+                  start_step=epoch * num_steps, first_step=epoch * num_steps,
+                  stop_step=(epoch + 1) * num_steps)
 
 
 # ------------------------------------------------------------------- devices

@@ -7,7 +7,6 @@ through the data modules, inside these functions.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.eval import knn
 from corinfomax_jax import models
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.run import encoder
 from corinfomax_jax.run import loop
 from corinfomax_jax.run import settings as settings_lib
@@ -53,17 +53,7 @@ def open_sources(data: settings_lib.Data, *, needs_labels: str = "evaluation (kN
 
 def index_subset(source, index: np.ndarray):
   """`source` restricted to the examples `index` (int64 indices into it), in that order."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  index = np.asarray(index, np.int64)
-  index_t = tf.constant(index)
-  return dataclasses.replace(
-      source, num_examples=len(index),
-      load_batch=lambda i: source.load_batch(tf.gather(index_t, i)),
-      describe=lambda i: source.describe(int(index[int(i)])), skipped=[], _bad=set(),
-      file_names=(None if source.file_names is None else
-                  lambda: np.asarray(source.file_names(), object)[index].tolist()),
-      paths=(None if source.paths is None else
-             lambda: np.asarray(source.paths(), object)[index].tolist()))
+  return source.subset(index)
 
 
 def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,
@@ -82,8 +72,8 @@ def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,
                out_shardings=replicated)
   total = None
   for batch in pipeline.global_batches(
-      pipeline.eval_batches(source, global_batch_size=batch_size,
-                            image_size=data.image_size, aug_config=data.recipe,
+      pipeline.eval_batches(source, pipeline.BatchSpec(batch_size, data.image_size),
+                            recipe_lib.views(data.recipe),
                             interpolation=interpolation), sharded):
     sums = np.asarray(jax.device_get(fn(*args, batch)), np.float64)
     total = sums if total is None else total + sums
@@ -113,8 +103,8 @@ def feature_batches(model: nn.Module, variables, mesh: jax.sharding.Mesh, source
   """
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = pipeline.global_batches(
-      pipeline.eval_batches(source, global_batch_size=batch_size,
-                            image_size=data.image_size, aug_config=data.recipe),
+      pipeline.eval_batches(source, pipeline.BatchSpec(batch_size, data.image_size),
+                            recipe_lib.views(data.recipe)),
       mesh_lib.batch_sharded(mesh))
   features_fn = encoder.features_fn(model, mesh, (data.mean, data.std))
 

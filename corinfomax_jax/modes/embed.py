@@ -121,7 +121,7 @@ def embed(config, workdir: str) -> str:
   if writer:
     tmp = os.path.join(parts, f"{split}.npz")
     rows = {name: array[:count] for name, array in arrays.items()}
-    if source.paths is not None:
+    if source.has_paths:
       rows["paths"] = np.asarray(source.paths(), dtype=np.str_)[rows["index"]]
     with open(tmp, "wb") as f:
       # np.savez copies each (memory-mapped) array in 16 MiB pieces; [:count] drops the

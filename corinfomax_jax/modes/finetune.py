@@ -20,6 +20,7 @@ from absl import logging
 
 from corinfomax_jax import compiler
 from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import encoder as encoder_lib
 from corinfomax_jax.eval import evaluators
@@ -79,7 +80,7 @@ def labelled_index(source, *, fraction: float, label_file: str | None,
   chosen by a permutation seeded with `seed`.
   """
   if label_file:
-    if source.file_names is None:
+    if not source.has_file_names:
       raise ConfigError(f"config.eval.finetune.label_file needs file names, which {source.name!r} "
                         "does not have: use an image folder (folder:<root>) or a TFDS "
                         "data set with a file_name feature, such as imagenet2012.")
@@ -303,9 +304,10 @@ def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh
                       compiler_options=compiler.step_options(mesh_lib.platform(mesh)))
     batches = pipeline.global_batches(
         pipeline.probe_train_batches(
-            plan.subset, global_batch_size=plan.batch_size,
-            image_size=run.data.image_size, seed=run.seed, start_step=start_step,
-            aug_config=run.data.recipe, interpolation=ft.crop_interpolation), data)
+            plan.subset,
+            pipeline.BatchSpec(plan.batch_size, run.data.image_size, run.seed),
+            recipe_lib.views(run.data.recipe), start_step=start_step,
+            interpolation=ft.crop_interpolation), data)
     report = loop.ReportProgress(
         name="finetune", num_steps=plan.num_steps, every_steps=run.train.log_every_steps,
         batch_size=plan.batch_size, steps_per_epoch=plan.steps_per_epoch, writer=writer,

@@ -18,6 +18,7 @@ import optax
 from absl import logging
 
 from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax import files
@@ -272,8 +273,8 @@ def _linear_eval_augmented(run: settings_lib.Settings, workdir, model, variables
     if start_step < num_steps:
       batches = pipeline.global_batches(
           pipeline.probe_train_batches(
-              train_source, global_batch_size=batch_size, image_size=data.image_size,
-              seed=run.seed, start_step=start_step, aug_config=data.recipe),
+              train_source, pipeline.BatchSpec(batch_size, data.image_size, run.seed),
+              recipe_lib.views(data.recipe), start_step=start_step),
           sharded)
       report = loop.ReportProgress(
           name="linear probe", num_steps=num_steps, every_steps=steps_per_epoch,

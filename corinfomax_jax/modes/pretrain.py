@@ -20,6 +20,7 @@ from corinfomax_jax import errors
 from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.eval import evaluators as evaluators_lib
 from corinfomax_jax.methods import corinfomax as objective
 from corinfomax_jax import models
@@ -43,7 +44,7 @@ def make_views(data: settings_lib.Data):
   normalisation run here, per example, on the sharded batch.
   """
   mean, std = data.mean, data.std
-  settings = {k: augment.view_config(data.recipe, k) for k in ("view1", "view2")}
+  settings = {k: recipe_lib.view_config(data.recipe, k) for k in ("view1", "view2")}
 
   def views(batch):
     return tuple(augment.view(batch[k], batch[f"{k}_draws"], settings[k], mean=mean,
@@ -268,9 +269,9 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
     step_fn = jit_train_step(run, model, tx, learning_rate_fn, mesh)
     batches = pipeline.global_batches(
         pipeline.pretrain_batches(
-            source, global_batch_size=batch_size, image_size=data.image_size,
-            seed=train.seed, start_step=start_step, process_index=jax.process_index(),
-            process_count=jax.process_count(), aug_config=data.recipe),
+            source, pipeline.BatchSpec(batch_size, data.image_size, train.seed,
+                                       jax.process_index(), jax.process_count()),
+            recipe_lib.views(data.recipe), start_step=start_step),
         mesh_lib.batch_sharded(mesh))
     spectrum = SpectrumLog(writer, spectra, run.method)
     report = loop.ReportProgress(

@@ -50,7 +50,7 @@ class Encoder:
       raise ValueError(
           f"images must be normalised floats, (pixels / 255 - mean) / std with the mean "
           f"and std of pretraining; got dtype {images.dtype}. For uint8 pixels pass "
-          f"corinfomax_jax.data.augment.normalize_uint8(images, *corinfomax_jax.data."
+          f"corinfomax_jax.augment.normalize_uint8(images, *corinfomax_jax."
           f"augment.normalization_stats({dataset!r})), or the config.aug.mean and std "
           "the run set.")
     images = images.astype(np.float32)

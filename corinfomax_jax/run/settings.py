@@ -34,7 +34,7 @@ from absl import logging
 
 from corinfomax_jax import methods as methods_lib
 from corinfomax_jax import models
-from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.run.sections import (BETA, BOOL, MOMENTUM, NON_NEGATIVE, POSITIVE,
                                          POSITIVE_INT, SPLIT, SPLIT_LIMIT, STEP_FACTOR,
@@ -85,7 +85,7 @@ class Data(Section):
   eval_split: str = checked(SPLIT)
   image_size: int = checked(POSITIVE_INT)
   skip_bad_images: bool = checked(BOOL)
-  # augment.resolve(dataset, config.aug): the whole two-view recipe (from_config)
+  # recipe.resolve(dataset, config.aug): the whole two-view recipe (from_config)
   recipe: dict = checked(key="aug")
 
   def __post_init__(self):
@@ -102,7 +102,7 @@ class Data(Section):
     data = super().from_config(raw)  # its recipe config.aug as given, until resolved
     overrides = {k: v for k, v in (data.recipe or {}).items() if v is not None}
     try:
-      recipe = augment.resolve(data.dataset, overrides or None)
+      recipe = recipe_lib.resolve(data.dataset, overrides or None)
     except ValueError as e:
       raise ConfigError(f"config.aug: {e}") from None
     return dataclasses.replace(data, recipe=recipe)

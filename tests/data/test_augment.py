@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 import pytest
 
 from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe
 
 ad = augment  # the device ops
 
@@ -23,7 +24,7 @@ CIFAR_TRAIN = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data
                   "cifar10" / "train")
 GRAY = np.array([0.2989, 0.587, 0.114], np.float32)
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-# What augment.view_config returns for the paper's view 2, with blur and
+# What recipe.view_config returns for the paper's view 2, with blur and
 # solarisation made likelier so that a batch of 16 shows every op.
 VIEW = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
             jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
@@ -339,9 +340,8 @@ def test_module_imports_no_tensorflow_or_flax():
 
 
 def test_two_views_differ_and_the_draws_reproduce_them():
-  config = augment.paper_config((0.5,) * 3, (0.25,) * 3)
-  view1 = augment.view_config(config, "view1")
-  view2 = augment.view_config(config, "view2")
+  settings = recipe.views(recipe.paper_config((0.5,) * 3, (0.25,) * 3))
+  view1, view2 = settings.view1, settings.view2
   assert (view1.blur_p, view1.solarize_p) == (1.0, 0.0)
   assert (view2.blur_p, view2.solarize_p) == (0.1, 0.2)
   rng = np.random.default_rng(0)
@@ -358,34 +358,3 @@ def test_two_views_differ_and_the_draws_reproduce_them():
   assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
   assert not np.allclose(a1, a2)
   assert not np.allclose(a1, c1)
-
-
-def test_view_override_and_config_checks():
-  config = augment.paper_config((0.5,) * 3, (0.25,) * 3)
-  assert config["crop_scale"] == (0.08, 1.0)
-  assert (config["brightness"], config["contrast"], config["saturation"],
-          config["hue"], config["jitter_p"], config["grayscale_p"]) == (
-              0.4, 0.4, 0.2, 0.1, 0.8, 0.2)
-  augment.check_config(config)
-  config["view2"] = dict(config["view2"], crop_scale=(0.2, 1.0))
-  assert augment.view_config(config, "view2").crop_scale == (0.2, 1.0)
-  assert augment.view_config(config, "view1").crop_scale == (0.08, 1.0)
-  bad = dict(config, view1=dict(blur_p=1.5))
-  with pytest.raises(ValueError, match=r"view1\.blur_p=1\.5"):
-    augment.check_config(bad)
-  with pytest.raises(ValueError, match="unknown keys.*blur_q"):
-    augment.view_config(dict(config, view1=dict(blur_q=1.0)), "view1")
-  with pytest.raises(ValueError, match="crop_scale"):
-    augment.check_config(dict(config, crop_scale=(0.5, 0.1)))
-
-
-def test_with_overrides_merges_views_and_rejects_unknown_keys():
-  config = augment.paper_config((0.5,) * 3, (0.25,) * 3)
-  merged = augment.with_overrides(config, {"hue": 0.05,
-                                           "view2": {"solarize_p": 0.5}})
-  assert merged["hue"] == 0.05
-  assert merged["view2"] == {"blur_p": 0.1, "solarize_p": 0.5}
-  assert config["hue"] == 0.1 and config["view2"]["solarize_p"] == 0.2
-  assert augment.with_overrides(config, None) == config
-  with pytest.raises(ValueError, match="Unknown augmentation key 'hu'"):
-    augment.with_overrides(config, {"hu": 0.05})

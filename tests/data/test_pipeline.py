@@ -15,6 +15,7 @@ from corinfomax_jax.data import augment
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import errors
 from corinfomax_jax.data import pipeline
+from corinfomax_jax.data import recipe
 from corinfomax_jax.data import sources
 
 NUM_UNIQUE = 10  # examples of the `unique` folder
@@ -73,6 +74,11 @@ def _bad_folder(root):
   return f"folder:{root}"
 
 
+def _spec(global_batch_size, image_size, seed=0, process_index=0, process_count=1):
+  return pipeline.BatchSpec(global_batch_size, image_size, seed, process_index,
+                            process_count)
+
+
 def _global(make, process_count, steps):
   """Per-step global batches: the P per-process batches concatenated."""
   iterators = [make(p, process_count) for p in range(process_count)]
@@ -92,8 +98,7 @@ def test_folder_labels_from_sorted_class_names(mixed):
   assert source.num_examples == 6 and source.num_classes == 3
   assert source.random_access
   assert source.describe(0).endswith(os.path.join("a_cat", "gray.png"))
-  batch = next(pipeline.eval_batches(source, global_batch_size=6, image_size=8,
-                               process_index=0, process_count=1))
+  batch = next(pipeline.eval_batches(source, _spec(6, 8)))
   assert batch["label"].tolist() == [0, 0, 0, 1, 1, 2]
   assert batch["image"].shape == (6, 8, 8, 3)
   assert batch["image"].dtype == np.uint8
@@ -106,8 +111,7 @@ def test_eval_view_resizes_with_the_interpolation_asked_for(tmp_path):
   Image.fromarray(image).save(root / "train" / "a" / "0.png")
   source = sources.get_source(f"folder:{root}", None, "train")
   for interpolation, pil in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
-    batch = next(pipeline.eval_batches(source, global_batch_size=1, image_size=16,
-                                       process_index=0, process_count=1,
+    batch = next(pipeline.eval_batches(source, _spec(1, 16),
                                        interpolation=interpolation))
     # int(16 * 8 / 7) = 18: 30x40 -> 18x24, centre 16x16 at (1, 4).
     ref = np.asarray(Image.fromarray(image).resize((24, 18), pil))[1:17, 4:20]
@@ -148,8 +152,7 @@ def test_every_image_mode_decodes_to_rgb(mixed):
 
 def test_corrupt_file_raises_naming_it(tmp_path):
   source = sources.get_source(_bad_folder(tmp_path), None, "train")
-  batches = pipeline.eval_batches(source, global_batch_size=4, image_size=8,
-                            process_index=0, process_count=1)
+  batches = pipeline.eval_batches(source, _spec(4, 8))
   with pytest.raises(errors.ConfigError, match=r"b/bad\.jpg.*skip_bad_images") as raised:
     list(batches)
   # TensorFlow's own words, without the graph's names around them.
@@ -171,11 +174,8 @@ def test_skip_mode_logs_and_counts(tmp_path, caplog):
   source = sources.get_source(_bad_folder(tmp_path), None, "train",
                          skip_bad_images=True)
   with caplog.at_level(logging.WARNING):
-    batches = list(pipeline.eval_batches(source, global_batch_size=4, image_size=8,
-                                   process_index=0, process_count=1))
-    pretrain = next(pipeline.pretrain_batches(
-        source, global_batch_size=4, image_size=8, seed=0, process_index=0,
-        process_count=1))
+    batches = list(pipeline.eval_batches(source, _spec(4, 8)))
+    pretrain = next(pipeline.pretrain_batches(source, _spec(4, 8)))
   assert len(batches) == 1
   assert batches[0]["mask"].tolist() == [1, 1, 1, 0]  # the bad file counts 0
   assert source.skipped == [str(tmp_path / "train" / "b" / "bad.jpg")]
@@ -198,17 +198,6 @@ def test_missing_and_empty_and_unknown_say_what_exists(mixed, tmp_path):
     sources.get_source("cifar10", str(tmp_path / "nowhere"), "train")
   with pytest.raises(ValueError, match=r"mnist .*not prepared.*data sets"):
     sources.get_source("mnist", str(tmp_path), "train")  # not downloaded on first use
-
-
-def test_normalization_stats_and_default_config():
-  assert augment.normalization_stats("cifar10") == ((0.4914, 0.4822, 0.4465),
-                                               (0.247, 0.243, 0.261))
-  assert augment.normalization_stats("cifar100") == ((0.5071, 0.4865, 0.4409),
-                                                (0.2673, 0.2564, 0.2762))
-  imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-  for name in ("imagenet2012", "imagenet100", "folder:/x/cifar10"):
-    assert augment.normalization_stats(name) == imagenet
-  assert augment.default_aug_config("cifar100")["std"] == (0.2673, 0.2564, 0.2762)
 
 
 def test_imagenet100_class_list():
@@ -240,8 +229,7 @@ def test_epochs_cover_each_example_once():
 
 
 def test_pretrain_reads_batch_indices_and_augments(unique):
-  batches = pipeline.pretrain_batches(unique, global_batch_size=4, image_size=16,
-                                seed=5, process_index=0, process_count=1)
+  batches = pipeline.pretrain_batches(unique, _spec(4, 16, 5))
   first = [next(batches) for _ in range(3)]
   assert batches.step == 3
   for step, batch in enumerate(first):
@@ -257,38 +245,29 @@ def test_pretrain_reads_batch_indices_and_augments(unique):
     assert not np.allclose(batch["view1"], batch["view2"])
     assert not np.allclose(batch["view1"][0], batch["view1"][1])
   assert not np.allclose(first[0]["view1"], first[1]["view1"])
-  again = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=16,
-                                   seed=5, process_index=0, process_count=1))
+  again = next(pipeline.pretrain_batches(unique, _spec(4, 16, 5)))
   for key in first[0]:
     assert np.array_equal(first[0][key], again[key])
-  other = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=16,
-                                   seed=6, process_index=0, process_count=1))
+  other = next(pipeline.pretrain_batches(unique, _spec(4, 16, 6)))
   assert not np.allclose(first[0]["view1"], other["view1"])
 
 
 def test_aug_config_overrides_the_paper_defaults(unique):
   config = {"view1": {"blur_p": 0.0}, "grayscale_p": 1.0}
-  batch = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
-                                   seed=0, process_index=0, process_count=1,
-                                   aug_config=config))
-  recipe = augment.resolve(unique.name, config)
-  mean, std = recipe["mean"], recipe["std"]
+  resolved = recipe.resolve(unique.name, config)
+  batch = next(pipeline.pretrain_batches(unique, _spec(4, 8), recipe.views(resolved)))
+  mean, std = resolved["mean"], resolved["std"]
   for view in ("view1", "view2"):  # grayscale p=1 on the device: the channels agree
     out = augment.view(batch[view], batch[f"{view}_draws"],
-                       augment.view_config(recipe, view), mean=mean, std=std)
+                       recipe.view_config(resolved, view), mean=mean, std=std)
     rgb = np.asarray(out) * np.array(std) + np.array(mean)
     np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)
-  with pytest.raises(ValueError, match="Unknown augmentation key 'grey_p'"):
-    pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8, seed=0,
-                        process_index=0, process_count=1,
-                        aug_config={"grey_p": 1.0})
 
 
 def test_process_count_invariance_and_resume(unique):
   def make(start):
-    return lambda p, count: pipeline.pretrain_batches(
-        unique, global_batch_size=4, image_size=12, seed=3, start_step=start,
-        process_index=p, process_count=count)
+    return lambda p, count: pipeline.pretrain_batches(unique, _spec(4, 12, 3, p, count),
+                                                      start_step=start)
   reference = _global(make(0), 1, 6)  # 6 steps: 3 epochs of 2
   for count in (2, 4):
     resumed = _global(make(3), count, 3)  # resume at step 3
@@ -300,9 +279,9 @@ def test_process_count_invariance_and_resume(unique):
 def test_eval_covers_each_example_once(unique):
   for train_augment in (False, True):
     def make(p, count, epoch=0):
-      return pipeline.eval_batches(unique, global_batch_size=4, image_size=8,
-                             process_index=p, process_count=count,
-                             train_augment=train_augment, seed=1, epoch=epoch)
+      return pipeline.eval_batches(unique, _spec(4, 8, 1, p, count),
+                                   train_augment=train_augment,
+                                   epoch=epoch)
     steps = pipeline.eval_steps(NUM_UNIQUE, 4)
     assert steps == 3
     parts = [list(make(p, 2)) for p in range(2)]  # finite: one pass
@@ -327,8 +306,7 @@ def test_eval_covers_each_example_once(unique):
 
 
 def test_probe_train_batches(unique):
-  batches = pipeline.probe_train_batches(unique, global_batch_size=4, image_size=8,
-                                   seed=5, process_index=1, process_count=2)
+  batches = pipeline.probe_train_batches(unique, _spec(4, 8, 5, 1, 2))
   batch = next(batches)
   assert set(batch) == {"image", "label"}
   assert batch["image"].shape == (2, 8, 8, 3)
@@ -344,21 +322,18 @@ def test_tfds_sources_with_mock_data():
     source = sources.get_source("cifar10", None, "train")
     assert source.random_access and source.num_examples == 12
     assert source.num_classes == 10
-    batch = next(pipeline.pretrain_batches(source, global_batch_size=4,
-                                     image_size=16, seed=0, process_index=1,
-                                     process_count=2))
+    batch = next(pipeline.pretrain_batches(source, _spec(4, 16, 0, 1, 2)))
     assert batch["view1"].shape == (2, 16, 16, 3)
     assert batch["label"].dtype == np.int32
     assert 0 <= batch["label"].min() and batch["label"].max() < 10
 
     streamed = sources.get_source("cifar10", None, "train", random_access=False)
     assert not streamed.random_access and streamed.num_examples == 12
-    batch = next(pipeline.pretrain_batches(streamed, global_batch_size=4,
-                                     image_size=16, seed=0, process_index=0,
-                                     process_count=2))
+    with pytest.raises(ValueError, match="is streamed: its examples have no fixed index"):
+      streamed.subset(np.arange(2))
+    batch = next(pipeline.pretrain_batches(streamed, _spec(4, 16, 0, 0, 2)))
     assert batch["view2"].shape == (2, 16, 16, 3)
-    evals = list(pipeline.eval_batches(streamed, global_batch_size=8, image_size=16,
-                                 process_index=0, process_count=2))
+    evals = list(pipeline.eval_batches(streamed, _spec(8, 16, 0, 0, 2)))
     assert len(evals) == 2 and evals[0]["image"].shape == (4, 16, 16, 3)
 
   with tfds.testing.mock_data(num_examples=100):
@@ -366,8 +341,7 @@ def test_tfds_sources_with_mock_data():
     assert subset.num_classes == 100
     assert list(subset.class_names) == sources.imagenet100_classes()
     assert 0 < subset.num_examples < 100  # mock labels span 1000 classes
-    batch = next(pipeline.eval_batches(subset, global_batch_size=4, image_size=8,
-                                 process_index=0, process_count=1))
+    batch = next(pipeline.eval_batches(subset, _spec(4, 8)))
     assert 0 <= batch["label"].min() and batch["label"].max() < 100
 
 
@@ -407,16 +381,14 @@ def test_prepared_tfds_random_access_and_streaming(tmp_path, file_format):
   assert source.random_access == (file_format == "array_record")
   assert (source.num_examples, source.class_names) == (10, ("a", "b", "c"))
   # Two processes, one padded pass: every record exactly once.
-  parts = [list(pipeline.eval_batches(source, global_batch_size=4, image_size=8,
-                                process_index=p, process_count=2))
+  parts = [list(pipeline.eval_batches(source, _spec(4, 8, 0, p, 2)))
            for p in range(2)]
   assert [len(part) for part in parts] == [3, 3]
   ids = _identities(parts[0] + parts[1], source.name)
   assert sorted(ids) == list(range(10))
   labels = np.concatenate([b["label"][b["mask"] > 0] for b in parts[0] + parts[1]])
   assert sorted(labels.tolist()) == sorted(i % 3 for i in range(10))
-  batch = next(pipeline.pretrain_batches(source, global_batch_size=4, image_size=8,
-                                   seed=0, process_index=1, process_count=2))
+  batch = next(pipeline.pretrain_batches(source, _spec(4, 8, 0, 1, 2)))
   assert batch["view1"].shape == (2, 8, 8, 3)
   with pytest.raises(ValueError, match=r"has no split 'test'.*\['train'\]"):
     sources.get_source("corinfomax_tiny_images", str(tmp_path), "test")
@@ -430,8 +402,7 @@ def test_global_batches_shard_over_mesh(unique):
   assert len(devices) == 8
   sharding = NamedSharding(Mesh(np.array(devices), ("data",)),
                            PartitionSpec("data"))
-  local = pipeline.pretrain_batches(unique, global_batch_size=8, image_size=8,
-                              seed=0, process_index=0, process_count=1)
+  local = pipeline.pretrain_batches(unique, _spec(8, 8))
   kept = []
 
   def recorded():
@@ -459,12 +430,10 @@ def test_non_dividing_batch_raises(unique):
     mesh_lib.check_batch_divides(6, 8, 4)
   mesh_lib.check_batch_divides(16, 8, 2)
   with pytest.raises(ValueError, match=r"6 does not divide over the 4 processes"):
-    pipeline.pretrain_batches(unique, global_batch_size=6, image_size=8, seed=0,
-                        process_index=0, process_count=4)
+    pipeline.pretrain_batches(unique, _spec(6, 8, 0, 0, 4))
   sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)),
                            PartitionSpec("data"))
-  local = pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
-                              seed=0, process_index=0, process_count=1)
+  local = pipeline.pretrain_batches(unique, _spec(4, 8))
   with pytest.raises(ValueError, match=r"4 does not divide over the 8 devices"):
     next(pipeline.global_batches(local, sharding))
 
@@ -474,7 +443,7 @@ def test_pipelines_are_built_without_reading_the_packages_source(unique, monkeyp
   pipeline built (most of the time to build one), from the files as they are now, which
   after an upgrade under a running job are not the code that runs; the data functions
   are traced as written (`sources.as_written`)."""
-  package = os.path.dirname(os.path.dirname(sources.__file__))
+  package = os.path.dirname(os.path.dirname(os.path.dirname(sources.__file__)))
   read = []
   findsource = inspect.findsource
 
@@ -485,8 +454,7 @@ def test_pipelines_are_built_without_reading_the_packages_source(unique, monkeyp
     return findsource(obj)
 
   monkeypatch.setattr(inspect, "findsource", recorded)
-  batch = next(pipeline.pretrain_batches(unique, global_batch_size=4, image_size=8,
-                                         seed=0, process_index=0, process_count=1))
-  evaluated = next(iter(pipeline.eval_batches(unique, global_batch_size=4, image_size=8)))
+  batch = next(pipeline.pretrain_batches(unique, _spec(4, 8)))
+  evaluated = next(iter(pipeline.eval_batches(unique, _spec(4, 8))))
   assert batch["view1"].shape == evaluated["image"].shape == (4, 8, 8, 3)
   assert not read, read

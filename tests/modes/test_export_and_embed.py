@@ -18,7 +18,7 @@ import corinfomax_jax
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax import models
-from corinfomax_jax.data import augment
+from corinfomax_jax.data import recipe
 from corinfomax_jax.data import crops
 from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import sources
@@ -47,7 +47,7 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
   assert "fc.weight" not in tensors and int(tensors["bn1.num_batches_tracked"]) == 4
   metadata = export.read_safetensors_header(out["safetensors"])["__metadata__"]
   # The evaluation input: ImageNet's statistics for a folder, int(16 * 8 / 7) = 18.
-  mean, std = (list(x) for x in augment.normalization_stats("folder:x"))
+  mean, std = (list(x) for x in recipe.normalization_stats("folder:x"))
   assert json.loads(metadata.pop("preprocessing")) == {
       "image_size": 16, "resize": 18, "crop": 16, "interpolation": "bicubic",
       "mean": mean, "std": std, "layout": "RGB, pixels / 255, then (x - mean) / std"}
@@ -59,9 +59,8 @@ def test_export_writes_torchvision_and_flax_files_with_the_encoder_features(
                       "step": "4"}
   # The eval pipeline's view of a test image is that resize and crop.
   source = sources.get_source(f"folder:{image_folder}", None, "test")
-  batch = next(pipeline.eval_batches(source, global_batch_size=8, image_size=16,
-                                     aug_config=settings.resolve(tiny_config(
-                                         f"folder:{image_folder}")).data.recipe))
+  batch = next(pipeline.eval_batches(source, pipeline.BatchSpec(8, 16), recipe.views(
+      settings.resolve(tiny_config(f"folder:{image_folder}")).data.recipe)))
   first = np.asarray(Image.open(source.describe(0)).convert("RGB"))
   np.testing.assert_array_equal(batch["image"][0],
                                 crops.resize_center_crop_np(first, 16, 18 / 16))

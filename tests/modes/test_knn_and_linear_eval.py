@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.data import pipeline
+from corinfomax_jax.data import recipe
 from corinfomax_jax.data import sources
 from corinfomax_jax.eval import evaluators
 from corinfomax_jax.eval import knn
@@ -179,8 +180,8 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
   # extraction drops the padding and equals a plain, unsharded forward pass.
   feats, labels = evaluators.extract_features(model, variables, mesh, test_source,
                                               batch_size=16, data=run.data)
-  batches = list(pipeline.eval_batches(test_source, global_batch_size=16,
-                                       image_size=16, aug_config=run.data.recipe))
+  batches = list(pipeline.eval_batches(test_source, pipeline.BatchSpec(16, 16),
+                                       recipe.views(run.data.recipe)))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
   mean, std = run.data.mean, run.data.std
   images = ((images / 255.0 - np.array(mean)) / np.array(std)).astype(np.float32)
