@@ -180,8 +180,8 @@ def test_the_paper_protocol_steps_and_initialises_as_the_reference():
   default_config.set_paper_finetune(config, 1)
   ft = settings.resolve(config).eval.finetune
   steps_per_epoch = 7
-  backbone, head = finetune.learning_rates(ft, ft.epochs * steps_per_epoch,
-                                           steps_per_epoch)
+  rates = finetune.learning_rates(ft, steps_per_epoch)
+  backbone, head = rates["backbone"], rates["head"]
   for epoch in (0, 4, 5, 9, 10, 15, 19):
     for step in (epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1):
       k = epoch // 5
