@@ -1,6 +1,7 @@
 """The network's features on data: the evaluators' shared input plumbing.
 
-`open_sources` opens and checks the labelled splits; `feature_batches` and
+`open_sources` opens and checks the labelled splits, `labelled_index` and
+`index_subset` restrict one to a labelled subset; `feature_batches` and
 `extract_features` give the backbone's centre-crop features of a split;
 `eval_split_sums` sums a jitted per-batch function over a split's centre crops (the
 probe's test path). `Context` is what every evaluator is built from besides its own
@@ -9,14 +10,17 @@ functions.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
+from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.run import encoder
@@ -169,3 +173,63 @@ def extract_features(model: nn.Module, variables, mesh: jax.sharding.Mesh, sourc
   if not feats:
     raise ValueError(f"{source.name} split {source.split!r} gave no examples")
   return np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
+
+
+def _labels_of(source) -> np.ndarray:
+  """Labels of every example of a random-access source, read in chunks."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  parts = [source.load_batch(tf.range(s, min(s + 65536, source.num_examples),
+                                      dtype=tf.int64))[1].numpy()
+           for s in range(0, source.num_examples, 65536)]
+  return np.concatenate(parts).astype(np.int64)
+
+
+def labelled_index(source, *, fraction: float, label_file: str | None,
+                   seed: int) -> np.ndarray:
+  """Sorted example indices of the labelled subset of `source`.
+
+  label_file: the examples whose file names (the last path component, e.g. SimCLR's
+  published ImageNet 1%/10% lists) it lists, one per line; image folders and TFDS data
+  sets with a `file_name` feature (imagenet2012). Otherwise a class-balanced subset:
+  round(fraction * n_c) examples (at least one) of each class c with n_c examples,
+  chosen by a permutation seeded with `seed`.
+  """
+  if label_file:
+    if source.file_names is None:
+      raise ConfigError(f"config.eval.finetune.label_file needs file names, which {source.name!r} "
+                        "does not have: use an image folder (folder:<root>) or a TFDS "
+                        "data set with a file_name feature, such as imagenet2012.")
+    text = files.as_path(label_file).read_text()
+    wanted = {line.strip() for line in text.splitlines() if line.strip()}
+    if not wanted:
+      raise ConfigError(
+          f"config.eval.finetune.label_file = {label_file!r} is empty (no file names in "
+          "it): expected image file names, one per line, or None for a class-balanced "
+          "subset of config.eval.finetune.label_fraction.")
+    names = source.file_names()
+    index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
+    missing = wanted - set(names)
+    if missing:
+      raise ConfigError(
+          f"config.eval.finetune.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
+          f"names are not in {source.name} {source.split!r} (e.g. "
+          f"{sorted(missing)[:3]}).")
+    counts = collections.Counter(names[i] for i in index)
+    shared = sorted(name for name, count in counts.items() if count > 1)
+    if shared:
+      logging.warning(
+          "config.eval.finetune.label_file %r: %d of its %d names each match several "
+          "images of %s %r (e.g. %r: %d images), so %d examples are labelled for %d "
+          "names; every match is used. Give each image a unique file name to label one.",
+          label_file, len(shared), len(wanted), source.name, source.split, shared[0],
+          counts[shared[0]], len(index), len(wanted))
+    return index
+  labels = _labels_of(source)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in range(source.num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members):
+      take = max(1, round(fraction * len(members)))
+      chosen.append(rng.permutation(members)[:take])
+  return np.sort(np.concatenate(chosen))

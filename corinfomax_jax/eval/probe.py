@@ -90,7 +90,7 @@ def learning_rate_schedule(lr: float, schedule: str, *, steps_per_epoch: int,
   """
   if schedule == "cosine":
     return optax.cosine_decay_schedule(lr, max(epochs * steps_per_epoch, 1),
-                                       alpha=min_lr / lr)
+                                       alpha=min_lr / lr if lr else 0.0)
   if schedule == "step":
     if not isinstance(step_epochs, int) or step_epochs <= 0:
       raise ValueError(f"step_epochs {step_epochs!r} must be a positive integer")

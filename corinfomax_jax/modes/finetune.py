@@ -7,8 +7,6 @@ of the eval split.
 """
 from __future__ import annotations
 
-import collections
-
 import jax
 import numpy as np
 import optax
@@ -40,66 +38,6 @@ _PROTOCOL_BEFORE = {"schedule": "cosine", "step_epochs": 5, "backbone_step_facto
                     "crop_interpolation": "bicubic", "momentum": 0.9,
                     "evaluate_every_epoch": False}
 HEAD_STDDEV = 0.01  # head_init="normal": the reference's N(0, 0.01^2) kernel
-
-
-def _labels_of(source) -> np.ndarray:
-  """Labels of every example of a random-access source, read in chunks."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  parts = [source.load_batch(tf.range(s, min(s + 65536, source.num_examples),
-                                      dtype=tf.int64))[1].numpy()
-           for s in range(0, source.num_examples, 65536)]
-  return np.concatenate(parts).astype(np.int64)
-
-
-def labelled_index(source, *, fraction: float, label_file: str | None,
-                   seed: int) -> np.ndarray:
-  """Sorted example indices of the labelled subset of `source`.
-
-  label_file: the examples whose file names (the last path component, e.g. SimCLR's
-  published ImageNet 1%/10% lists) it lists, one per line; image folders and TFDS data
-  sets with a `file_name` feature (imagenet2012). Otherwise a class-balanced subset:
-  round(fraction * n_c) examples (at least one) of each class c with n_c examples,
-  chosen by a permutation seeded with `seed`.
-  """
-  if label_file:
-    if source.file_names is None:
-      raise ConfigError(f"config.eval.finetune.label_file needs file names, which {source.name!r} "
-                        "does not have: use an image folder (folder:<root>) or a TFDS "
-                        "data set with a file_name feature, such as imagenet2012.")
-    text = files.as_path(label_file).read_text()
-    wanted = {line.strip() for line in text.splitlines() if line.strip()}
-    if not wanted:
-      raise ConfigError(
-          f"config.eval.finetune.label_file = {label_file!r} is empty (no file names in "
-          "it): expected image file names, one per line, or None for a class-balanced "
-          "subset of config.eval.finetune.label_fraction.")
-    names = source.file_names()
-    index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
-    missing = wanted - set(names)
-    if missing:
-      raise ConfigError(
-          f"config.eval.finetune.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
-          f"names are not in {source.name} {source.split!r} (e.g. "
-          f"{sorted(missing)[:3]}).")
-    counts = collections.Counter(names[i] for i in index)
-    shared = sorted(name for name, count in counts.items() if count > 1)
-    if shared:
-      logging.warning(
-          "config.eval.finetune.label_file %r: %d of its %d names each match several "
-          "images of %s %r (e.g. %r: %d images), so %d examples are labelled for %d "
-          "names; every match is used. Give each image a unique file name to label one.",
-          label_file, len(shared), len(wanted), source.name, source.split, shared[0],
-          counts[shared[0]], len(index), len(wanted))
-    return index
-  labels = _labels_of(source)
-  rng = np.random.default_rng(seed)
-  chosen = []
-  for c in range(source.num_classes):
-    members = np.flatnonzero(labels == c)
-    if len(members):
-      take = max(1, round(fraction * len(members)))
-      chosen.append(rng.permutation(members)[:take])
-  return np.sort(np.concatenate(chosen))
 
 
 def learning_rates(ft: settings_lib.Finetune,
@@ -240,7 +178,7 @@ def _finetune(config, workdir: str, lock) -> dict:
   run, mesh = _check_can_start(config, workdir, lock)
   ft, data = run.eval.finetune, run.data
   train_source, eval_source = features.open_sources(data)
-  subset = features.index_subset(train_source, labelled_index(
+  subset = features.index_subset(train_source, features.labelled_index(
       train_source, fraction=ft.label_fraction, label_file=ft.label_file, seed=run.seed))
   trainer = _trainer(run, mesh, probe.make_plan(
       subset, batch_size=ft.batch_size, epochs=ft.epochs, max_steps=ft.max_steps,

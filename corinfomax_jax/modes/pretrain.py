@@ -242,14 +242,7 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
           mesh_lib.batch_sharded(mesh))
       spectrum = SpectrumLog(writer, [(s, np.asarray(e))
                                       for s, e in record.get("spectra", [])], run.method)
-      report = loop.ReportProgress(
-          name="pretrain", num_steps=num_steps, every_steps=train.log_every_steps,
-          batch_size=train.batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
-          prefix="train/",
-          nonfinite_hint=lambda: (
-              f"The last good checkpoint is {_last_checkpoint(manager)}. Lower "
-              "config.learning_rate or check the data."),
-          totals=("cholesky_fallbacks",))
+      report = _progress(train, num_steps, steps_per_epoch, writer, manager)
       record_fn = _record_fn(run, record, probe_classes, steps_per_epoch,
                              source.num_examples, spectrum)
       check_health = functools.partial(_check_health, detector, manager, run.optimizer)
@@ -290,6 +283,20 @@ def _input(run: settings_lib.Settings):
                source.num_classes, num_steps, train.batch_size, steps_per_epoch,
                run.method)
   return source, steps_per_epoch, num_steps
+
+
+def _progress(train: settings_lib.Train, num_steps: int, steps_per_epoch: int, writer,
+              manager) -> loop.ReportProgress:
+  """Progress lines, TensorBoard's train/ scalars and the NaN guard, which names the
+  last good checkpoint."""
+  return loop.ReportProgress(
+      name="pretrain", num_steps=num_steps, every_steps=train.log_every_steps,
+      batch_size=train.batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
+      prefix="train/",
+      nonfinite_hint=lambda: (
+          f"The last good checkpoint is {_last_checkpoint(manager)}. Lower "
+          "config.learning_rate or check the data."),
+      totals=("cholesky_fallbacks",))
 
 
 def _record_fn(run: settings_lib.Settings, record: dict, probe_classes: int,
