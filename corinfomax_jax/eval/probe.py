@@ -234,7 +234,7 @@ def train_step(state: HeadState, frozen, batch, *, model, tx, learning_rate_fn, 
                        batch_stats=batch_stats), metrics_
 
 
-def test_sums(head, frozen, batch, *, model, mean, std):
+def hit_sums(head, frozen, batch, *, model, mean, std):
   """[top-1 hits, top-5 hits, real rows, summed cross-entropy] of one padded batch,
   the backbone `model` in inference mode on `frozen` variables."""
   images = augment.normalize_uint8(batch["image"], mean, std)
@@ -251,7 +251,7 @@ def evaluate_head(head, frozen, *, model, mesh, source, data: settings_lib.Data,
   "num_test_examples" of the head on centre crops of `source`, resized with
   `interpolation`."""
   sums = features_lib.eval_split_sums(
-      functools.partial(test_sums, model=model, mean=data.mean, std=data.std),
+      functools.partial(hit_sums, model=model, mean=data.mean, std=data.std),
       (head, frozen), mesh, source, data, batch_size, interpolation)
   count = int(sums[2])
   return {**metrics.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
