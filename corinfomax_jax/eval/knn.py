@@ -1,7 +1,8 @@
-"""Weighted k-nearest-neighbour classification of features, and top-k accuracy.
+"""Weighted k-nearest-neighbour classification: the maths, its names, its evaluator.
 
-Arrays in, numbers out (no network, no data pipeline): the kNN monitor and
-`--mode=knn_eval` call these on backbone features.
+The maths takes arrays and gives numbers (no network, no data pipeline);
+`KnnEvaluator` runs it on the backbone features of the train split (the bank) and the
+eval split (the queries), as the kNN monitor and `--mode=knn_eval`.
 """
 from __future__ import annotations
 
@@ -11,28 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from corinfomax_jax.eval import features as features_lib
+from corinfomax_jax.eval import metrics
 from corinfomax_jax.methods import corinfomax as objective
+from corinfomax_jax.run import loop
+from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import train_state as train_state_lib
 
 # InstDisc's weighted kNN (Wu et al., 2018): k = 200, temperature 0.07.
 KNN_K = 200
 KNN_TEMPERATURE = 0.07
-
-
-def padded_chunks(x: np.ndarray | jax.Array, chunk_size: int):
-  """Yields (chunk padded with zeros to chunk_size rows, number of real rows)."""
-  for start in range(0, x.shape[0], chunk_size):
-    chunk = x[start:start + chunk_size]
-    n = chunk.shape[0]
-    if n < chunk_size:
-      pad = [(0, chunk_size - n)] + [(0, 0)] * (chunk.ndim - 1)
-      chunk = (np.pad(chunk, pad) if isinstance(chunk, np.ndarray)
-               else jnp.pad(chunk, pad))
-    yield chunk, n
-
-
-def check_chunk_size(chunk_size: int) -> None:
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"chunk_size {chunk_size!r} must be a positive integer")
 
 
 def _votes(top_sim, top_labels, temperature, num_classes):
@@ -61,7 +50,7 @@ def _knn_chunk_scores(bank_normed, bank_labels, queries, temperature, *, num_cla
 
 
 def _knn_setup(bank_feats, bank_labels, query_feats, num_classes, k, chunk_size):
-  check_chunk_size(chunk_size)
+  metrics.check_chunk_size(chunk_size)
   if bank_feats.ndim != 2 or query_feats.ndim != 2:
     raise ValueError(f"bank and query features must be 2-D (n, dim); got shapes "
                      f"{bank_feats.shape} and {query_feats.shape}")
@@ -96,7 +85,7 @@ def knn_classify(bank_feats, bank_labels, query_feats, num_classes: int, *,
   scores = [
       np.asarray(_knn_chunk_scores(bank_normed, labels, chunk, temperature,
                                    num_classes=num_classes, k=k))[:n]
-      for chunk, n in padded_chunks(query_feats, chunk_size)
+      for chunk, n in metrics.padded_chunks(query_feats, chunk_size)
   ]
   if not scores:
     return np.zeros((0, num_classes), np.float32)
@@ -113,29 +102,10 @@ def _knn_chunk_hits(bank_normed, bank_labels, queries, query_labels, valid, temp
   """
   top_sim, top_labels = _neighbours(bank_normed, bank_labels, queries, max(ks))
   return jnp.stack([
-      jax.vmap(lambda t, k=k: topk_hits(
+      jax.vmap(lambda t, k=k: metrics.topk_hits(
           _votes(top_sim[:, :k], top_labels[:, :k], t, num_classes), query_labels,
           valid))(temperatures)
       for k in ks])
-
-
-def topk_hits(scores: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
-  """[top-1 hits, top-5 hits] over the rows where valid is True."""
-  ranked = jax.lax.top_k(scores, min(5, scores.shape[-1]))[1]
-  correct = (ranked == labels[:, None]) & valid[:, None]
-  return jnp.stack([correct[:, 0].sum(), correct.any(axis=1).sum()])
-
-
-def accuracy(hits: np.ndarray, count: int) -> dict[str, float]:
-  if count == 0:
-    raise ValueError("no samples to evaluate")
-  return {"top1": 100.0 * float(hits[0]) / count,
-          "top5": 100.0 * float(hits[1]) / count}
-
-
-def labels_and_masks(labels, chunk_size):
-  for chunk, n in padded_chunks(np.asarray(labels, np.int32), chunk_size):
-    yield chunk, np.arange(chunk_size) < n
 
 
 def knn_accuracy(bank_feats, bank_labels, query_feats, query_labels,
@@ -171,10 +141,77 @@ def knn_accuracies(bank_feats, bank_labels, query_feats, query_labels,
   clipped = tuple(min(k, k_max) for k in ks)
   hits = np.zeros((len(ks), len(temperatures), 2), np.int64)
   for (chunk, _), (chunk_labels, valid) in zip(
-      padded_chunks(query_feats, chunk_size),
-      labels_and_masks(query_labels, chunk_size)):
+      metrics.padded_chunks(query_feats, chunk_size),
+      metrics.labels_and_masks(query_labels, chunk_size)):
     hits += np.asarray(_knn_chunk_hits(bank_normed, labels, chunk, chunk_labels, valid,
                                        jnp.asarray(temperatures, jnp.float32),
                                        num_classes=num_classes, ks=clipped))
-  return {(k, t): accuracy(hits[i, j], query_feats.shape[0])
+  return {(k, t): metrics.accuracy(hits[i, j], query_feats.shape[0])
           for i, k in enumerate(ks) for j, t in enumerate(temperatures)}
+
+
+def knn_headline(ks, temperatures) -> tuple[int, float]:
+  """The (k, T) reported as top1/top5: InstDisc's k = 200, T = 0.07 where listed, else
+  the largest k and the first temperature."""
+  k = KNN_K if KNN_K in ks else max(ks)
+  t = KNN_TEMPERATURE if KNN_TEMPERATURE in temperatures else temperatures[0]
+  return k, t
+
+
+def knn_numbers(table: dict, ks, temperatures) -> dict[str, float]:
+  """Flat names of knn_accuracies' table: top1/top5 at the headline (k, T), then
+  top1_k<k>/top5_k<k> at the headline T, and top1_k<k>_t<T> for other temperatures."""
+  k0, t0 = knn_headline(ks, temperatures)
+  out = dict(table[(k0, t0)])
+  for (k, t), acc in table.items():
+    suffix = f"_k{k}" if t == t0 else f"_k{k}_t{t:g}"
+    out.update({f"{name}{suffix}": v for name, v in acc.items()})
+  return out
+
+
+class KnnEvaluator:
+  """Weighted kNN of the backbone features: train split as the bank, eval split queried.
+
+  The bank is the train split (at most `knn.max_train_examples` of it, spread evenly),
+  the queries the eval split, both centre crops through the network in inference
+  mode; every k of `knn.ks` and temperature of `knn.temperatures` in one pass
+  (knn_accuracies). As a monitor (`run`, `run_on_state`) the bank and the queries
+  are at most `knn.monitor_max_train_examples` and `knn.monitor_max_test_examples`,
+  each spread evenly over its split. Every process returns the same numbers.
+  """
+  name = "knn"
+
+  def __init__(self, settings: settings_lib.Knn, context: features_lib.Context):
+    self._settings, self._context = settings, context
+    self.ks, self.temperatures = settings.ks, settings.temperatures
+
+  def every_steps(self, steps_per_epoch: int) -> int:
+    return loop.epochs_to_steps(self._settings.every_epochs, steps_per_epoch)
+
+  def accuracies(self, variables, *, monitor: bool = False) -> tuple[dict, dict]:
+    """({(k, T): {"top1", "top5"}} in percent, the bank and query counts); `monitor`:
+    with the monitor's bank and query sizes."""
+    settings, c = self._settings, self._context
+    max_bank, max_queries = settings.max_train_examples, -1
+    if monitor:
+      if settings.monitor_max_train_examples != -1:
+        max_bank = settings.monitor_max_train_examples
+      max_queries = settings.monitor_max_test_examples
+    bank, bank_labels, queries, query_labels = (
+        x for source, limit in ((c.train_source, max_bank), (c.eval_source, max_queries))
+        for x in features_lib.extract_features(
+            c.model, variables, c.mesh, source, batch_size=c.batch_size, data=c.data,
+            max_examples=limit))
+    table = knn_accuracies(bank, bank_labels, queries, query_labels,
+                           c.train_source.num_classes, ks=self.ks,
+                           temperatures=self.temperatures)
+    return table, {"num_bank_examples": int(len(bank)),
+                   "num_query_examples": int(len(queries))}
+
+  def run(self, variables) -> dict:
+    """The monitor: `knn_numbers` of the accuracies, and the bank and query counts."""
+    table, counts = self.accuracies(variables, monitor=True)
+    return {**knn_numbers(table, self.ks, self.temperatures), **counts}
+
+  def run_on_state(self, state) -> dict:
+    return self.run(train_state_lib.backbone_variables(state))

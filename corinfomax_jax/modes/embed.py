@@ -12,7 +12,7 @@ from corinfomax_jax import files
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.errors import ConfigError
 from corinfomax_jax.eval import embedding_map
-from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import features as features_lib
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import encoder as encoder_lib
 from corinfomax_jax.run import settings as settings_lib
@@ -69,7 +69,7 @@ def embed(config, workdir: str) -> str:
   split (not prepared as ArrayRecord), whose rows arrive in an order that no index
   names.
   Centre crops through the latest checkpoint's backbone in inference mode, in global
-  batches of config.eval.batch_size sharded over all devices (evaluators.feature_batches).
+  batches of config.eval.batch_size sharded over all devices (features_lib.feature_batches).
   So that 1.28M x 2048 features (10.5 GB) need not fit in memory, process 0 writes each
   gathered batch straight into three .npy files (np.lib.format.open_memmap) under
   DIR/embeddings/<split>.parts/ (under TMPDIR when DIR is a URL), then stores them
@@ -112,7 +112,7 @@ def embed(config, workdir: str) -> str:
                                    ("labels", np.int32, (n,)),
                                    ("index", np.int64, (n,)))}
   count = 0
-  for feats, labels, index in evaluators.feature_batches(
+  for feats, labels, index in features_lib.feature_batches(
       enc.model, variables, mesh, source, batch_size=run.eval.batch_size, data=data):
     if writer:
       for name, rows in (("features", feats), ("labels", labels), ("index", index)):

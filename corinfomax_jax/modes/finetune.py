@@ -2,39 +2,28 @@
 
 The standard protocol after self-supervised pretraining (SimCLR, Chen et al. 2020): the
 backbone and a new linear head are trained together with cross-entropy on 1% or 10% of
-the labels, then tested on centre crops of the eval split.
+the labels (eval/probe.py's trainer with train_backbone), then tested on centre crops
+of the eval split.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
-import functools
-from typing import Any
-
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from corinfomax_jax import compiler
-from corinfomax_jax.data import augment
-from corinfomax_jax.data import recipe as recipe_lib
-from corinfomax_jax.run import checkpoints
-from corinfomax_jax.run import encoder as encoder_lib
-from corinfomax_jax.eval import evaluators
 from corinfomax_jax import files
-from corinfomax_jax.eval import knn
-from corinfomax_jax.run import loop
-from corinfomax_jax import mesh as mesh_lib
-from corinfomax_jax.run import writers as metrics_lib
 from corinfomax_jax import models
-from corinfomax_jax.run import train_state as train_state_lib
-from corinfomax_jax.modes import startup
-from corinfomax_jax.run import settings as settings_lib
-from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.errors import ConfigError
+from corinfomax_jax.eval import features
+from corinfomax_jax.eval import probe
+from corinfomax_jax.modes import startup
+from corinfomax_jax.run import encoder as encoder_lib
+from corinfomax_jax.run import loop
+from corinfomax_jax.run import settings as settings_lib
+from corinfomax_jax.run import train_state as train_state_lib
+from corinfomax_jax.run import workdir_lock
+from corinfomax_jax.run import writers
 
 # The result of config.eval.finetune.subdir's default, "finetune" (`result_file`): the
 # TensorBoard events and checkpoints go to <workdir>/<subdir>/.
@@ -51,138 +40,30 @@ _PROTOCOL_BEFORE = {"schedule": "cosine", "step_epochs": 5, "backbone_step_facto
 HEAD_STDDEV = 0.01  # head_init="normal": the reference's N(0, 0.01^2) kernel
 
 
-@flax.struct.dataclass
-class FinetuneState:
-  """The fine-tuning state; its checkpoint is exactly this pytree."""
-  step: jax.Array
-  params: Any  # {"backbone": ResNet params, "head": {"kernel", "bias"}}
-  batch_stats: Any  # the backbone's BatchNorm statistics
-  opt_state: Any
+def learning_rates(ft: settings_lib.Finetune,
+                   steps_per_epoch: int) -> dict[str, optax.Schedule]:
+  """{"backbone", "head"}: each part's learning rate by step, ft.schedule "cosine" from
+  its lr to 0 over ft.epochs epochs, or "step": its lr times its step factor every
+  ft.step_epochs epochs (the reference's StepLR, stepped once per epoch)."""
+  return {part: probe.learning_rate_schedule(
+      getattr(ft, f"{part}_lr"), ft.schedule, steps_per_epoch=steps_per_epoch,
+      epochs=ft.epochs, step_epochs=ft.step_epochs,
+      step_factor=getattr(ft, f"{part}_step_factor")) for part in ("backbone", "head")}
 
 
-def _labels_of(source) -> np.ndarray:
-  """Labels of every example of a random-access source, read in chunks."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  parts = [source.load_batch(tf.range(s, min(s + 65536, source.num_examples),
-                                      dtype=tf.int64))[1].numpy()
-           for s in range(0, source.num_examples, 65536)]
-  return np.concatenate(parts).astype(np.int64)
-
-
-def labelled_index(source, *, fraction: float, label_file: str | None,
-                   seed: int) -> np.ndarray:
-  """Sorted example indices of the labelled subset of `source`.
-
-  label_file: the examples whose file names (the last path component, e.g. SimCLR's
-  published ImageNet 1%/10% lists) it lists, one per line; image folders and TFDS data
-  sets with a `file_name` feature (imagenet2012). Otherwise a class-balanced subset:
-  round(fraction * n_c) examples (at least one) of each class c with n_c examples,
-  chosen by a permutation seeded with `seed`.
-  """
-  if label_file:
-    if not source.has_file_names:
-      raise ConfigError(f"config.eval.finetune.label_file needs file names, which {source.name!r} "
-                        "does not have: use an image folder (folder:<root>) or a TFDS "
-                        "data set with a file_name feature, such as imagenet2012.")
-    text = files.as_path(label_file).read_text()
-    wanted = {line.strip() for line in text.splitlines() if line.strip()}
-    if not wanted:
-      raise ConfigError(
-          f"config.eval.finetune.label_file = {label_file!r} is empty (no file names in "
-          "it): expected image file names, one per line, or None for a class-balanced "
-          "subset of config.eval.finetune.label_fraction.")
-    names = source.file_names()
-    index = np.array([i for i, name in enumerate(names) if name in wanted], np.int64)
-    missing = wanted - set(names)
-    if missing:
-      raise ConfigError(
-          f"config.eval.finetune.label_file {label_file!r}: {len(missing)} of its {len(wanted)} "
-          f"names are not in {source.name} {source.split!r} (e.g. "
-          f"{sorted(missing)[:3]}).")
-    counts = collections.Counter(names[i] for i in index)
-    shared = sorted(name for name, count in counts.items() if count > 1)
-    if shared:
-      logging.warning(
-          "config.eval.finetune.label_file %r: %d of its %d names each match several "
-          "images of %s %r (e.g. %r: %d images), so %d examples are labelled for %d "
-          "names; every match is used. Give each image a unique file name to label one.",
-          label_file, len(shared), len(wanted), source.name, source.split, shared[0],
-          counts[shared[0]], len(index), len(wanted))
-    return index
-  labels = _labels_of(source)
-  rng = np.random.default_rng(seed)
-  chosen = []
-  for c in range(source.num_classes):
-    members = np.flatnonzero(labels == c)
-    if len(members):
-      take = max(1, round(fraction * len(members)))
-      chosen.append(rng.permutation(members)[:take])
-  return np.sort(np.concatenate(chosen))
-
-
-def learning_rates(ft: settings_lib.Finetune, steps: int,
-                   steps_per_epoch: int) -> tuple[optax.Schedule, optax.Schedule]:
-  """(backbone, head) learning rate by step: ft.schedule "cosine" from each lr to 0 over
-  `steps`; "step": each lr times its step factor at every ft.step_epochs epochs (the
-  reference's StepLR, stepped once per epoch)."""
-  if ft.schedule == "cosine":
-    return (optax.cosine_decay_schedule(ft.backbone_lr, max(steps, 1)),
-            optax.cosine_decay_schedule(ft.head_lr, max(steps, 1)))
-  boundaries = range(ft.step_epochs * steps_per_epoch, max(steps, 1),
-                     ft.step_epochs * steps_per_epoch)
-  return (optax.piecewise_constant_schedule(
-              ft.backbone_lr, {b: ft.backbone_step_factor for b in boundaries}),
-          optax.piecewise_constant_schedule(
-              ft.head_lr, {b: ft.head_step_factor for b in boundaries}))
-
-
-def create_optimizer(ft: settings_lib.Finetune, steps: int,
-                     steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
-  """(SGD momentum ft.momentum, the backbone's learning rate schedule).
-
-  optax.multi_transform gives the backbone and the new head their own schedules
-  (`learning_rates`); weight decay (`ft.weight_decay`) on both.
-  """
-  backbone_lr, head_lr = learning_rates(ft, steps, steps_per_epoch)
-  sgd = lambda lr: train_state_lib.sgd(lr, momentum=ft.momentum,
-                                       weight_decay=ft.weight_decay)
-  tx = optax.multi_transform(
-      {"backbone": sgd(backbone_lr), "head": sgd(head_lr)},
-      lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()})
-  return tx, backbone_lr
-
-
-def finetune_step(state: FinetuneState, batch, *, backbone, tx, learning_rate_fn, mean,
-                  std):
-  """One step on {"image" (uint8), "label"}: the backbone in training mode and the head."""
-  images = augment.normalize_uint8(batch["image"], mean, std)
-
-  def loss_fn(params):
-    features, updates = backbone.apply(
-        {"params": params["backbone"], "batch_stats": state.batch_stats}, images,
-        train=True, mutable=["batch_stats"])
-    logits = models.linear_logits(params["head"], features)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, (updates["batch_stats"], logits)
-
-  (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  metrics = {"loss": loss, "top1": 100.0 * jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-             "learning_rate": learning_rate_fn(state.step)}
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state), metrics
-
-
-def _eval_hits(params, batch_stats, batch, *, backbone, mean, std):
-  """[top-1 hits, top-5 hits, real rows, summed cross-entropy] of one padded batch."""
-  features = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats},
-                            augment.normalize_uint8(batch["image"], mean, std), train=False)
-  logits = models.linear_logits(params["head"], features)
-  valid = batch["mask"] > 0
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  return jnp.concatenate([knn.topk_hits(logits, batch["label"], valid),
-                          valid.sum()[None], jnp.sum(jnp.where(valid, ce, 0.0))[None]])
+def _trainer(run: settings_lib.Settings, mesh, plan: probe.Plan) -> probe.Trainer:
+  """The head trainer with the backbone trained: SGD (momentum, weight decay) with each
+  part's learning rates (`learning_rates`; the backbone's is logged)."""
+  ft = run.eval.finetune
+  rates = learning_rates(ft, plan.steps_per_epoch)
+  return probe.Trainer(
+      name="finetune", title="Fine-tuning", prefix="finetune/train_",
+      train_backbone=True, model=run.model.backbone(),
+      tx=probe.sgd(rates, momentum=ft.momentum, weight_decay=ft.weight_decay),
+      learning_rate_fn=rates["backbone"], plan=plan, mesh=mesh, data=run.data,
+      seed=run.seed, log_every_steps=run.train.log_every_steps,
+      nonfinite_hint="Lower config.eval.finetune.backbone_lr / head_lr.",
+      interpolation=ft.crop_interpolation)
 
 
 def check_label_file(run: settings_lib.Settings) -> None:
@@ -191,34 +72,6 @@ def check_label_file(run: settings_lib.Settings) -> None:
   if label_file is not None and not files.as_path(label_file).is_file():
     raise ConfigError(f"config.eval.finetune.label_file = {label_file!r} is not a file: "
                       "expected None or a text file of image file names, one per line")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """What a fine-tuning run trains on, and for how long."""
-  subset: Any  # the labelled Source
-  batch_size: int
-  steps_per_epoch: int
-  schedule_steps: int  # the schedule's length: finetune_epochs epochs
-  num_steps: int  # where training stops (finetune_max_steps may cut it short)
-
-
-def _plan(run: settings_lib.Settings, train_source) -> _Plan:
-  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  ft = run.eval.finetune
-  index = labelled_index(train_source, fraction=ft.label_fraction,
-                         label_file=ft.label_file, seed=run.seed)
-  subset = evaluators.index_subset(train_source, index)
-  batch_size = ft.batch_size
-  if batch_size > subset.num_examples:
-    raise ConfigError(f"config.eval.finetune.batch_size = {batch_size} exceeds the "
-                      f"{subset.num_examples} labelled examples: use a smaller batch.")
-  steps_per_epoch = pipeline.steps_per_epoch(subset.num_examples, batch_size)
-  schedule_steps = ft.epochs * steps_per_epoch
-  num_steps = schedule_steps
-  if ft.max_steps != -1:
-    num_steps = min(num_steps, ft.max_steps)
-  return _Plan(subset, batch_size, steps_per_epoch, schedule_steps, num_steps)
 
 
 def _check_can_start(config, workdir: str, lock):
@@ -237,111 +90,56 @@ def _check_can_start(config, workdir: str, lock):
 
 
 def _initial_state(run: settings_lib.Settings, workdir, mesh, num_classes,
-                   tx) -> tuple[FinetuneState, int]:
+                   tx) -> tuple[probe.HeadState, int]:
   """(The pretrained (or random) backbone with a new head (config.eval.finetune.head_init,
   drawn from config.seed), pretraining step)."""
   model = run.model.create()
   pretrained = startup.backbone_state(run, model, mesh, workdir)
   dim = models.feature_dim(model, run.data.image_size)
-  head_rng = jax.random.fold_in(jax.random.key(run.seed), 1)
-
-  def init(params, batch_stats):
-    head = models.init_linear_head(dim, num_classes, init=run.eval.finetune.head_init,
-                                   stddev=HEAD_STDDEV, rng=head_rng)
-    params = {"backbone": params["backbone"], "head": head}
-    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
-                         batch_stats=batch_stats.get("backbone", {}),
-                         opt_state=tx.init(params))
-
-  state = jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(pretrained.params,
-                                                                  pretrained.batch_stats)
+  head = lambda rng: models.init_linear_head(
+      dim, num_classes, init=run.eval.finetune.head_init, stddev=HEAD_STDDEV, rng=rng)
+  state = probe.create_state(head, jax.random.fold_in(jax.random.key(run.seed), 1), tx,
+                             mesh, backbone=probe.backbone_variables(pretrained))
   return state, int(pretrained.step)
 
 
-def _backbone(run: settings_lib.Settings):
-  return run.model.backbone()
-
-
-def _train(run: settings_lib.Settings, workdir, state, plan: _Plan, record, mesh, tx,
-           learning_rate_fn, writer, test_fn):
+def _train(run: settings_lib.Settings, workdir, state, trainer: probe.Trainer, record,
+           writer, test_fn):
   """(state, the last epoch's losses or None, tests, preempted): resumed, trained, saved.
 
   tests: with evaluate_every_epoch, test_fn(state) after each epoch (and at the last
   step), each with its "epoch" and "step", those before a resume read from the
   checkpoint's record; otherwise [].
   """
-  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  mean, std = run.data.mean, run.data.std
-  ft = run.eval.finetune
-  manager = checkpoints.create_manager(
-      files.as_path(workdir) / ft.subdir / "checkpoints", keep=2)
-  try:
-    restored, saved = checkpoints.restore_latest(manager, state,
-                                                 _check_record(record, manager.directory))
-    tests = []
-    if restored is not None:
-      state = restored
-      # Epoch ends only: a test at a max_steps stop mid-epoch is no epoch of this run.
-      tests = [t for t in saved.get("tests", [])
-               if t["step"] <= int(state.step) and t["step"] % plan.steps_per_epoch == 0]
-      logging.info("Fine-tuning resumed from %s at step %d of %d.", manager.directory,
-                   int(state.step), plan.num_steps)
+  ft, plan = run.eval.finetune, trainer.plan
+  with loop.Resumable(files.as_path(workdir) / ft.subdir / "checkpoints",
+                      keep=2) as resumable:
+    state, saved = trainer.resume(resumable, state, probe.record_check(
+        record, resumable.manager.directory, what="fine-tuning", afresh="fine-tune afresh",
+        defaults={"finetune_protocol": _PROTOCOL_BEFORE}))
+    # Epoch ends only: a test at a max_steps stop mid-epoch is no epoch of this run.
+    tests = [t for t in saved.get("tests", [])
+             if t["step"] <= int(state.step) and t["step"] % plan.steps_per_epoch == 0]
     start_step = int(state.step)
     logging.info("Fine-tuning %s on %d labelled examples (%s): steps %d to %d, batch %d.",
                  "the random initialisation" if run.eval.random_init else
                  f"the checkpoint of step {record['pretrain_step']}",
-                 plan.subset.num_examples,
+                 plan.source.num_examples,
                  ft.label_file or f"{ft.label_fraction:g} of the labels",
                  start_step, plan.num_steps, plan.batch_size)
     if start_step >= plan.num_steps:
       return state, None, tests, False
-    step_fn = jax.jit(functools.partial(finetune_step, backbone=_backbone(run), tx=tx,
-                                        learning_rate_fn=learning_rate_fn, mean=mean,
-                                        std=std),
-                      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                      donate_argnums=(0,),
-                      compiler_options=compiler.step_options(mesh_lib.platform(mesh)))
-    batches = pipeline.global_batches(
-        pipeline.probe_train_batches(
-            plan.subset,
-            pipeline.BatchSpec(plan.batch_size, run.data.image_size, run.seed),
-            recipe_lib.views(run.data.recipe), start_step=start_step,
-            interpolation=ft.crop_interpolation), data)
-    report = loop.ReportProgress(
-        name="finetune", num_steps=plan.num_steps, every_steps=run.train.log_every_steps,
-        batch_size=plan.batch_size, steps_per_epoch=plan.steps_per_epoch, writer=writer,
-        prefix="finetune/train_",
-        nonfinite_hint=lambda: "Lower config.eval.finetune.backbone_lr / head_lr.")
     last_epoch = _LastLosses(plan.steps_per_epoch)
-    actions = [report, last_epoch]
-    if ft.evaluate_every_epoch:
-      actions.append(_TestEachEpoch(tests, test_fn, plan, writer, before=report.flush))
+
+    def actions(report):
+      if not ft.evaluate_every_epoch:
+        return [last_epoch]
+      return [last_epoch, _TestEachEpoch(tests, test_fn, plan, writer, before=report.flush)]
+
     # The record carries the tests so far, so a resumed run still knows the best epoch.
-    actions.append(loop.Checkpoint(manager, plan.steps_per_epoch,
-                                   lambda: {**record, "tests": tests},
-                                   before_save=report.flush))
-    state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
-                                num_steps=plan.num_steps, actions=actions)
+    state, preempted = trainer.fit(state, {}, resumable, lambda: {**record, "tests": tests},
+                                   writer, actions)
     return state, last_epoch, tests, preempted
-  finally:
-    try:
-      checkpoints.finish(manager)
-    finally:
-      manager.close()
-
-
-def _test(run: settings_lib.Settings, state, mesh, eval_source) -> dict:
-  """Top-1/top-5 and the mean cross-entropy on centre crops of eval_source, resized with
-  the fine-tuning's crop_interpolation (the reference's test view is bilinear)."""
-  sums = evaluators.eval_split_sums(
-      functools.partial(_eval_hits, backbone=_backbone(run), mean=run.data.mean,
-                        std=run.data.std),
-      (state.params, state.batch_stats), mesh, eval_source, run.data, run.eval.batch_size,
-      run.eval.finetune.crop_interpolation)
-  count = int(sums[2])
-  return {**knn.accuracy(sums[:2], count), "test_loss": float(sums[3] / count),
-          "num_test_examples": count}
 
 
 def finetune(config, workdir: str) -> dict:
@@ -379,25 +177,33 @@ def finetune(config, workdir: str) -> dict:
 def _finetune(config, workdir: str, lock) -> dict:
   run, mesh = _check_can_start(config, workdir, lock)
   ft, data = run.eval.finetune, run.data
-  train_source, eval_source = evaluators.open_sources(data)
-  plan = _plan(run, train_source)
-  tx, learning_rate_fn = create_optimizer(ft, plan.schedule_steps, plan.steps_per_epoch)
-  state, pretrain_step = _initial_state(run, workdir, mesh, train_source.num_classes, tx)
+  train_source, eval_source = features.open_sources(data)
+  subset = features.index_subset(train_source, features.labelled_index(
+      train_source, fraction=ft.label_fraction, label_file=ft.label_file, seed=run.seed))
+  trainer = _trainer(run, mesh, probe.make_plan(
+      subset, batch_size=ft.batch_size, epochs=ft.epochs, max_steps=ft.max_steps,
+      key="eval.finetune.batch_size", examples="labelled examples"))
+  state, pretrain_step = _initial_state(run, workdir, mesh, train_source.num_classes,
+                                        trainer.tx)
   # The record keeps the flat key names of earlier versions: their runs still resume.
   record = {"pretrain_step": pretrain_step, "eval": {
       k: (run.eval.random_init if k == "random_init"
           else getattr(ft, k.removeprefix("finetune_"))) for k in _FINETUNE_KEYS},
             "finetune_protocol": {k: getattr(ft, k) for k in _PROTOCOL_BEFORE}}
-  writer = metrics_lib.MetricWriter(files.as_path(workdir) / ft.subdir)
+  writer = writers.MetricWriter(files.as_path(workdir) / ft.subdir)
 
   def test_at(state):
     step = int(state.step)
-    return {**_test(run, state, mesh, eval_source), "step": step,
-            "epoch": _epoch(step, plan.steps_per_epoch)}
+    frozen = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    return {**probe.evaluate_head(state.params["head"], frozen, model=trainer.model,
+                                  mesh=mesh, source=eval_source, data=data,
+                                  batch_size=run.eval.batch_size,
+                                  interpolation=ft.crop_interpolation),
+            "step": step, "epoch": _epoch(step, trainer.plan.steps_per_epoch)}
 
   try:
-    state, last_epoch, tests, preempted = _train(run, workdir, state, plan, record, mesh,
-                                                 tx, learning_rate_fn, writer, test_at)
+    state, last_epoch, tests, preempted = _train(run, workdir, state, trainer, record,
+                                                 writer, test_at)
     if preempted:
       logging.warning("Fine-tuning preempted at step %d; run the same command again "
                       "to resume.", int(state.step))
@@ -409,33 +215,41 @@ def _finetune(config, workdir: str, lock) -> dict:
       tests = tests + [last] if ft.evaluate_every_epoch else [last]
       writer.scalars(last["step"], {"finetune/test_top1": last["top1"],
                                     "finetune/test_top5": last["top5"]})
-    best = max(tests, key=lambda t: t["top1"])  # the first of equal ones
-    summary = lambda t: {k: t[k] for k in ("top1", "top5", "test_loss", "epoch")}
-    result = {**{k: v for k, v in last.items() if k not in ("step", "epoch")},
-              "last": summary(last),
-              "best": {**summary(best), "chosen_on": f"the test split ({data.eval_split}), "
-                                                     "as the paper reports it"},
-              # The head starts at zero, so the first step's loss is ln(num_classes).
-              "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
-              "label_fraction": ft.label_fraction, "label_file": ft.label_file,
-              "num_labelled": int(plan.subset.num_examples), "epochs": ft.epochs,
-              "steps": int(state.step), "steps_per_epoch": plan.steps_per_epoch,
-              "batch_size": plan.batch_size, "backbone_lr": ft.backbone_lr,
-              "head_lr": ft.head_lr, "weight_decay": ft.weight_decay,
-              **{k: getattr(ft, k) for k in _PROTOCOL_BEFORE},
-              "random_init": run.eval.random_init, "pretrain_step": pretrain_step,
-              "method": run.method.name, "subdir": ft.subdir,
-              "dataset": data.dataset, "train_split": data.train_split,
-              "eval_split": data.eval_split}
   finally:
     writer.close()
+  result = _result(run, state, trainer.plan, last, max(tests, key=lambda t: t["top1"]),
+                   last_epoch, pretrain_step)
   path = startup.write_result(workdir, result_file(ft), result)
   logging.info("Fine-tuned on %d labelled examples: top-1 %.2f top-5 %.2f on %d %s "
                "images (best: %.2f at epoch %s); written to %s.", result["num_labelled"],
                result["top1"], result["top5"], result["num_test_examples"],
-               data.eval_split, best["top1"], best["epoch"], path)
+               data.eval_split, result["best"]["top1"], result["best"]["epoch"], path)
   result["state"] = state
   return result
+
+
+def _result(run: settings_lib.Settings, state, plan: probe.Plan, last: dict, best: dict,
+            last_epoch, pretrain_step: int) -> dict:
+  """The result file's dict: the last test, last and best (the first of equal ones),
+  and the protocol."""
+  ft, data = run.eval.finetune, run.data
+  summary = lambda t: {k: t[k] for k in ("top1", "top5", "test_loss", "epoch")}
+  return {**{k: v for k, v in last.items() if k not in ("step", "epoch")},
+          "last": summary(last),
+          "best": {**summary(best), "chosen_on": f"the test split ({data.eval_split}), "
+                                                 "as the paper reports it"},
+          # The head starts at zero, so the first step's loss is ln(num_classes).
+          "train_loss_last_epoch": last_epoch.mean() if last_epoch else None,
+          "label_fraction": ft.label_fraction, "label_file": ft.label_file,
+          "num_labelled": int(plan.source.num_examples), "epochs": ft.epochs,
+          "steps": int(state.step), "steps_per_epoch": plan.steps_per_epoch,
+          "batch_size": plan.batch_size, "backbone_lr": ft.backbone_lr,
+          "head_lr": ft.head_lr, "weight_decay": ft.weight_decay,
+          **{k: getattr(ft, k) for k in _PROTOCOL_BEFORE},
+          "random_init": run.eval.random_init, "pretrain_step": pretrain_step,
+          "method": run.method.name, "subdir": ft.subdir,
+          "dataset": data.dataset, "train_split": data.train_split,
+          "eval_split": data.eval_split}
 
 
 def result_file(ft: settings_lib.Finetune) -> str:
@@ -453,7 +267,7 @@ class _TestEachEpoch:
   """A loop action: appends test_fn(state) to `tests` at each epoch's end and at the
   last step (not at a preemption: the resumed run tests that epoch), to TensorBoard too."""
 
-  def __init__(self, tests: list, test_fn, plan: _Plan, writer, before):
+  def __init__(self, tests: list, test_fn, plan: probe.Plan, writer, before):
     self._tests, self._test_fn, self._plan = tests, test_fn, plan
     self._writer, self._before = writer, before
 
@@ -484,15 +298,3 @@ class _LastLosses:
 
   def mean(self) -> float:
     return float(np.mean(jax.device_get(self._losses)))
-
-
-def _check_record(expected: dict, directory):
-  def check(record, step):
-    saved = {k: record.get(k, _PROTOCOL_BEFORE if k == "finetune_protocol" else None)
-             for k in expected}
-    if saved != expected:
-      raise ConfigError(
-          f"The fine-tuning checkpoint of step {step} in {directory} was written for "
-          f"{saved}, but this run is {expected}. Move that directory away to fine-tune "
-          "afresh, or use the original configuration.")
-  return check

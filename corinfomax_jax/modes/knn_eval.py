@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from absl import logging
 
-from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import features
+from corinfomax_jax.eval import knn
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import train_state as train_state_lib
 
@@ -16,7 +17,7 @@ def knn_eval(config, workdir: str) -> dict:
   With config.eval.random_init the network is the seeded initialisation
   (train_state.initial_state with config.seed) and no checkpoint is read. Writes
   <workdir>/knn_eval.json and returns the same dict: top1, top5 (percent) at the
-  headline k and temperature (`evaluators.knn_headline`: 200 and 0.07, InstDisc's),
+  headline k and temperature (`knn.knn_headline`: 200 and 0.07, InstDisc's),
   "by_k" {k: {top1, top5}} at that temperature, "by_temperature" {T: {k: {top1, top5}}},
   step, random_init, num_bank_examples, num_query_examples, k, temperature, dataset,
   splits.
@@ -25,14 +26,15 @@ def knn_eval(config, workdir: str) -> dict:
   run, mesh = startup.begin(
       config, workdir, batch_sizes=lambda r: {"eval.batch_size": r.eval.batch_size},
       create_workdir=bool(config.eval.random_init))
-  train_source, eval_source = evaluators.open_sources(run.data)
+  train_source, eval_source = features.open_sources(run.data)
   model = run.model.create()
   state = startup.backbone_state(run, model, mesh, workdir)
-  evaluator = evaluators.KnnEvaluator(run.eval.knn, run.data, run.eval.batch_size, model,
-                                      mesh, train_source, eval_source)
+  evaluator = knn.KnnEvaluator(run.eval.knn, features.Context(
+      data=run.data, batch_size=run.eval.batch_size, model=model, mesh=mesh,
+      train_source=train_source, eval_source=eval_source))
   table, counts = evaluator.accuracies(train_state_lib.backbone_variables(state))
   ks, temperatures = evaluator.ks, evaluator.temperatures
-  k, t = evaluators.knn_headline(ks, temperatures)
+  k, t = knn.knn_headline(ks, temperatures)
   random_init = run.eval.random_init
   result = {**table[(k, t)], **counts, "k": k, "temperature": t,
             "by_k": {str(kk): table[(kk, t)] for kk in ks},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -22,8 +21,9 @@ from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.data import augment
 from corinfomax_jax.data import recipe as recipe_lib
 from corinfomax_jax.eval import evaluators as evaluators_lib
+from corinfomax_jax.eval import features
+from corinfomax_jax.eval import probe as probe_lib
 from corinfomax_jax.methods import corinfomax as objective
-from corinfomax_jax import models
 from corinfomax_jax.modes import startup
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import health
@@ -81,25 +81,15 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, method,
   metrics["learning_rate"] = learning_rate_fn(state.step)
   probe = state.probe
   if probe:
-    probe, probe_metrics = _online_probe_step(probe, jax.lax.stop_gradient(h1),
-                                              batch["label"], probe_tx)
-    metrics.update(probe_metrics)
+    probe_params, probe_opt_state, probe_loss, logits = probe_lib.head_update(
+        probe["params"], probe["opt_state"], jax.lax.stop_gradient(h1), batch["label"],
+        probe_tx)
+    probe = {"params": probe_params, "opt_state": probe_opt_state}
+    metrics.update(online_probe_loss=probe_loss,
+                   online_probe_top1=probe_lib.top1(logits, batch["label"]))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, loss_state=loss_state, probe=probe)
   return new_state, metrics
-
-
-def _online_probe_step(probe, features, labels, probe_tx):
-  def loss_fn(params):
-    logits = models.linear_logits(params, features)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe["params"])
-  updates, opt_state = probe_tx.update(grads, probe["opt_state"], probe["params"])
-  metrics = {"online_probe_loss": loss,
-             "online_probe_top1": 100.0 * jnp.mean(jnp.argmax(logits, -1) == labels)}
-  return {"params": optax.apply_updates(probe["params"], updates),
-          "opt_state": opt_state}, metrics
 
 
 def jit_train_step(run: settings_lib.Settings, model, tx, learning_rate_fn, mesh):
@@ -165,7 +155,7 @@ def _monitors(run: settings_lib.Settings, model, mesh, source) -> list:
                                jax.process_count(), key="eval.batch_size")
   return evaluators_lib.create_evaluators(
       run.eval, run.data, model, mesh,
-      *evaluators_lib.open_sources(run.data, needs_labels="the monitors in eval.monitors"))
+      *features.open_sources(run.data, needs_labels="the monitors in eval.monitors"))
 
 
 def _saved_results(record: dict) -> dict | None:
@@ -210,23 +200,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   # --- Configuration and mesh: every user error surfaces here, before any work.
   run, mesh = startup.begin(config, workdir,
                             batch_sizes=lambda r: {"batch_size": r.train.batch_size},
                             lock=lock)
   train, data = run.train, run.data
-  batch_size = train.batch_size
 
   # --- Input (and the evaluators' splits, opened now so that they fail now).
-  source = sources.get_source(data.dataset, data.data_dir, data.train_split,
-                              skip_bad_images=data.skip_bad_images)
-  steps_per_epoch = pipeline.steps_per_epoch(source.num_examples, batch_size)
-  num_steps = total_steps(train, steps_per_epoch)
-  logging.info("Data %s/%s: %d images, %d classes; %d steps of %d (%d per epoch); "
-               "method %s.", data.dataset, data.train_split, source.num_examples,
-               source.num_classes, num_steps, batch_size, steps_per_epoch, run.method)
+  source, steps_per_epoch, num_steps = _input(run)
   model = run.model.create()
   evaluators = _monitors(run, model, mesh, source)
 
@@ -236,81 +218,48 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
   tx = train_state_lib.create_optimizer(run.optimizer, learning_rate_fn)
   probe_classes = train_state_lib.online_probe_classes(run.eval.online_probe,
                                                        source.num_classes)
-  manager = train_state_lib.create_checkpoint_manager(workdir, train.keep_checkpoints)
   writer = None
   try:
-    # A resume the checkpoint refuses stops here: nothing compiled, no events written.
-    train_state_lib.check_resume(manager, run, probe_classes=probe_classes)
-    state = train_state_lib.create_train_state(run, model, tx, mesh,
-                                               probe_classes=probe_classes)
-    # Compares every state it checks with this seeded initialisation.
-    detector = health.Detector(run.divergence, run.method, state.params)
+    with loop.Resumable(train_state_lib.checkpoint_dir(workdir),
+                        keep=train.keep_checkpoints) as resumable:
+      manager = resumable.manager
+      # A resume the checkpoint refuses stops here: nothing compiled, no events written.
+      train_state_lib.check_resume(manager, run, probe_classes=probe_classes)
+      state = train_state_lib.create_train_state(run, model, tx, mesh,
+                                                 probe_classes=probe_classes)
+      # Compares every state it checks with this seeded initialisation.
+      detector = health.Detector(run.divergence, run.method, state.params)
+      writer = metrics_lib.MetricWriter(files.as_path(workdir))
+      state, record = _resume(run, workdir, manager, state, writer, probe_classes,
+                              detector)
+      start_step = int(state.step)
 
-    # --- Checkpoint: resume where the workdir left off.
-    writer = metrics_lib.MetricWriter(files.as_path(workdir))
-    restored, record = train_state_lib.restore(manager, state, run,
-                                               probe_classes=probe_classes,
-                                               check_state=detector.why)
-    # A checkpoint keeps the values that change results: a resume is checked against it
-    # (config.json may be gone), or against config.json for checkpoints without them.
-    compared = restored is not None and run_record.warn_if_results_change(
-        _saved_results(record), run.record,
-        f"The checkpoint of step {int(restored.step)} in {manager.directory}")
-    # Only a run the checkpoint accepts rewrites the record of the run.
-    run_record.write_run_config(run.record, workdir, writer, compare=not compared)
-    spectra = []
-    if restored is not None:
-      state = restored
-      spectra = [(s, np.asarray(e)) for s, e in record.get("spectra", [])]
-      logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
-    start_step = int(state.step)
-
-    # --- Step, batches, periodic actions.
-    step_fn = jit_train_step(run, model, tx, learning_rate_fn, mesh)
-    batches = pipeline.global_batches(
-        pipeline.pretrain_batches(
-            source, pipeline.BatchSpec(batch_size, data.image_size, train.seed,
-                                       jax.process_index(), jax.process_count()),
-            recipe_lib.views(data.recipe), start_step=start_step),
-        mesh_lib.batch_sharded(mesh))
-    spectrum = SpectrumLog(writer, spectra, run.method)
-    report = loop.ReportProgress(
-        name="pretrain", num_steps=num_steps, every_steps=train.log_every_steps,
-        batch_size=batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
-        prefix="train/",
-        nonfinite_hint=lambda: (
-            f"The last good checkpoint is {_last_checkpoint(manager)}. Lower "
-            "config.learning_rate or check the data."),
-        totals=("cholesky_fallbacks",))
-    results = run_record.result_values(run.record)
-    # A backbone imported with --mode=import: every checkpoint keeps saying so.
-    imported = ({train_state_lib.IMPORTED: record[train_state_lib.IMPORTED]}
-                if restored is not None and train_state_lib.IMPORTED in record else {})
-    record_fn = lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
-                         "results": results, **imported,
-                         "steps_per_epoch": steps_per_epoch,
-                         "num_train_examples": source.num_examples,
-                         "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
-    check_health = functools.partial(_check_health, detector, manager, run.optimizer)
-    actions = [
-        report,
-        # At every report too, so that a diverged run stops within log_every_steps.
-        loop.Periodic(train.log_every_steps, check_health),
-        loop.Periodic(train.spectrum_every_steps, spectrum),
-        *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
-          for e in evaluators),
-        loop.Checkpoint(manager, train.checkpoint_every_steps, record_fn,
-                        before_save=report.flush,
-                        check_state=check_health),
-        loop.Profile(str(files.as_path(workdir)), start_step, train.profile_steps),
-    ]
-    state, preempted = loop.run(state, step_fn, batches, start_step=start_step,
-                                num_steps=num_steps, actions=actions)
+      # --- Step, batches, periodic actions.
+      batches = pipeline.global_batches(
+          pipeline.pretrain_batches(
+              source, pipeline.BatchSpec(train.batch_size, data.image_size, train.seed,
+                                         jax.process_index(), jax.process_count()),
+              recipe_lib.views(data.recipe), start_step=start_step),
+          mesh_lib.batch_sharded(mesh))
+      spectrum = SpectrumLog(writer, [(s, np.asarray(e))
+                                      for s, e in record.get("spectra", [])], run.method)
+      report = _progress(train, num_steps, steps_per_epoch, writer, manager)
+      record_fn = _record_fn(run, record, probe_classes, steps_per_epoch,
+                             source.num_examples, spectrum)
+      check_health = functools.partial(_check_health, detector, manager, run.optimizer)
+      state, preempted = resumable.run(
+          state, jit_train_step(run, model, tx, learning_rate_fn, mesh), batches,
+          num_steps=num_steps, report=report, every_steps=train.checkpoint_every_steps,
+          record_fn=record_fn, check_state=check_health, actions=[
+              # At every report too, so that a diverged run stops within
+              # log_every_steps.
+              loop.Periodic(train.log_every_steps, check_health),
+              loop.Periodic(train.spectrum_every_steps, spectrum),
+              *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
+                for e in evaluators)],
+          after=[loop.Profile(str(files.as_path(workdir)), start_step,
+                              train.profile_steps)])
   finally:
-    try:
-      checkpoints.finish(manager)
-    finally:
-      manager.close()
     if writer is not None:
       writer.close()
   if preempted:
@@ -319,3 +268,67 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
                 title=f"{metrics_lib.dataset_title(data.dataset)}: {run.method.name} covariance "
                       "spectrum, branch 1")
   return state
+
+
+def _input(run: settings_lib.Settings):
+  """(the train split's source, steps per epoch, steps of the run), logged."""
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.data import sources  # pylint: disable=g-import-not-at-top
+  train, data = run.train, run.data
+  source = sources.get_source(data.dataset, data.data_dir, data.train_split,
+                              skip_bad_images=data.skip_bad_images)
+  steps_per_epoch = pipeline.steps_per_epoch(source.num_examples, train.batch_size)
+  num_steps = total_steps(train, steps_per_epoch)
+  logging.info("Data %s/%s: %d images, %d classes; %d steps of %d (%d per epoch); "
+               "method %s.", data.dataset, data.train_split, source.num_examples,
+               source.num_classes, num_steps, train.batch_size, steps_per_epoch,
+               run.method)
+  return source, steps_per_epoch, num_steps
+
+
+def _progress(train: settings_lib.Train, num_steps: int, steps_per_epoch: int, writer,
+              manager) -> loop.ReportProgress:
+  """Progress lines, TensorBoard's train/ scalars and the NaN guard, which names the
+  last good checkpoint."""
+  return loop.ReportProgress(
+      name="pretrain", num_steps=num_steps, every_steps=train.log_every_steps,
+      batch_size=train.batch_size, steps_per_epoch=steps_per_epoch, writer=writer,
+      prefix="train/",
+      nonfinite_hint=lambda: (
+          f"The last good checkpoint is {_last_checkpoint(manager)}. Lower "
+          "config.learning_rate or check the data."),
+      totals=("cholesky_fallbacks",))
+
+
+def _record_fn(run: settings_lib.Settings, record: dict, probe_classes: int,
+               steps_per_epoch: int, num_examples: int, spectrum: SpectrumLog):
+  """What each checkpoint records: the run's keys, the values that change results, an
+  import's provenance (carried on from `record`), and the spectra so far."""
+  results = run_record.result_values(run.record)
+  # A backbone imported with --mode=import: every checkpoint keeps saying so.
+  imported = ({train_state_lib.IMPORTED: record[train_state_lib.IMPORTED]}
+              if train_state_lib.IMPORTED in record else {})
+  return lambda: {**train_state_lib.checkpoint_record(run, probe_classes),
+                  "results": results, **imported, "steps_per_epoch": steps_per_epoch,
+                  "num_train_examples": num_examples,
+                  "spectra": [(s, e.tolist()) for s, e in spectrum.spectra]}
+
+
+def _resume(run: settings_lib.Settings, workdir: str, manager, state: TrainState, writer,
+            probe_classes: int, detector: health.Detector) -> tuple[TrainState, dict]:
+  """(state, record) of the latest usable checkpoint, or (`state`, {}); the record of
+  the run (config.json) written once the checkpoint has accepted this run."""
+  restored, record = train_state_lib.restore(manager, state, run,
+                                             probe_classes=probe_classes,
+                                             check_state=detector.why)
+  # A checkpoint keeps the values that change results: a resume is checked against it
+  # (config.json may be gone), or against config.json for checkpoints without them.
+  compared = restored is not None and run_record.warn_if_results_change(
+      _saved_results(record), run.record,
+      f"The checkpoint of step {int(restored.step)} in {manager.directory}")
+  # Only a run the checkpoint accepts rewrites the record of the run.
+  run_record.write_run_config(run.record, workdir, writer, compare=not compared)
+  if restored is None:
+    return state, {}
+  logging.info("Resumed from %s at step %d.", manager.directory, int(restored.step))
+  return restored, record

@@ -253,3 +253,46 @@ class Checkpoint:
       self._before_save()
       self._check_state(step, state)
       checkpoints.save(self._manager, step, state, self._record_fn())
+
+
+class Resumable:
+  """The scaffold of a resumable loop: one checkpoint directory, resumed and saved to.
+
+      with loop.Resumable(directory, keep=2) as resumable:
+        restored, record = resumable.restore(state, check_record)
+        state, preempted = resumable.run(state, step_fn, batches, num_steps=n,
+                                         report=report, every_steps=e, record_fn=f)
+
+  On the way out the pending save is finished (CheckpointSaveError if it failed) and
+  the orbax manager (`manager`) closed.
+  """
+
+  def __init__(self, directory, *, keep: int):
+    self.manager = checkpoints.create_manager(directory, keep=keep)
+
+  def __enter__(self) -> Resumable:
+    return self
+
+  def __exit__(self, *exc):
+    try:
+      checkpoints.finish(self.manager)
+    finally:
+      self.manager.close()
+
+  def restore(self, template, check_record, **kwargs) -> tuple[Any, dict | None]:
+    """(state, record) of the latest usable checkpoint, or (None, None): see
+    checkpoints.restore_latest."""
+    return checkpoints.restore_latest(self.manager, template, check_record, **kwargs)
+
+  def run(self, state, step_fn, batches: Iterator, *, num_steps: int,
+          report: ReportProgress, every_steps: int, record_fn: Callable[[], dict],
+          actions: Sequence[Action] = (), after: Sequence[Action] = (),
+          check_state: Callable[[int, Any], None] = lambda step, state: None
+          ) -> tuple[Any, bool]:
+    """`run` from state.step to num_steps with `report` (progress, NaN guard) first,
+    then `actions`, then a Checkpoint of record_fn() every `every_steps` steps and at
+    the last (after the NaN guard, then `check_state`), then `after`."""
+    checkpoint = Checkpoint(self.manager, every_steps, record_fn, before_save=report.flush,
+                            check_state=check_state)
+    return run(state, step_fn, batches, start_step=int(state.step), num_steps=num_steps,
+               actions=[report, *actions, checkpoint, *after])

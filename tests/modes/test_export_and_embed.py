@@ -23,7 +23,7 @@ from corinfomax_jax.data import crops
 from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import sources
 from corinfomax_jax.eval import embedding_map
-from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import features
 from corinfomax_jax.interop import torchvision as export
 from corinfomax_jax.modes import embed as embed_lib
 from corinfomax_jax.modes import export as export_lib
@@ -150,7 +150,7 @@ def test_embed_writes_features_labels_and_indices_of_the_split(pretrained_workdi
   np.testing.assert_array_equal(labels, np.repeat([0, 1], 12))  # folder sorted by class
   enc = corinfomax_jax.load_encoder(str(tmp_path))
   source = sources.get_source(config.dataset, None, "test")
-  expected, expected_labels = evaluators.extract_features(
+  expected, expected_labels = features.extract_features(
       enc.model, enc.variables, mesh_lib.make_mesh(), source, batch_size=16,
       data=settings.resolve(config).data)
   np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)

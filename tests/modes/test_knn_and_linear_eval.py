@@ -4,6 +4,7 @@ A tiny ResNet-18 (width 4) is pretrained for 3 steps once per module on a folder
 16 px PNGs whose 3 classes differ in colour (so a probe can learn them); each test
 works on a copy of that workdir.
 """
+import functools
 import json
 import os
 import shutil
@@ -20,15 +21,17 @@ from jax.sharding import PartitionSpec as P
 
 from corinfomax_jax import errors
 from corinfomax_jax import mesh as mesh_lib
+from corinfomax_jax import models
 from corinfomax_jax.data import pipeline
 from corinfomax_jax.data import recipe
 from corinfomax_jax.data import sources
-from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import features
 from corinfomax_jax.eval import knn
+from corinfomax_jax.eval import probe
 from corinfomax_jax.modes import embed as embed_lib
 from corinfomax_jax.modes import export as export_lib
 from corinfomax_jax.modes import knn_eval as knn_eval_lib
-from corinfomax_jax.modes import linear_eval as linear_probe
+from corinfomax_jax.modes import linear_eval
 from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import checkpoints
 from corinfomax_jax.run import settings
@@ -79,7 +82,7 @@ def _read_json(path):
 
 
 def _probe_params(workdir, step):
-  manager = checkpoints.create_manager(linear_probe.probe_checkpoint_dir(workdir), keep=2)
+  manager = checkpoints.create_manager(linear_eval.probe_checkpoint_dir(workdir), keep=2)
   probe = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore()))["state"]
   manager.close()
@@ -89,10 +92,10 @@ def _probe_params(workdir, step):
 def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   config, pretrain_dir, _ = pretrained
   workdir = str(_copy(pretrain_dir, tmp_path, "a"))
-  result = linear_probe.linear_eval(config, workdir)
+  result = linear_eval.linear_eval(config, workdir)
   written = _read_json(os.path.join(workdir, "linear_eval.json"))
   assert written == result
-  assert result["variant"] == linear_probe.LINEAR_VARIANT
+  assert result["variant"] == linear_eval.LINEAR_VARIANT
   assert result["pretrain_step"] == _PRETRAIN_STEPS
   assert result["step"] == result["trained_steps"] == _PROBE_STEPS
   assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
@@ -104,7 +107,7 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(probe_dir))
 
   # Done: a second call restores the finished probe, trains nothing, same numbers.
-  again = linear_probe.linear_eval(config, workdir)
+  again = linear_eval.linear_eval(config, workdir)
   assert again["trained_steps"] == 0 and again["step"] == _PROBE_STEPS
   assert (again["top1"], again["top5"]) == (result["top1"], result["top5"])
 
@@ -113,8 +116,8 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   other = str(_copy(pretrain_dir, tmp_path, "b"))
   first = config.copy_and_resolve_references()
   first.eval.linear_max_steps = 1
-  assert linear_probe.linear_eval(first, other)["step"] == 1
-  resumed = linear_probe.linear_eval(config, other)
+  assert linear_eval.linear_eval(first, other)["step"] == 1
+  resumed = linear_eval.linear_eval(config, other)
   assert resumed["trained_steps"] == _PROBE_STEPS - 1 and resumed["step"] == _PROBE_STEPS
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                _probe_params(other, _PROBE_STEPS), _probe_params(workdir, _PROBE_STEPS))
@@ -126,44 +129,48 @@ def test_linear_eval_trains_checkpoints_and_resumes(pretrained, tmp_path):
   # (The probe's record keeps the flat key names of earlier versions; the message
   # names the section, config.eval.linear.)
   with pytest.raises(errors.ConfigError, match=r"linear_lr.*config\.eval\.linear changed"):
-    linear_probe.linear_eval(changed, other)
+    linear_eval.linear_eval(changed, other)
 
 
 def test_probe_step_leaves_the_backbone_alone(pretrained):
   config, _, state = pretrained
   mesh = mesh_lib.make_mesh()
   run = settings.resolve(config)
-  model = run.model.create()
+  backbone = run.model.backbone()
   tx = optax.sgd(0.5, momentum=0.9)
-  probe = linear_probe.create_probe_state(_FEATURE_DIM, _NUM_CLASSES, tx, mesh, seed=0)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  head = probe.create_state(
+      lambda rng: models.init_linear_head(_FEATURE_DIM, _NUM_CLASSES, init="lecun_normal",
+                                          rng=rng), jax.random.PRNGKey(0), tx, mesh)
+  variables = probe.backbone_variables(state)
   before = jax.device_get(variables)
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8),
            "label": rng.integers(0, _NUM_CLASSES, 16).astype(np.int32)}
   mean, std = run.data.mean, run.data.std
-  step = jax.jit(lambda p, v, b: linear_probe.probe_train_step(
-      p, v, b, model=model, tx=tx, learning_rate_fn=lambda s: 0.5, mean=mean, std=std),
-                 in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P()),
-                               NamedSharding(mesh, P("data"))))
-  probe0 = jax.device_get(probe.params)
-  new_probe, metrics = step(probe, variables, batch)
-  new_probe, _ = step(new_probe, variables, batch)
+  train_step = functools.partial(probe.train_step, model=backbone, tx=tx,
+                                 learning_rate_fn=lambda s: 0.5, mean=mean, std=std,
+                                 train_backbone=False)
+  step = jax.jit(train_step, in_shardings=(NamedSharding(mesh, P()),
+                                           NamedSharding(mesh, P()),
+                                           NamedSharding(mesh, P("data"))))
+  head0 = jax.device_get(head.params)
+  new_head, metrics = step(head, variables, batch)
+  new_head, _ = step(new_head, variables, batch)
   # The backbone's parameters and BatchNorm statistics are unchanged.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), before)
   # The loss is that of the inference-mode features (running statistics, not the
-  # batch's), and the probe moved.
+  # batch's) of the whole model, and the probe moved.
   images = (batch["image"] / 255.0 - np.array(mean)) / np.array(std)
-  features = model.apply(before, images.astype(np.float32), train=False)[0]
-  logits = features @ probe0["kernel"] + probe0["bias"]
+  features_ = run.model.create().apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      images.astype(np.float32), train=False)[0]
+  logits = features_ @ head0["kernel"] + head0["bias"]
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   np.testing.assert_allclose(metrics["loss"], expected.mean(), rtol=1e-4)
-  assert not np.allclose(new_probe.params["kernel"], probe0["kernel"])
+  assert not np.allclose(new_head.params["kernel"], head0["kernel"])
+  assert new_head.batch_stats is None and int(new_head.step) == 2
   # No gradient reaches the backbone.
-  grads = jax.grad(lambda v: linear_probe.probe_train_step(
-      probe, v, batch, model=model, tx=tx, learning_rate_fn=lambda s: 0.5, mean=mean,
-      std=std)[1]["loss"])(
-          variables)
+  grads = jax.grad(lambda v: train_step(head, v, batch)[1]["loss"])(variables)
   assert all(not np.any(g) for g in jax.tree.leaves(grads))
 
 
@@ -178,7 +185,7 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
 
   # 36 test images in 3 global batches of 16, the last with 12 padding rows: sharded
   # extraction drops the padding and equals a plain, unsharded forward pass.
-  feats, labels = evaluators.extract_features(model, variables, mesh, test_source,
+  feats, labels = features.extract_features(model, variables, mesh, test_source,
                                               batch_size=16, data=run.data)
   batches = list(pipeline.eval_batches(test_source, pipeline.BatchSpec(16, 16),
                                        recipe.views(run.data.recipe)))
@@ -190,10 +197,10 @@ def test_knn_monitor_matches_features_computed_directly(pretrained):
   np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(labels, np.repeat(np.arange(_NUM_CLASSES), _PER_CLASS))
 
-  bank, bank_labels = evaluators.extract_features(model, variables, mesh, train_source,
+  bank, bank_labels = features.extract_features(model, variables, mesh, train_source,
                                                   batch_size=16, data=run.data)
-  result = evaluators.KnnEvaluator(run.eval.knn, run.data, run.eval.batch_size, model,
-                                   mesh, train_source, test_source).run(variables)
+  result = knn.KnnEvaluator(run.eval.knn, features.Context(
+      run.data, run.eval.batch_size, model, mesh, train_source, test_source)).run(variables)
   ks = (10, 20, 100, 200)
   assert set(result) == {"top1", "top5", "num_bank_examples", "num_query_examples",
                          *(f"top{i}_k{k}" for i in (1, 5) for k in ks)}
@@ -212,10 +219,10 @@ def test_max_train_examples_spreads_over_the_classes(pretrained):
   model = run.model.create()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   source = sources.get_source(config.dataset, None, "train")
-  all_feats, _ = evaluators.extract_features(model, variables, mesh, source,
+  all_feats, _ = features.extract_features(model, variables, mesh, source,
                                              batch_size=16, data=run.data)
   # The folder is sorted by class (12 each): every 6th image covers all classes.
-  feats, labels = evaluators.extract_features(model, variables, mesh, source,
+  feats, labels = features.extract_features(model, variables, mesh, source,
                                               batch_size=16, data=run.data,
                                               max_examples=6)
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
@@ -231,8 +238,8 @@ def test_the_knn_monitor_alone_takes_its_own_bank_and_query_sizes(image_root):
       train_state_lib.initial_state(run, model, mesh))
   train_source, test_source = (sources.get_source(config.dataset, None, split)
                                for split in ("train", "test"))
-  evaluator = evaluators.KnnEvaluator(run.eval.knn, run.data, 16, model, mesh,
-                                      train_source, test_source)
+  evaluator = knn.KnnEvaluator(run.eval.knn, features.Context(
+      run.data, 16, model, mesh, train_source, test_source))
   monitor = evaluator.run(variables)
   assert (monitor["num_bank_examples"], monitor["num_query_examples"]) == (12, 9)
   # --mode=knn_eval's: the whole splits.
@@ -241,7 +248,7 @@ def test_the_knn_monitor_alone_takes_its_own_bank_and_query_sizes(image_root):
   # Both spread evenly over their splits (sorted by class): every class in each.
   bank, bank_labels, queries, query_labels = (
       x for source, n in ((train_source, 12), (test_source, 9))
-      for x in evaluators.extract_features(model, variables, mesh, source, batch_size=16,
+      for x in features.extract_features(model, variables, mesh, source, batch_size=16,
                                            data=run.data, max_examples=n))
   assert set(bank_labels) == set(query_labels) == {0, 1, 2}
   assert {k: monitor[k] for k in ("top1", "top5")} == knn.knn_accuracy(
@@ -253,7 +260,7 @@ def test_knn_eval_without_checkpoint_names_the_workdir(image_root, tmp_path):
   with pytest.raises(errors.ConfigError, match=f"{workdir}.*random_init"):
     knn_eval_lib.knn_eval(_config(image_root), workdir)
   with pytest.raises(errors.ConfigError, match="No pretraining checkpoint"):
-    linear_probe.linear_eval(_config(image_root), workdir)
+    linear_eval.linear_eval(_config(image_root), workdir)
 
 
 def test_knn_eval_of_random_init(image_root, tmp_path):
@@ -301,7 +308,7 @@ def test_linear_eval_precomputed_variant(pretrained, tmp_path):
   config = config.copy_and_resolve_references()
   config.eval.linear_precomputed = True
   config.eval.linear_epochs = 20
-  result = linear_probe.linear_eval(config, workdir)
+  result = linear_eval.linear_eval(config, workdir)
   assert _read_json(os.path.join(workdir, "linear_eval.json")) == result
   assert result["variant"] == "precomputed_center_crop_features"
   assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
@@ -314,11 +321,11 @@ def test_eval_config_errors(image_root, tmp_path):
   config.eval.linear_batch_size = 12  # 8 devices
   with pytest.raises(errors.ConfigError, match=r"config.eval.linear.batch_size = 12 .*8 "
                      "devices"):
-    linear_probe.linear_eval(config, str(tmp_path))
+    linear_eval.linear_eval(config, str(tmp_path))
   config = _config(image_root)
   config.eval.linear_schedule = "linear"
   with pytest.raises(errors.ConfigError, match="config.eval.linear.schedule"):
-    linear_probe.linear_eval(config, str(tmp_path))
+    linear_eval.linear_eval(config, str(tmp_path))
   config = _config(image_root)
   config.eval.max_train_examples = 0
   with pytest.raises(errors.ConfigError, match="config.eval.knn.max_train_examples"):
@@ -347,9 +354,9 @@ def test_evaluation_modes_read_a_workdir_of_another_method(method, image_root, t
   linear = config.copy_and_resolve_references()
   linear.eval.linear.precomputed = True
   linear.eval.linear.epochs = 2
-  result = linear_probe.linear_eval(linear, workdir)
-  assert _read_json(os.path.join(workdir, linear_probe.LINEAR_RESULT_FILE)) == result
-  assert result["variant"] == linear_probe.PRECOMPUTED_VARIANT
+  result = linear_eval.linear_eval(linear, workdir)
+  assert _read_json(os.path.join(workdir, linear_eval.LINEAR_RESULT_FILE)) == result
+  assert result["variant"] == linear_eval.PRECOMPUTED_VARIANT
   assert result["method"] == method and result["pretrain_step"] == _PRETRAIN_STEPS
   assert (result["num_train_examples"], result["num_test_examples"]) == (36, 36)
   assert 0 <= result["top1"] <= result["top5"] == 100.0  # 3 classes

@@ -10,7 +10,8 @@ from conftest import tiny_config
 
 from corinfomax_jax.data import augment
 from corinfomax_jax import errors
-from corinfomax_jax.eval import evaluators
+from corinfomax_jax.eval import features
+from corinfomax_jax.eval import probe
 from corinfomax_jax import mesh as mesh_lib
 from corinfomax_jax.modes import pretrain
 from corinfomax_jax.run import settings
@@ -70,10 +71,9 @@ def test_pretraining_with_the_probe_checkpoints_resumes_and_tests_it(image_folde
   assert "online_probe monitor at step" in caplog.text
   assert "knn monitor at step" not in caplog.text
   run = settings.resolve(config)
-  result = evaluators.OnlineProbeEvaluator(
-      run.eval.online_probe, run.data, run.eval.batch_size, run.model.create(),
-      mesh_lib.make_mesh(), None, evaluators.open_sources(run.data)[1]
-  ).run_on_state(state)
+  result = probe.OnlineProbeEvaluator(run.eval.online_probe, features.Context(
+      run.data, run.eval.batch_size, run.model.create(), mesh_lib.make_mesh(), None,
+      features.open_sources(run.data)[1])).run_on_state(state)
   assert result["num_test_examples"] == 24 and 0 <= result["test_top1"] <= 100
   record = json.loads((tmp_path / "checkpoints/2/run/metadata").read_text())
   assert record["online_probe_classes"] == 2

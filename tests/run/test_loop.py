@@ -2,6 +2,7 @@
 import glob
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +189,41 @@ def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
   traces = glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*"))
   assert traces, os.listdir(tmp_path)
   assert not loop.Profile(str(tmp_path / "off"), 0, 0)._on  # pylint: disable=protected-access
+
+
+@flax.struct.dataclass
+class _State:
+  step: jax.Array
+  params: jax.Array
+
+
+def _count(state, batch):
+  return (_State(state.step + 1, state.params + batch),
+          {"loss": jnp.asarray(batch, jnp.float32)})
+
+
+def test_a_resumable_loop_saves_resumes_and_finishes_its_saves(tmp_path):
+  log = []
+  report = loop.ReportProgress(name="t", num_steps=5, every_steps=100, batch_size=1,
+                               steps_per_epoch=1, writer=_Writer(), prefix="")
+  state = _State(jnp.asarray(0, jnp.int32), jnp.asarray(0.0, jnp.float32))
+  with loop.Resumable(tmp_path, keep=5) as resumable:
+    state, preempted = resumable.run(
+        state, _count, iter([1.0] * 5), num_steps=5, report=report, every_steps=2,
+        record_fn=lambda: log.append("save") or {"n": len(log)},
+        actions=[lambda step, *_: log.append(f"a{step}")],
+        after=[lambda step, *_: log.append(f"z{step}")])
+  # Report, actions, checkpoint, then `after`; saves every 2 steps and at the last.
+  assert not preempted and log == ["a1", "z1", "a2", "save", "z2", "a3", "z3", "a4",
+                                   "save", "z4", "a5", "save", "z5"]
+  assert sorted(os.listdir(tmp_path)) == ["2", "4", "5"]  # all finished on the way out
+  template = _State(jnp.asarray(0, jnp.int32), jnp.asarray(0.0, jnp.float32))
+  with loop.Resumable(tmp_path, keep=5) as resumable:
+    restored, record = resumable.restore(template, lambda record, step: None)
+    assert (int(restored.step), float(restored.params), record["n"]) == (5, 5.0, 12)
+    report = loop.ReportProgress(name="t", num_steps=7, every_steps=100, batch_size=1,
+                                 steps_per_epoch=1, writer=_Writer(), prefix="")
+    state, _ = resumable.run(restored, _count, iter([2.0] * 2), num_steps=7,
+                             report=report, every_steps=2, record_fn=dict)
+  assert (int(state.step), float(state.params)) == (7, 9.0)
+  assert sorted(os.listdir(tmp_path)) == ["2", "4", "5", "6", "7"]
