@@ -1,10 +1,11 @@
 """The evaluators pretraining can run as monitors: their registry and the loop action.
 
-An evaluator is a class built from its own settings section and a features.Context;
-it has `run_on_state(state) -> dict` of numbers and `every_steps(steps_per_epoch)`
-(its own cadence). A new one is a module in eval/ and one line in REGISTRY (its name is
-also the section of settings.Eval it reads, and one of settings.EVALUATORS, the names
-config.eval.monitors may list).
+An evaluator is a class built from its own settings section (its `settings_class`, a
+settings.Monitor) and a features.Context; it has `run_on_state(state) -> dict` of
+numbers and `every_steps(steps_per_epoch)` (its own cadence). A new one is a module in
+eval/ and one line in REGISTRY, plus its settings: one Monitor class and one field of
+settings.Eval, whose name is the registry's (settings.EVAL_SECTIONS lists them, and
+config.eval.monitors may name them).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The network's features on data: the evaluators' shared input plumbing.
 
-`open_sources` opens and checks the labelled splits, `labelled_index` and
-`index_subset` restrict one to a labelled subset; `feature_batches` and
+`open_sources` opens and checks the labelled splits, `labelled_index` chooses a
+labelled subset of one (restricted to it by the source's own `subset`); `feature_batches` and
 `extract_features` give the backbone's centre-crop features of a split;
 `eval_split_sums` sums a jitted per-batch function over a split's centre crops (the
 probe's test path). `Context` is what every evaluator is built from besides its own
@@ -65,11 +65,6 @@ def open_sources(data: settings_lib.Data, *, needs_labels: str = "evaluation (kN
   return train_source, eval_source
 
 
-def index_subset(source, index: np.ndarray):
-  """`source` restricted to the examples `index` (int64 indices into it), in that order."""
-  return source.subset(index)
-
-
 def eval_split_sums(sums_fn, args, mesh: jax.sharding.Mesh, source,
                     data: settings_lib.Data, batch_size: int,
                     interpolation: str = "bicubic") -> np.ndarray:
@@ -100,7 +95,7 @@ def _evenly_spaced_subset(source, num: int):
   Spread, not the first `num`: an image folder is sorted by class, so its first
   examples would all be of the first classes.
   """
-  return index_subset(source, (np.arange(num, dtype=np.int64) * source.num_examples) // num)
+  return source.subset((np.arange(num, dtype=np.int64) * source.num_examples) // num)
 
 
 def feature_batches(model: nn.Module, variables, mesh: jax.sharding.Mesh, source, *,

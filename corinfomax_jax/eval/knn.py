@@ -180,6 +180,7 @@ class KnnEvaluator:
   each spread evenly over its split. Every process returns the same numbers.
   """
   name = "knn"
+  settings_class = settings_lib.Knn  # its section of settings.Eval
 
   def __init__(self, settings: settings_lib.Knn, context: features_lib.Context):
     self._settings, self._context = settings, context

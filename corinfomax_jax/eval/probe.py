@@ -406,6 +406,7 @@ class OnlineProbeEvaluator:
   probe's Dense layer (`evaluate_head`), every `online_probe.every_epochs` epochs.
   """
   name = "online_probe"
+  settings_class = settings_lib.OnlineProbe  # its section of settings.Eval
 
   def __init__(self, settings: settings_lib.OnlineProbe,
                context: features_lib.Context):

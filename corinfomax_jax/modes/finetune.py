@@ -178,7 +178,7 @@ def _finetune(config, workdir: str, lock) -> dict:
   run, mesh = _check_can_start(config, workdir, lock)
   ft, data = run.eval.finetune, run.data
   train_source, eval_source = features.open_sources(data)
-  subset = features.index_subset(train_source, features.labelled_index(
+  subset = train_source.subset(features.labelled_index(
       train_source, fraction=ft.label_fraction, label_file=ft.label_file, seed=run.seed))
   trainer = _trainer(run, mesh, probe.make_plan(
       subset, batch_size=ft.batch_size, epochs=ft.epochs, max_steps=ft.max_steps,

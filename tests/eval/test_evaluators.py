@@ -7,6 +7,9 @@ from corinfomax_jax.run import settings
 
 def test_every_monitor_name_has_an_evaluator_built_from_its_own_section():
   assert set(evaluators.REGISTRY) == set(settings.EVALUATORS)
+  for name, evaluator in evaluators.REGISTRY.items():  # each reads its own section
+    assert evaluator.name == name
+    assert evaluator.settings_class is settings.EVAL_SECTIONS[name]
   config = tiny_config("cifar10")
   config.eval.online_probe.enabled = True
   config.eval.monitors = tuple(settings.EVALUATORS)
