@@ -140,6 +140,7 @@ def test_loss_models_and_step_import_without_tensorflow():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   code = ("import sys; import corinfomax_jax.modes.pretrain, corinfomax_jax.modes.linear_eval, "
-          "corinfomax_jax.eval.evaluators, corinfomax_jax.augment; "
+          "corinfomax_jax.modes.finetune, corinfomax_jax.eval.evaluators, "
+          "corinfomax_jax.eval.probe, corinfomax_jax.eval.features, corinfomax_jax.augment; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
