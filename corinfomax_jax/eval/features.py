@@ -1,12 +1,12 @@
 """The network's features on data: the evaluators' shared input plumbing.
 
 `open_sources` opens and checks the labelled splits, `labelled_index` chooses a
-labelled subset of one (restricted to it by the source's own `subset`); `feature_batches` and
-`extract_features` give the backbone's centre-crop features of a split;
-`eval_split_sums` sums a jitted per-batch function over a split's centre crops (the
-probe's test path). `Context` is what every evaluator is built from besides its own
-settings section. TensorFlow is imported only through the data modules, inside these
-functions.
+labelled subset of one (restricted to it by the source's own `subset`; its file list
+checked early by `check_label_file`); `feature_batches` and `extract_features` give
+the backbone's centre-crop features of a split; `eval_split_sums` sums a jitted
+per-batch function over a split's centre crops (the probe's test path). `Context` is
+what every evaluator is built from besides its own settings section. TensorFlow is
+imported only through the data modules, inside these functions.
 """
 from __future__ import annotations
 
@@ -168,6 +168,14 @@ def _labels_of(source) -> np.ndarray:
                                       dtype=tf.int64))[1].numpy()
            for s in range(0, source.num_examples, 65536)]
   return np.concatenate(parts).astype(np.int64)
+
+
+def check_label_file(label_file: str | None) -> None:
+  """config.eval.finetune.label_file, when one is named, must be a file; ConfigError in
+  one line (checked before any model work)."""
+  if label_file is not None and not files.as_path(label_file).is_file():
+    raise ConfigError(f"config.eval.finetune.label_file = {label_file!r} is not a file: "
+                      "expected None or a text file of image file names, one per line")
 
 
 def labelled_index(source, *, fraction: float, label_file: str | None,

@@ -7,9 +7,10 @@ A linear head (models.linear_logits) learns with cross-entropy and SGD; one swit
   - True (fine-tuning): the backbone and the head are one parameter tree
     {"backbone", "head"}, each part with its own learning rate, and BatchNorm runs in
     training mode.
-`Trainer` is that loop (plan, resume, jitted step, progress, checkpoint each epoch);
-`evaluate_head` its test path (top-1/top-5 over centre crops);
-`train_linear_probe_on_features` the same update on precomputed features; and
+`Trainer` is that loop (plan, resume, jitted step, progress, checkpoint each epoch,
+its test); `EpochEndTests` and `LastLosses` are loop actions it takes; `evaluate_head`
+is the test path (top-1/top-5 over centre crops); `train_linear_probe_on_features` the
+same update on precomputed features (`linear_probe_on_centre_crops` extracts them); and
 `OnlineProbeEvaluator` tests the online probe that pretraining trains with
 `head_update`. The modes (linear_eval, finetune) only choose the subset, the
 optimizer's settings and the result file.
@@ -324,6 +325,74 @@ class Trainer:
                          every_steps=plan.steps_per_epoch, record_fn=record_fn,
                          actions=actions(report))
 
+  def test(self, state: HeadState, frozen, source, batch_size: int) -> dict:
+    """evaluate_head of the state's head on centre crops of `source` (resized as the
+    train crops), with its "step" and "epoch"; the backbone is the state's own when it
+    trains, else `frozen`."""
+    head = state.params
+    if self.train_backbone:
+      head = state.params["head"]
+      frozen = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    step = int(state.step)
+    return {**evaluate_head(head, frozen, model=self.model, mesh=self.mesh, source=source,
+                            data=self.data, batch_size=batch_size,
+                            interpolation=self.interpolation),
+            "step": step, "epoch": epochs_done(step, self.plan.steps_per_epoch)}
+
+  def write_test(self, writer, result: dict) -> None:
+    """A test's top-1 and top-5 to TensorBoard, as <prefix's part>/test_top1, ..."""
+    tag = self.prefix.removesuffix("train_") + "test_"
+    writer.scalars(result["step"], {f"{tag}top1": result["top1"],
+                                    f"{tag}top5": result["top5"]})
+
+
+# ---------------------------------------------------------------------------------
+# Loop actions of a head's training.
+# ---------------------------------------------------------------------------------
+def epochs_done(step: int, steps_per_epoch: int) -> int | float:
+  """Epochs done at `step`: an int at an epoch's end, else a fraction (max_steps)."""
+  epoch = step / steps_per_epoch
+  return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
+
+
+class EpochEndTests:
+  """A loop action: appends trainer.test(state, ...) to `tests` at each epoch's end and
+  at the last step (not at a preemption: the resumed run tests that epoch), and writes
+  it to TensorBoard and the log; `before` runs first (the NaN guard's flush: never test
+  a state that followed a NaN)."""
+
+  def __init__(self, trainer: Trainer, tests: list, test_fn, writer, before):
+    self._trainer, self._tests, self._test_fn = trainer, tests, test_fn
+    self._writer, self._before = writer, before
+
+  def __call__(self, step, state, metrics, is_last):
+    del metrics, is_last
+    plan = self._trainer.plan
+    if step % plan.steps_per_epoch == 0 or step == plan.num_steps:
+      self._before()
+      result = self._test_fn(state)
+      self._tests.append(result)
+      self._trainer.write_test(self._writer, result)
+      logging.info("%s epoch %s: test top-1 %.2f top-5 %.2f.", self._trainer.title,
+                   result["epoch"], result["top1"], result["top5"])
+
+
+class LastLosses:
+  """A loop action that keeps the train losses of the last `n` steps (on the device)."""
+
+  def __init__(self, n: int):
+    self._n, self._losses = n, []
+
+  def __call__(self, step, state, metrics, is_last):
+    del step, state, is_last
+    self._losses = (self._losses + [metrics["loss"]])[-self._n:]
+
+  def __bool__(self):
+    return bool(self._losses)
+
+  def mean(self) -> float:
+    return float(np.mean(jax.device_get(self._losses)))
+
 
 # ---------------------------------------------------------------------------------
 # The probe on precomputed features, and the online probe's test.
@@ -397,6 +466,32 @@ def linear_probe_accuracy(params: dict[str, jax.Array], feats, labels, *,
       metrics.labels_and_masks(labels, chunk_size)):
     hits += np.asarray(_chunk_hits(params, chunk, chunk_labels, valid))
   return metrics.accuracy(hits, feats.shape[0])
+
+
+PRECOMPUTED_VARIANT = "precomputed_center_crop_features"  # linear_eval.json's "variant"
+
+
+def linear_probe_on_centre_crops(model, variables, mesh, train_source, eval_source, *,
+                                 linear: settings_lib.Linear, data: settings_lib.Data,
+                                 batch_size: int, seed: int) -> dict:
+  """The faster linear probe: one pass of centre-crop features of both splits (batches
+  of `batch_size`), `train_linear_probe_on_features` on the train ones with `linear`'s
+  settings; {"top1", "top5", "num_train_examples", "num_test_examples"}."""
+  (train_feats, train_labels), (test_feats, test_labels) = (
+      features_lib.extract_features(model, variables, mesh, source,
+                                    batch_size=batch_size, data=data)
+      for source in (train_source, eval_source))
+  logging.info("Linear probe (%s): %d epochs on %d features, lr %g %s.",
+               PRECOMPUTED_VARIANT, linear.epochs, len(train_feats), linear.lr,
+               linear.schedule)
+  params = train_linear_probe_on_features(
+      train_feats, train_labels, train_source.num_classes, epochs=linear.epochs,
+      batch_size=linear.batch_size, lr=linear.lr, momentum=linear.momentum,
+      weight_decay=linear.weight_decay, schedule=linear.schedule,
+      min_lr=linear.min_lr, step_epochs=linear.step_epochs, seed=seed)
+  return {**linear_probe_accuracy(params, test_feats, test_labels),
+          "num_train_examples": int(len(train_feats)),
+          "num_test_examples": int(len(test_feats))}
 
 
 class OnlineProbeEvaluator:

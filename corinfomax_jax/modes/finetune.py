@@ -8,7 +8,6 @@ of the eval split.
 from __future__ import annotations
 
 import jax
-import numpy as np
 import optax
 from absl import logging
 
@@ -66,14 +65,6 @@ def _trainer(run: settings_lib.Settings, mesh, plan: probe.Plan) -> probe.Traine
       interpolation=ft.crop_interpolation)
 
 
-def check_label_file(run: settings_lib.Settings) -> None:
-  """The label file, when one is named, must be a file; raises ConfigError in one line."""
-  label_file = run.eval.finetune.label_file
-  if label_file is not None and not files.as_path(label_file).is_file():
-    raise ConfigError(f"config.eval.finetune.label_file = {label_file!r} is not a file: "
-                      "expected None or a text file of image file names, one per line")
-
-
 def _check_can_start(config, workdir: str, lock):
   """(settings, mesh), everything checked before any model work; ConfigError in one line."""
   def has_checkpoint(run):
@@ -83,8 +74,11 @@ def _check_can_start(config, workdir: str, lock):
           f"{train_state_lib.checkpoint_dir(workdir)}). Pretrain first, or set "
           "config.eval.random_init=True to fine-tune the random initialisation.")
 
+  def label_file(run):
+    features.check_label_file(run.eval.finetune.label_file)
+
   return startup.begin(
-      config, workdir, checks=(check_label_file, has_checkpoint), lock=lock,
+      config, workdir, checks=(label_file, has_checkpoint), lock=lock,
       batch_sizes=lambda r: {"eval.batch_size": r.eval.batch_size,
                              "eval.finetune.batch_size": r.eval.finetune.batch_size})
 
@@ -129,12 +123,13 @@ def _train(run: settings_lib.Settings, workdir, state, trainer: probe.Trainer, r
                  start_step, plan.num_steps, plan.batch_size)
     if start_step >= plan.num_steps:
       return state, None, tests, False
-    last_epoch = _LastLosses(plan.steps_per_epoch)
+    last_epoch = probe.LastLosses(plan.steps_per_epoch)
 
     def actions(report):
       if not ft.evaluate_every_epoch:
         return [last_epoch]
-      return [last_epoch, _TestEachEpoch(tests, test_fn, plan, writer, before=report.flush)]
+      return [last_epoch, probe.EpochEndTests(trainer, tests, test_fn, writer,
+                                              before=report.flush)]
 
     # The record carries the tests so far, so a resumed run still knows the best epoch.
     state, preempted = trainer.fit(state, {}, resumable, lambda: {**record, "tests": tests},
@@ -192,15 +187,7 @@ def _finetune(config, workdir: str, lock) -> dict:
             "finetune_protocol": {k: getattr(ft, k) for k in _PROTOCOL_BEFORE}}
   writer = writers.MetricWriter(files.as_path(workdir) / ft.subdir)
 
-  def test_at(state):
-    step = int(state.step)
-    frozen = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-    return {**probe.evaluate_head(state.params["head"], frozen, model=trainer.model,
-                                  mesh=mesh, source=eval_source, data=data,
-                                  batch_size=run.eval.batch_size,
-                                  interpolation=ft.crop_interpolation),
-            "step": step, "epoch": _epoch(step, trainer.plan.steps_per_epoch)}
-
+  test_at = lambda state: trainer.test(state, {}, eval_source, run.eval.batch_size)
   try:
     state, last_epoch, tests, preempted = _train(run, workdir, state, trainer, record,
                                                  writer, test_at)
@@ -213,8 +200,7 @@ def _finetune(config, workdir: str, lock) -> dict:
     else:
       last = test_at(state)
       tests = tests + [last] if ft.evaluate_every_epoch else [last]
-      writer.scalars(last["step"], {"finetune/test_top1": last["top1"],
-                                    "finetune/test_top5": last["top5"]})
+      trainer.write_test(writer, last)
   finally:
     writer.close()
   result = _result(run, state, trainer.plan, last, max(tests, key=lambda t: t["top1"]),
@@ -255,46 +241,3 @@ def _result(run: settings_lib.Settings, state, plan: probe.Plan, last: dict, bes
 def result_file(ft: settings_lib.Finetune) -> str:
   """The result's file name in the workdir: <subdir>.json (finetune.json by default)."""
   return f"{ft.subdir}.json"
-
-
-def _epoch(step: int, steps_per_epoch: int) -> int | float:
-  """Epochs done at `step`: an int at an epoch's end, else a fraction (max_steps)."""
-  epoch = step / steps_per_epoch
-  return int(epoch) if step % steps_per_epoch == 0 else round(epoch, 4)
-
-
-class _TestEachEpoch:
-  """A loop action: appends test_fn(state) to `tests` at each epoch's end and at the
-  last step (not at a preemption: the resumed run tests that epoch), to TensorBoard too."""
-
-  def __init__(self, tests: list, test_fn, plan: probe.Plan, writer, before):
-    self._tests, self._test_fn, self._plan = tests, test_fn, plan
-    self._writer, self._before = writer, before
-
-  def __call__(self, step, state, metrics, is_last):
-    del metrics, is_last
-    if step % self._plan.steps_per_epoch == 0 or step == self._plan.num_steps:
-      self._before()  # the NaN guard first: never test a state that followed a NaN
-      result = self._test_fn(state)
-      self._tests.append(result)
-      self._writer.scalars(step, {"finetune/test_top1": result["top1"],
-                                  "finetune/test_top5": result["top5"]})
-      logging.info("Fine-tuning epoch %s: test top-1 %.2f top-5 %.2f.", result["epoch"],
-                   result["top1"], result["top5"])
-
-
-class _LastLosses:
-  """A loop action that keeps the train losses of the last `n` steps (on the device)."""
-
-  def __init__(self, n: int):
-    self._n, self._losses = n, []
-
-  def __call__(self, step, state, metrics, is_last):
-    del step, state, is_last
-    self._losses = (self._losses + [metrics["loss"]])[-self._n:]
-
-  def __bool__(self):
-    return bool(self._losses)
-
-  def mean(self) -> float:
-    return float(np.mean(jax.device_get(self._losses)))

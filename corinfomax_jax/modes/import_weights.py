@@ -65,47 +65,11 @@ def import_weights(config, workdir: str, weights: str | None) -> dict:
                       "torch.save .pth/.pt file of a torchvision ResNet state_dict")
   with workdir_lock.WorkdirLock(workdir, "import") as lock:
     run, mesh = startup.begin(config, workdir, lock=lock, checks=(check_importable,))
-    directory = train_state_lib.checkpoint_dir(workdir)
-    if directory.is_dir():
-      manager = checkpoints.open_reader(directory)
-      try:
-        steps = sorted(manager.all_steps())
-      finally:
-        manager.close()
-      if steps:
-        raise ConfigError(f"The workdir {workdir!r} already holds pretraining checkpoints "
-                          f"(steps {steps}): import into a new --workdir.")
-    try:
-      file = weights_files.read_weights(weights)
-    except FileNotFoundError:
-      raise ConfigError(f"--weights {weights!r} does not exist.") from None
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    model_keys = run.model.record()
-    # The backbone's shapes, without building it: a file that does not fit fails first.
-    size = run.data.image_size
-    like = jax.eval_shape(functools.partial(run.model.backbone().init, train=False),
-                          jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
-    problem = torchvision.state_dict_mismatch(
-        file.state_dict, torchvision.torchvision_shapes(like, backbone=model_keys["backbone"]),
-        backbone=model_keys["backbone"], cifar_stem=model_keys["cifar_stem"])
-    if problem:
-      raise ConfigError(f"--weights {weights!r} ({file.source}) does not fit "
-                        f"config.model (backbone {model_keys['backbone']}, cifar_stem "
-                        f"{model_keys['cifar_stem']}, width {model_keys['width']}): "
-                        f"{problem}.")
-    backbone = torchvision.flax_backbone_from_state_dict(
-        file.state_dict, backbone=model_keys["backbone"],
-        cifar_stem=model_keys["cifar_stem"], like=like)
+    _check_no_checkpoints(workdir)
+    file, backbone = _read_backbone(run, weights)
     probe_classes = _probe_classes(run)
-    state = train_state_lib.initial_state(run, run.model.create(), mesh,
-                                          probe_classes=probe_classes)
+    state = _imported_state(run, mesh, backbone, probe_classes)
     ignored = torchvision.ignored_keys(file.state_dict)
-    replicated = mesh_lib.replicated(mesh)
-    state = state.replace(
-        params={**state.params, "backbone": jax.device_put(backbone["params"], replicated)},
-        batch_stats={**state.batch_stats,
-                     "backbone": jax.device_put(backbone["batch_stats"], replicated)})
     provenance = {**file.record(), "ignored": ignored,
                   "read": len(file.state_dict) - len(ignored),
                   "num_batches_tracked": torchvision.batches_tracked(file.state_dict)}
@@ -129,3 +93,55 @@ def import_weights(config, workdir: str, weights: str | None) -> dict:
         run.method.name, run.seed)
     startup.write_result(workdir, RESULT, {**provenance, "step": 0})
   return {**provenance, "step": 0}
+
+
+def _check_no_checkpoints(workdir: str) -> None:
+  """ConfigError (one line) when the workdir already holds pretraining checkpoints."""
+  directory = train_state_lib.checkpoint_dir(workdir)
+  if directory.is_dir():
+    manager = checkpoints.open_reader(directory)
+    try:
+      steps = sorted(manager.all_steps())
+    finally:
+      manager.close()
+    if steps:
+      raise ConfigError(f"The workdir {workdir!r} already holds pretraining checkpoints "
+                        f"(steps {steps}): import into a new --workdir.")
+
+
+def _read_backbone(run, weights: str):
+  """(the weights file, its backbone as Flax {"params", "batch_stats"}); ConfigError
+  (one line) for a file that cannot be read or does not fit config.model."""
+  try:
+    file = weights_files.read_weights(weights)
+  except FileNotFoundError:
+    raise ConfigError(f"--weights {weights!r} does not exist.") from None
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  model_keys = run.model.record()
+  # The backbone's shapes, without building it: a file that does not fit fails first.
+  size = run.data.image_size
+  like = jax.eval_shape(functools.partial(run.model.backbone().init, train=False),
+                        jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
+  problem = torchvision.state_dict_mismatch(
+      file.state_dict, torchvision.torchvision_shapes(like, backbone=model_keys["backbone"]),
+      backbone=model_keys["backbone"], cifar_stem=model_keys["cifar_stem"])
+  if problem:
+    raise ConfigError(f"--weights {weights!r} ({file.source}) does not fit "
+                      f"config.model (backbone {model_keys['backbone']}, cifar_stem "
+                      f"{model_keys['cifar_stem']}, width {model_keys['width']}): "
+                      f"{problem}.")
+  return file, torchvision.flax_backbone_from_state_dict(
+      file.state_dict, backbone=model_keys["backbone"],
+      cifar_stem=model_keys["cifar_stem"], like=like)
+
+
+def _imported_state(run, mesh, backbone: dict, probe_classes: int):
+  """The config's seeded initial train state with `backbone` in place of its own."""
+  state = train_state_lib.initial_state(run, run.model.create(), mesh,
+                                        probe_classes=probe_classes)
+  replicated = mesh_lib.replicated(mesh)
+  return state.replace(
+      params={**state.params, "backbone": jax.device_put(backbone["params"], replicated)},
+      batch_stats={**state.batch_stats,
+                   "backbone": jax.device_put(backbone["batch_stats"], replicated)})

@@ -2,7 +2,7 @@
 
 The paper's protocol trains the probe on random resized crops through the frozen
 backbone (resumable); a faster variant trains it on centre-crop features computed once
-(`probe.train_linear_probe_on_features`).
+(`probe.linear_probe_on_centre_crops`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from corinfomax_jax.run import workdir_lock
 from corinfomax_jax.run import writers
 
 LINEAR_VARIANT = "frozen_backbone_random_resized_crop"  # the paper's protocol
-PRECOMPUTED_VARIANT = "precomputed_center_crop_features"
+PRECOMPUTED_VARIANT = probe.PRECOMPUTED_VARIANT
 LINEAR_DIR = "linear_eval"  # TensorBoard events and probe checkpoints, in the workdir
 LINEAR_RESULT_FILE = "linear_eval.json"
 # Probe hyperparameters a resumed probe must share with the run that wrote it (the
@@ -75,34 +75,12 @@ def _augmented(run: settings_lib.Settings, workdir, state, mesh, plan: probe.Pla
                                           writer)
       if preempted:
         return {"preempted": True, "step": int(head_state.step)}
-  test = probe.evaluate_head(head_state.params, frozen, model=trainer.model, mesh=mesh,
-                             source=eval_source, data=run.data,
-                             batch_size=run.eval.batch_size)
+  test = trainer.test(head_state, frozen, eval_source, run.eval.batch_size)
   return {"top1": test["top1"], "top5": test["top5"], "step": int(head_state.step),
           "trained_steps": int(head_state.step) - start_step,
           "num_steps": plan.num_steps, "steps_per_epoch": plan.steps_per_epoch,
           "num_train_examples": plan.source.num_examples,
           "num_test_examples": test["num_test_examples"]}
-
-
-def _precomputed(run: settings_lib.Settings, model, variables, mesh, train_source,
-                 eval_source) -> dict:
-  """The faster variant: one pass of centre-crop features, then the probe on them."""
-  lin = run.eval.linear
-  (train_feats, train_labels), (test_feats, test_labels) = (
-      features.extract_features(model, variables, mesh, source,
-                                batch_size=run.eval.batch_size, data=run.data)
-      for source in (train_source, eval_source))
-  logging.info("Linear probe (%s): %d epochs on %d features, lr %g %s.",
-               PRECOMPUTED_VARIANT, lin.epochs, len(train_feats), lin.lr, lin.schedule)
-  params = probe.train_linear_probe_on_features(
-      train_feats, train_labels, train_source.num_classes, epochs=lin.epochs,
-      batch_size=lin.batch_size, lr=lin.lr, momentum=lin.momentum,
-      weight_decay=lin.weight_decay, schedule=lin.schedule,
-      min_lr=lin.min_lr, step_epochs=lin.step_epochs, seed=run.seed)
-  return {**probe.linear_probe_accuracy(params, test_feats, test_labels),
-          "num_train_examples": int(len(train_feats)),
-          "num_test_examples": int(len(test_feats))}
 
 
 def linear_eval(config, workdir: str) -> dict:
@@ -149,8 +127,10 @@ def _linear_eval(config, workdir: str, lock) -> dict:
   try:
     if lin.precomputed:
       variant, tag = PRECOMPUTED_VARIANT, "linear_precomputed"
-      result = _precomputed(run, model, train_state_lib.backbone_variables(state), mesh,
-                            train_source, eval_source)
+      result = probe.linear_probe_on_centre_crops(
+          model, train_state_lib.backbone_variables(state), mesh, train_source,
+          eval_source, linear=lin, data=data, batch_size=run.eval.batch_size,
+          seed=run.seed)
     else:
       variant, tag = LINEAR_VARIANT, "linear"
       result = _augmented(run, workdir, state, mesh, plan, eval_source, writer)

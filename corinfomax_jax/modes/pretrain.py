@@ -199,8 +199,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 
 def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
-  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
   # --- Configuration and mesh: every user error surfaces here, before any work.
   run, mesh = startup.begin(config, workdir,
                             batch_sizes=lambda r: {"batch_size": r.train.batch_size},
@@ -235,12 +233,7 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
       start_step = int(state.step)
 
       # --- Step, batches, periodic actions.
-      batches = pipeline.global_batches(
-          pipeline.pretrain_batches(
-              source, pipeline.BatchSpec(train.batch_size, data.image_size, train.seed,
-                                         jax.process_index(), jax.process_count()),
-              recipe_lib.views(data.recipe), start_step=start_step),
-          mesh_lib.batch_sharded(mesh))
+      batches = _batches(run, source, mesh, start_step)
       spectrum = SpectrumLog(writer, [(s, np.asarray(e))
                                       for s, e in record.get("spectra", [])], run.method)
       report = _progress(train, num_steps, steps_per_epoch, writer, manager)
@@ -250,13 +243,9 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
       state, preempted = resumable.run(
           state, jit_train_step(run, model, tx, learning_rate_fn, mesh), batches,
           num_steps=num_steps, report=report, every_steps=train.checkpoint_every_steps,
-          record_fn=record_fn, check_state=check_health, actions=[
-              # At every report too, so that a diverged run stops within
-              # log_every_steps.
-              loop.Periodic(train.log_every_steps, check_health),
-              loop.Periodic(train.spectrum_every_steps, spectrum),
-              *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
-                for e in evaluators)],
+          record_fn=record_fn, check_state=check_health,
+          actions=_actions(train, check_health, spectrum, evaluators, steps_per_epoch,
+                           writer),
           after=[loop.Profile(str(files.as_path(workdir)), start_step,
                               train.profile_steps)])
   finally:
@@ -268,6 +257,28 @@ def _train_and_evaluate(config, workdir: str, lock) -> TrainState:
                 title=f"{metrics_lib.dataset_title(data.dataset)}: {run.method.name} covariance "
                       "spectrum, branch 1")
   return state
+
+
+def _batches(run: settings_lib.Settings, source, mesh, start_step: int):
+  """The global batches of two uint8 views from `start_step` on, sharded over `mesh`."""
+  from corinfomax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  train, data = run.train, run.data
+  return pipeline.global_batches(
+      pipeline.pretrain_batches(
+          source, pipeline.BatchSpec(train.batch_size, data.image_size, train.seed,
+                                     jax.process_index(), jax.process_count()),
+          recipe_lib.views(data.recipe), start_step=start_step),
+      mesh_lib.batch_sharded(mesh))
+
+
+def _actions(train: settings_lib.Train, check_health, spectrum, evaluators,
+             steps_per_epoch: int, writer) -> list:
+  """The loop's periodic actions: the health check at every report too (so that a
+  diverged run stops within log_every_steps), the spectrum, the monitors."""
+  return [loop.Periodic(train.log_every_steps, check_health),
+          loop.Periodic(train.spectrum_every_steps, spectrum),
+          *(evaluators_lib.monitor_action(e, e.every_steps(steps_per_epoch), writer)
+            for e in evaluators)]
 
 
 def _input(run: settings_lib.Settings):
