@@ -143,7 +143,6 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
     skipped saying why; (None, None) when there is no checkpoint (or, with set_aside,
     none that is usable).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   check_state = check_state or health.nonfinite_weights
   template_fn = template if callable(template) else lambda record: template
   unreadable = {}  # step -> why
@@ -155,32 +154,10 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
            if step is None else [step])
   with _unretrieved_futures_silenced():
     for step_ in steps:
-      what = f"the checkpoint of step {step_} in {directory}"
       try:
-        record = files.within_read_timeout(
-            what, manager.restore, step_,
-            args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-      except ReadTimeoutError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        unreadable[step_] = _cause(e)
-        continue
-      _check_format(record, directory)
-      check_record(record, step_)
-      # Outside the try: a template that fails is a bug, not a damaged checkpoint.
-      abstract = None if template is None else jax.tree.map(
-          ocp.utils.to_shape_dtype_struct, template_fn(record))
-      try:
-        if abstract is None:
-          abstract = files.within_read_timeout(what, _saved_abstract, manager, step_)
-        state = files.within_read_timeout(what, manager.restore, step_,
-                                          args=ocp.args.Composite(
-                                              state=ocp.args.StandardRestore(abstract)))
-        state = state["state"]
-      except ReadTimeoutError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        unreadable[step_] = _cause(e)
+        record, state = _read_step(manager, step_, template, template_fn, check_record)
+      except _Unreadable as e:
+        unreadable[step_] = str(e)
         continue
       why = check_state(state)
       if why is not None:
@@ -188,9 +165,17 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
         continue
       found, found_step = (state, record), step_
       break
+  _account(manager, unreadable, unhealthy, found_step, step, set_aside)
+  return found
+
+
+def _account(manager, unreadable: dict, unhealthy: dict, found_step, step, set_aside):
+  """restore_latest's verdict on the steps it skipped: a reader's refusal, or for a
+  writer each skipped step set aside; one warning line per skipped step either way."""
+  directory = manager.directory
   if not set_aside:
     _refuse_unhealthy(directory, unhealthy, found_step, step)
-  if unreadable and found[0] is None and not set_aside:
+  if unreadable and found_step is None and not set_aside:
     if step is not None:
       raise ConfigError(f"The checkpoint of step {step} in {directory} is "
                         f"unreadable ({unreadable[step]}).")
@@ -208,9 +193,44 @@ def restore_latest(manager, template: Any, check_record: Callable[[dict, int], N
     logging.warning("Checkpoint step %d in %s %s; %s%s.", step_, directory, why,
                     f"moved to {moved[step_]}" if step_ in moved else "skipped",
                     f", reading step {found_step}" if found_step is not None else "")
-  if (unreadable or unhealthy) and found[0] is None and set_aside:
+  if (unreadable or unhealthy) and found_step is None and set_aside:
     logging.warning("No usable checkpoint in %s: starting from scratch.", directory)
-  return found
+
+
+class _Unreadable(Exception):
+  """A checkpoint step whose record or arrays do not read; its message says why."""
+
+
+def _read_step(manager, step_: int, template, template_fn, check_record):
+  """(record, state) of one step; _Unreadable for a damaged one. A read that gives no
+  answer in time raises ReadTimeoutError, and check_record's refusal propagates."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = manager.directory
+  what = f"the checkpoint of step {step_} in {directory}"
+  try:
+    record = files.within_read_timeout(
+        what, manager.restore, step_,
+        args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+  except ReadTimeoutError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Unreadable(_cause(e)) from None
+  _check_format(record, directory)
+  check_record(record, step_)
+  # Outside the try: a template that fails is a bug, not a damaged checkpoint.
+  abstract = None if template is None else jax.tree.map(
+      ocp.utils.to_shape_dtype_struct, template_fn(record))
+  try:
+    if abstract is None:
+      abstract = files.within_read_timeout(what, _saved_abstract, manager, step_)
+    state = files.within_read_timeout(what, manager.restore, step_,
+                                      args=ocp.args.Composite(
+                                          state=ocp.args.StandardRestore(abstract)))
+  except ReadTimeoutError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Unreadable(_cause(e)) from None
+  return record, state["state"]
 
 
 def _check_format(record: dict, directory) -> None:
