@@ -332,9 +332,12 @@ def test_eval_config_errors(image_root, tmp_path):
     knn_eval_lib.knn_eval(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("method", ["vicreg", "barlow_twins"])
+@pytest.mark.parametrize("method", ["vicreg"])
 def test_evaluation_modes_read_a_workdir_of_another_method(method, image_root, tmp_path):
-  """knn_eval, linear_eval, export and embed read the backbone whatever the objective."""
+  """knn_eval, linear_eval, export and embed read the backbone whatever the objective.
+
+  The readers do not depend on which stateless objective wrote the workdir; a Barlow
+  Twins workdir is read by fine-tuning in tests/modes/test_finetune.py."""
   config = _config(image_root)
   config.method = method
   workdir = str(tmp_path / method)

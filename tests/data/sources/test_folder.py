@@ -37,7 +37,7 @@ def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from corinfomax_jax import errors  # pylint: disable=g-import-not-at-top
   from corinfomax_jax.modes import knn_eval  # pylint: disable=g-import-not-at-top
-  from corinfomax_jax.modes import linear_eval as linear_probe  # pylint: disable=g-import-not-at-top
+  from corinfomax_jax.modes import linear_eval  # pylint: disable=g-import-not-at-top
   from corinfomax_jax.modes import pretrain  # pylint: disable=g-import-not-at-top
   for split in ("train", "test"):
     for i in range(16):
@@ -54,7 +54,7 @@ def test_an_unlabelled_folder_pretrains_and_refuses_evaluation(tmp_path):
   assert int(state.step) == 1
   for run in (lambda c: pretrain.train_and_evaluate(c, str(tmp_path / "knn_monitor")),
               lambda c: knn_eval.knn_eval(c, str(tmp_path / "run")),
-              lambda c: linear_probe.linear_eval(c, str(tmp_path / "run"))):
+              lambda c: linear_eval.linear_eval(c, str(tmp_path / "run"))):
     config = tiny_config(dataset, max_steps=1)
     config.eval.knn_every_epochs = 1
     with pytest.raises(errors.ConfigError, match=r"split 'train' has no class "
